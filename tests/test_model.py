@@ -1,0 +1,112 @@
+"""The Transformer itself: shapes, parameter counts, cache equivalence, config validation."""
+
+import pytest
+import torch
+
+from lmlab.config import PRESETS, ModelConfig
+from lmlab.errors import ConfigError
+from lmlab.model import Transformer
+
+TINY = ["tiny-decoder", "tiny-encoder", "tiny-encoder-decoder"]
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if ModelConfig.from_name(n).num_parameters() < 2e8])
+def test_parameter_count_matches_config(name):
+    cfg = ModelConfig.from_name(name)
+    assert Transformer(cfg).num_parameters() == cfg.num_parameters()
+
+
+def test_known_parameter_counts():
+    # the reference implementations' counts for these shapes
+    assert ModelConfig.from_name("gpt2-124m").num_parameters() == 124_439_808
+    assert ModelConfig.from_name("smollm2-135m").num_parameters() == 134_515_008
+    assert ModelConfig.from_name("t5-small").num_parameters() == 60_506_624
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_output_shapes(name):
+    cfg = ModelConfig.from_name(name)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    out = model(ids, decoder_input_ids=ids[:, :3]) if cfg.arch == "encoder_decoder" else model(ids)
+    T = 3 if cfg.arch == "encoder_decoder" else 7
+    assert out.shape == (2, T, cfg.vocab_size)
+
+
+def test_encoder_without_head_returns_hidden_states():
+    cfg = ModelConfig.from_name("tiny-encoder", head="none")
+    out = Transformer(cfg)(torch.randint(0, 256, (2, 5)))
+    assert out.shape == (2, 5, cfg.d_model)
+
+
+@pytest.mark.parametrize("name", ["tiny-decoder", "gpt2-124m"])
+def test_cached_decoding_equals_full_recompute_decoder(name):
+    overrides = dict(n_layers=2, d_model=64, n_heads=4, d_ff=128, vocab_size=300) if name == "gpt2-124m" else {}
+    cfg = ModelConfig.from_name(name, **overrides)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 16)
+        parts = [model(ids[:, :5], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(5, 12)]
+    assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
+
+
+def test_cached_decoding_equals_full_recompute_encoder_decoder():
+    cfg = ModelConfig.from_name("tiny-encoder-decoder")
+    model = Transformer(cfg).eval()
+    src, tgt = torch.randint(0, 256, (2, 9)), torch.randint(0, 256, (2, 6))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        full = model(src, attention_mask=mask, decoder_input_ids=tgt)
+        enc = model.encode(src, mask)
+        cache = model.new_cache(2, 8)
+        steps = [model.decode(tgt[:, i:i + 1], encoder_out=enc, encoder_mask=mask, cache=cache) for i in range(6)]
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+
+
+def test_padding_does_not_change_unpadded_rows():
+    cfg = ModelConfig.from_name("tiny-decoder")
+    model = Transformer(cfg).eval()
+    ids = torch.randint(1, 256, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 6)], 1).long()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = model(ids)
+        b = model(padded, attention_mask=mask, position_ids=pos)[:, 3:]
+    assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(arch="rnn"), "arch='rnn'"),
+    (dict(activation="swish2"), "activation='swish2'"),
+    (dict(d_model=100, n_heads=3), "d_model=100 is not divisible by n_heads=3"),
+    (dict(n_heads=8, n_kv_heads=3), "n_kv_heads=3"),
+    (dict(norm="batchnorm"), "norm='batchnorm'"),
+])
+def test_bad_config_names_the_value(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**bad)
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(ConfigError, match="n_layer_typo"):
+        ModelConfig.from_dict({"n_layer_typo": 3})
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = ModelConfig.from_name("t5-small")
+    cfg.to_json(tmp_path / "c.json")
+    assert ModelConfig.from_json(tmp_path / "c.json") == cfg
+
+
+def test_vaswani_preset_trains_one_step():
+    cfg = ModelConfig.from_name("transformer-base", vocab_size=128, d_model=32, n_heads=4, d_ff=64, n_layers=1)
+    model = Transformer(cfg)
+    src, tgt = torch.randint(0, 128, (2, 8)), torch.randint(0, 128, (2, 6))
+    logits = model(src, decoder_input_ids=tgt[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 128), tgt[:, 1:].reshape(-1))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
