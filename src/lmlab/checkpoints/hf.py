@@ -1,0 +1,279 @@
+"""Shared machinery for Hugging Face checkpoints: key maps, strict loading, reading and writing files.
+
+A family module (``hf_gpt2``, ``hf_llama``, ``hf_bert``, ``hf_t5``) is a declarative key map plus a few
+tensor transforms. This module applies those maps (with per-layer ``{i}`` patterns), reads
+``config.json`` + ``model.safetensors`` / ``pytorch_model.bin`` (sharded or not), checks every key and
+shape before anything is copied, and picks the family for a config.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import ModuleType
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from lmlab.config import ModelConfig
+from lmlab.errors import CheckpointError
+
+# HF activation names -> lmlab's (``gelu_new`` and ``gelu_pytorch_tanh`` are the tanh approximation)
+HF_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+LMLAB_TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+
+
+def activation_from_hf(name: str) -> str:
+    if name not in HF_ACTIVATIONS:
+        raise CheckpointError(f"hidden_act={name!r} is not supported; supported: {', '.join(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[name]
+
+
+# --- key maps ------------------------------------------------------------------------------------
+# A key map is a list of (hf_pattern, lmlab_pattern) pairs; "{i}" stands for a layer index.
+
+def _compile(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+def rename_keys(state: dict[str, torch.Tensor], key_map: Iterable[tuple[str, str]],
+                ignore: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """Rename `state` keys from the left patterns of `key_map` to the right ones.
+
+    Keys matching an `ignore` regex are dropped (buffers such as GPT-2's ``attn.bias``); keys matching no
+    pattern are kept under their own name, so the strict check reports them as unexpected.
+    """
+    compiled = [(_compile(src), dst) for src, dst in key_map]
+    ignored = [re.compile(p) for p in ignore]
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if any(p.search(key) for p in ignored):
+            continue
+        for regex, dst in compiled:
+            m = regex.match(key)
+            if m:
+                out[dst.replace("{i}", m.group("i")) if "{i}" in dst else dst] = tensor
+                break
+        else:
+            out[key] = tensor
+    return out
+
+
+def invert(key_map: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(dst, src) for src, dst in key_map]
+
+
+# --- strict loading ------------------------------------------------------------------------------
+
+def _shape(t) -> str:
+    return "(" + ", ".join(str(d) for d in t) + ")"
+
+
+def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming every missing/unexpected key and shape mismatch (before copying)."""
+    expected = model.state_dict()
+    tied = getattr(model.config, "tie_embeddings", False) and getattr(model, "lm_head", None) is not None
+    optional = {"lm_head.weight"} if tied else set()
+    missing = [k for k in expected if k not in state and k not in optional]
+    unexpected = [k for k in state if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing key(s) {', '.join(missing[:8])}" + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append(f"unexpected key(s) {', '.join(unexpected[:8])}"
+                        + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+    for key, tensor in state.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            problems.append(f"key {key}: checkpoint has shape {_shape(tensor.shape)}, "
+                            f"model expects {_shape(expected[key].shape)}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Strictly copy `state` (lmlab names) into `model`, keeping the model's dtype."""
+    check_state(model, state, source)
+    if getattr(model.config, "tie_embeddings", False) and "lm_head.weight" in state and model.lm_head is not None:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied: tok_embed is the source
+    model.load_state_dict(state, strict=False)
+
+
+# --- families ------------------------------------------------------------------------------------
+
+def families() -> list[ModuleType]:
+    from lmlab.checkpoints import hf_bert, hf_gpt2, hf_llama, hf_t5
+
+    return [hf_gpt2, hf_llama, hf_bert, hf_t5]
+
+
+def family_for_model_type(model_type: str | None, architectures: list[str] | None = None) -> ModuleType:
+    for fam in families():
+        if model_type in fam.MODEL_TYPES:
+            return fam
+    supported = sorted(t for fam in families() for t in fam.MODEL_TYPES)
+    what = f"model_type={model_type!r}" if model_type else f"architectures={architectures!r}"
+    raise CheckpointError(f"{what} is not supported; supported model types: {', '.join(supported)}")
+
+
+def family_for_config(cfg: ModelConfig) -> ModuleType:
+    """Choose the HF family from the config's structure (or its recorded hf_model_type), never its name."""
+    recorded = cfg.extra.get("hf_model_type")
+    if recorded:
+        return family_for_model_type(recorded)
+    for fam in families():
+        if fam.matches(cfg):
+            return fam
+    raise CheckpointError(
+        f"no Hugging Face family can represent this config (arch={cfg.arch!r}, positional={cfg.positional!r}, "
+        f"norm={cfg.norm!r}, norm_position={cfg.norm_position!r}, gated_ffn={cfg.gated_ffn}); "
+        "supported: gpt2, llama, bert, t5"
+    )
+
+
+# class-name prefix in `architectures` -> model_type, for config.json files without a model_type
+ARCHITECTURE_PREFIXES = {"GPT2": "gpt2", "Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2", "Bert": "bert",
+                         "T5": "t5"}
+
+
+def model_type_from_architectures(architectures: list[str] | None) -> str | None:
+    for name in architectures or []:
+        for prefix, model_type in ARCHITECTURE_PREFIXES.items():
+            if name.startswith(prefix) and name[len(prefix):][:1].isupper():
+                return model_type
+    return None
+
+
+def config_from_hf_dict(hf: dict, keys: Iterable[str] | None = None) -> tuple[ModelConfig, ModuleType]:
+    """HF config dict -> (ModelConfig, family module). `keys` (checkpoint key names) refine the head choice."""
+    if not hf.get("model_type"):
+        inferred = model_type_from_architectures(hf.get("architectures"))
+        if inferred is None:
+            raise CheckpointError(f"config has no model_type and architectures={hf.get('architectures')!r} is not "
+                                  f"supported; supported architectures: {', '.join(p + '*' for p in ARCHITECTURE_PREFIXES)}")
+        hf = {**hf, "model_type": inferred}
+    fam = family_for_model_type(hf.get("model_type"), hf.get("architectures"))
+    cfg = fam.config_from_hf(hf, keys=keys)
+    return cfg, fam
+
+
+def convert_state_to_lmlab(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, fam: ModuleType,
+                           dtype: torch.dtype = torch.float32, source: str = "checkpoint"):
+    """Build a Transformer for `cfg` and fill it from an HF state dict (strict)."""
+    state = fam.to_lmlab(hf_state, cfg)
+    head, embed = state.get("lm_head.weight"), state.get("tok_embed.weight")
+    if cfg.tie_embeddings and head is not None and embed is not None and not torch.equal(head, embed):
+        # a stored head that differs from the embeddings is its own matrix (transformers 5 does the same)
+        cfg = cfg.replace(tie_embeddings=False)
+    return build_model(cfg, state, dtype, source)
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                source: str = "checkpoint"):
+    """A Transformer for `cfg` holding `state` (lmlab names), cast to `dtype`, in eval mode.
+
+    Weights are copied in fp32 and cast once at the end, so every source rounds the same way.
+    """
+    from lmlab.model import Transformer
+
+    model = Transformer(cfg)
+    load_state(model, {k: v.to(torch.float32) for k, v in state.items()}, source)
+    return model.to(dtype).eval()
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF directory: model.safetensors, its sharded index, or pytorch_model.bin (+ index)."""
+    directory = Path(directory)
+    single = directory / "model.safetensors"
+    if single.exists():
+        return read_safetensors(single)
+    for index_name, reader in (("model.safetensors.index.json", read_safetensors),
+                               ("pytorch_model.bin.index.json", read_torch_bin)):
+        index = directory / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"cannot read {index}: {exc}") from None
+            state: dict[str, torch.Tensor] = {}
+            shards = sorted(set(weight_map.values()))
+            for shard in tqdm(shards, desc=f"reading {directory.name}", unit="shard", disable=len(shards) < 2):
+                shard_path = directory / shard
+                if not shard_path.exists():
+                    raise CheckpointError(f"shard {shard_path} listed in {index} is missing")
+                state.update(reader(shard_path))
+            return state
+    binary = directory / "pytorch_model.bin"
+    if binary.exists():
+        return read_torch_bin(binary)
+    raise CheckpointError(
+        f"no weights in {directory}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )
+
+
+def read_config(directory: Path) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"no config.json in {directory}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"cannot parse {path}: {exc}") from None
+
+
+def load_hf_dir(directory: str | Path, dtype: torch.dtype = torch.float32):
+    """A local HF model directory -> Transformer."""
+    directory = Path(directory)
+    hf = read_config(directory)
+    state = read_weights(directory)
+    cfg, fam = config_from_hf_dict(hf, keys=state.keys())
+    return convert_state_to_lmlab(state, cfg, fam, dtype, source=str(directory))
+
+
+def weight_keys(directory: str | Path) -> list[str] | None:
+    """Tensor names of an HF directory without reading the tensors (safetensors header or shard index).
+
+    None when the directory holds no weights (a config-only download): callers fall back on the config.
+    """
+    directory = Path(directory)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index_name).exists():
+            return list(json.loads((directory / index_name).read_text())["weight_map"])
+    single = directory / "model.safetensors"
+    if single.exists():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return list(f.keys())
+        except Exception as exc:
+            raise CheckpointError(f"cannot read {single}: {type(exc).__name__}: {exc}") from None
+    if (directory / "pytorch_model.bin").exists():
+        return list(read_weights(directory))
+    return None
