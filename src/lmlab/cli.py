@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("lmlab.commands.tokenizer", "train a BPE or Unigram tokenizer"),
     "pretrain": ("lmlab.commands.pretrain", "pre-train a Transformer (causal LM, masked LM, span corruption)"),
     "export": ("lmlab.commands.export", "export an lmlab checkpoint to Hugging Face format"),
+    "plan": ("lmlab.commands.plan", "estimate memory (training/inference, DDP/ZeRO/FSDP) and plan compute-optimal training"),
 }
 
 
