@@ -1,0 +1,72 @@
+"""`lmlab plan memory MODEL` and `lmlab plan chinchilla`: memory estimates and compute-optimal plans (no weights)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="plan_command", metavar="{memory,chinchilla}", required=True)
+
+    mem = sub.add_parser("memory", help="per-GPU memory for training (single/DDP/ZeRO/FSDP) and inference",
+                         description="Per-GPU memory for training (single/DDP/ZeRO/FSDP) and inference, from the config.")
+    mem.add_argument("model", help="preset name (lmlab.config.PRESETS) or any source `lmlab info` reads")
+    mem.add_argument("--batch", type=int, default=8, help="sequences per GPU (default 8)")
+    mem.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's context)")
+    mem.add_argument("--precision", default="bf16-mixed", help="fp32 | bf16-mixed | fp16-mixed (default bf16-mixed)")
+    mem.add_argument("--optimizer", default="adamw", help="adamw | sgd | sgd-momentum (default adamw)")
+    mem.add_argument("--strategy", default=",".join(("single", "ddp", "zero1", "zero2", "fsdp")),
+                     help="comma-separated rows: single, ddp, zero1, zero2, zero3, fsdp (default: all but zero3)")
+    mem.add_argument("--world-size", type=int, default=8, help="data-parallel GPUs (default 8)")
+    mem.add_argument("--gpu-memory", default="80GiB", help="memory per GPU, e.g. 80GiB, 24GB (default 80GiB)")
+    mem.add_argument("--activation-checkpointing", action="store_true", help="store only each block's input")
+    mem.add_argument("--attention", default="flash", help="flash (fused SDPA, default) | eager (stores a*s^2 scores)")
+    mem.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+    chin = sub.add_parser("chinchilla", help="compute-optimal N, D, C, predicted loss and training time",
+                          description="Compute-optimal N, D, C (Hoffmann et al. 2022), predicted loss and training time.")
+    given = chin.add_mutually_exclusive_group(required=True)
+    given.add_argument("--compute", help="training FLOPs, e.g. 1e21 or 5.76e23")
+    given.add_argument("--params", help="parameters, e.g. 125M, 7B")
+    given.add_argument("--tokens", help="training tokens, e.g. 2.5B, 1.4T")
+    chin.add_argument("--tokens-per-param", type=float, default=20.0, help="D/N ratio (default 20)")
+    chin.add_argument("--peak-flops", default="989T", help="peak FLOP/s per device (default 989T, H100 SXM bf16 dense)")
+    chin.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
+    chin.add_argument("--devices", type=int, default=1, help="number of devices (default 1)")
+    chin.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmlab import scaling
+
+    if args.plan_command == "memory":
+        cfg = scaling.config_for(args.model)
+        gpu = scaling.parse_bytes(args.gpu_memory, "--gpu-memory")
+        strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
+        seq_len = cfg.max_seq_len if args.seq_len is None else args.seq_len
+        if args.json:
+            rows = {s: scaling.training_memory(cfg, args.batch, seq_len, args.precision, args.optimizer, s,
+                                               1 if s == "single" else args.world_size,
+                                               args.activation_checkpointing, args.attention).as_dict()
+                    for s in strategies}
+            inference = {dt: scaling.inference_memory(cfg, dt, args.batch, seq_len, attention=args.attention).as_dict()
+                         for dt in ("fp32", "bf16", "int8", "int4")}
+            print(json.dumps({"parameters": cfg.num_parameters(), "gpu_bytes": gpu, "training": rows,
+                              "inference": inference}, indent=2))
+            return 0
+        print(scaling.memory_report(cfg, args.batch, seq_len, args.precision, args.optimizer, strategies,
+                                    args.world_size, gpu, args.activation_checkpointing, args.attention))
+        return 0
+    count = {"compute": args.compute, "params": args.params, "tokens": args.tokens}
+    name, text = next((k, v) for k, v in count.items() if v is not None)
+    value = scaling.parse_count(text, f"--{name}")
+    plan = scaling.chinchilla_optimal(**{{"compute": "compute_flops", "params": "n_params",
+                                          "tokens": "n_tokens"}[name]: value}, tokens_per_param=args.tokens_per_param)
+    peak = scaling.parse_count(args.peak_flops, "--peak-flops")
+    if args.json:
+        seconds = scaling.training_time(plan.flops, peak, args.mfu, args.devices)
+        print(json.dumps({**plan.as_dict(), "training_seconds": seconds}, indent=2))
+        return 0
+    print(scaling.chinchilla_report(plan, peak, args.mfu, args.devices))
+    return 0
