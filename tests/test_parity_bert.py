@@ -5,6 +5,7 @@ import pytest
 import torch
 import transformers
 
+from parity import TOL, max_diff, perturb
 from lmlab.checkpoints import export_hf, from_hf_model, load_model
 from lmlab.config import ModelConfig
 from lmlab.model import Transformer
@@ -17,22 +18,12 @@ BERT_CONFIG = {
     "num_attention_heads": 12, "num_hidden_layers": 2, "pad_token_id": 0, "position_embedding_type": "absolute",
     "type_vocab_size": 2, "use_cache": True, "vocab_size": 30522,
 }
-TOL = 1e-4
-
-
-@torch.no_grad()
-def _perturb(model, std=0.1):
-    """HF initialises norms to 1 and biases to 0; perturb every 1-D parameter so a swapped or dropped one shows."""
-    for p in model.parameters():
-        if p.dim() == 1:
-            p.add_(torch.randn_like(p) * std)
-    return model
 
 
 @pytest.fixture(scope="module")
 def hf_model():
     torch.manual_seed(0)
-    return _perturb(transformers.BertForMaskedLM(transformers.BertConfig.from_dict(BERT_CONFIG)).eval())
+    return perturb(transformers.BertForMaskedLM(transformers.BertConfig.from_dict(BERT_CONFIG)).eval())
 
 
 def _batch(vocab):
@@ -46,11 +37,6 @@ def _batch(vocab):
     return ids, mask, types
 
 
-def _max_diff(a, b, mask):
-    keep = mask.bool()
-    return (a[keep] - b[keep]).abs().max().item()
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("padded", [False, True])
 def test_from_hf_model_mlm_logits_match(hf_model, padded):
@@ -61,7 +47,7 @@ def test_from_hf_model_mlm_logits_match(hf_model, padded):
         mask = torch.ones_like(ids)
     ref = hf_model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
     out = model(ids, attention_mask=mask, token_type_ids=types)
-    assert _max_diff(out, ref, mask) <= TOL
+    assert max_diff(out, ref, mask) <= TOL
 
 
 @torch.no_grad()
@@ -72,7 +58,7 @@ def test_bert_model_without_head_gives_hidden_states(hf_model, tmp_path):
     assert model.config.head == "none"
     ids, mask, types = _batch(model.config.vocab_size)
     ref = hf_model.bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
-    assert _max_diff(model(ids, attention_mask=mask, token_type_ids=types), ref, mask) <= TOL
+    assert max_diff(model(ids, attention_mask=mask, token_type_ids=types), ref, mask) <= TOL
 
 
 @torch.no_grad()
@@ -84,18 +70,18 @@ def test_minilm_real_weights(minilm_path):
     model = load_model("all-minilm-l6-v2")
     assert model.config.head == "none" and model.config.n_layers == 6
     out = model(batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])
-    assert _max_diff(out, ref, batch["attention_mask"]) <= TOL
+    assert max_diff(out, ref, batch["attention_mask"]) <= TOL
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("head", ["mlm", "none"])
 def test_export_round_trip(tmp_path, head):
     cfg = ModelConfig.from_name("bert-base", n_layers=2, head=head, lm_head_bias=head == "mlm")
-    model = _perturb(Transformer(cfg).eval())
+    model = perturb(Transformer(cfg).eval())
     export_hf(model, tmp_path / "out")
     auto = transformers.AutoModelForMaskedLM if head == "mlm" else transformers.AutoModel
     hf = auto.from_pretrained(tmp_path / "out").eval()
     ids, mask, types = _batch(cfg.vocab_size)
     out = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
     ref = out.logits if head == "mlm" else out.last_hidden_state
-    assert _max_diff(model(ids, attention_mask=mask, token_type_ids=types), ref, mask) <= TOL
+    assert max_diff(model(ids, attention_mask=mask, token_type_ids=types), ref, mask) <= TOL

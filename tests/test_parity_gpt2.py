@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers
 
+from parity import TOL, max_diff, perturb, right_padded_batch
 from lmlab.checkpoints import export_hf, from_hf_model, load_model
 from lmlab.config import ModelConfig
 from lmlab.model import Transformer
@@ -16,46 +17,23 @@ GPT2_CONFIG = {
     "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
     "summary_type": "cls_index", "summary_use_proj": True, "vocab_size": 50257,
 }
-TOL = 1e-4
-
-
-@torch.no_grad()
-def _perturb(model, std=0.1):
-    """HF initialises norms to 1 and biases to 0; perturb every 1-D parameter so a swapped or dropped one shows."""
-    for p in model.parameters():
-        if p.dim() == 1:
-            p.add_(torch.randn_like(p) * std)
-    return model
 
 
 @pytest.fixture(scope="module")
 def hf_model():
     torch.manual_seed(0)
-    return _perturb(transformers.GPT2LMHeadModel(transformers.GPT2Config.from_dict(GPT2_CONFIG)).eval())
-
-
-def _batch(vocab):
-    ids = torch.randint(0, vocab, (2, 12))
-    mask = torch.ones_like(ids)
-    mask[1, 8:] = 0  # right padding: HF forward uses arange positions, as lmlab does
-    return ids, mask
-
-
-@torch.no_grad()
-def _max_diff(a, b, mask):
-    keep = mask.bool()
-    return (a[keep] - b[keep]).abs().max().item()
+    return perturb(transformers.GPT2LMHeadModel(transformers.GPT2Config.from_dict(GPT2_CONFIG)).eval())
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("padded", [False, True])
 def test_from_hf_model_logits_match(hf_model, padded):
     model = from_hf_model(hf_model)
-    ids, mask = _batch(model.config.vocab_size)
+    ids, mask = right_padded_batch(model.config.vocab_size)
     if not padded:
         mask = torch.ones_like(ids)
     ref = hf_model(input_ids=ids, attention_mask=mask).logits
-    assert _max_diff(model(ids, attention_mask=mask), ref, mask) <= TOL
+    assert max_diff(model(ids, attention_mask=mask), ref, mask) <= TOL
 
 
 @torch.no_grad()
@@ -63,16 +41,16 @@ def test_hf_directory_logits_match(hf_model, tmp_path):
     hf_model.save_pretrained(tmp_path)
     model = load_model(tmp_path)
     assert model.config.tie_embeddings and model.lm_head.weight is model.tok_embed.weight
-    ids, mask = _batch(model.config.vocab_size)
+    ids, mask = right_padded_batch(model.config.vocab_size)
     ref = hf_model(input_ids=ids, attention_mask=mask).logits
-    assert _max_diff(model(ids, attention_mask=mask), ref, mask) <= TOL
+    assert max_diff(model(ids, attention_mask=mask), ref, mask) <= TOL
 
 
 @torch.no_grad()
 def test_export_round_trip(tmp_path):
-    model = _perturb(Transformer(ModelConfig.from_name("gpt2-124m", n_layers=2)).eval())
+    model = perturb(Transformer(ModelConfig.from_name("gpt2-124m", n_layers=2)).eval())
     export_hf(model, tmp_path / "out")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(hf).__name__ == "GPT2LMHeadModel"
-    ids, mask = _batch(model.config.vocab_size)
-    assert _max_diff(model(ids, attention_mask=mask), hf(input_ids=ids, attention_mask=mask).logits, mask) <= TOL
+    ids, mask = right_padded_batch(model.config.vocab_size)
+    assert max_diff(model(ids, attention_mask=mask), hf(input_ids=ids, attention_mask=mask).logits, mask) <= TOL

@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers
 
+from parity import TOL, max_diff, perturb, right_padded_batch
 from lmlab.checkpoints import export_hf, from_hf_model, load_model
 from lmlab.config import ModelConfig
 from lmlab.model import Transformer
@@ -17,35 +18,12 @@ SMOLLM2_CONFIG = {
     "rms_norm_eps": 1e-05, "rope_interleaved": False, "rope_scaling": None, "rope_theta": 100000,
     "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 49152,
 }
-TOL = 1e-4
-
-
-@torch.no_grad()
-def _perturb(model, std=0.1):
-    """HF initialises norms to 1 and biases to 0; perturb every 1-D parameter so a swapped or dropped one shows."""
-    for p in model.parameters():
-        if p.dim() == 1:
-            p.add_(torch.randn_like(p) * std)
-    return model
 
 
 @pytest.fixture(scope="module")
 def hf_model():
     torch.manual_seed(0)
-    return _perturb(transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(SMOLLM2_CONFIG)).float().eval())
-
-
-def _batch(vocab):
-    ids = torch.randint(0, vocab, (2, 12))
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0  # right padding
-    return ids, mask
-
-
-@torch.no_grad()
-def _max_diff(a, b, mask):
-    keep = mask.bool()
-    return (a[keep] - b[keep]).abs().max().item()
+    return perturb(transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(SMOLLM2_CONFIG)).float().eval())
 
 
 def test_config_fields(hf_model):
@@ -58,20 +36,20 @@ def test_config_fields(hf_model):
 @pytest.mark.parametrize("padded", [False, True])
 def test_from_hf_model_logits_match(hf_model, padded):
     model = from_hf_model(hf_model)
-    ids, mask = _batch(model.config.vocab_size)
+    ids, mask = right_padded_batch(model.config.vocab_size, pad_from=7)
     if not padded:
         mask = torch.ones_like(ids)
     ref = hf_model(input_ids=ids, attention_mask=mask).logits
-    assert _max_diff(model(ids, attention_mask=mask), ref, mask) <= TOL
+    assert max_diff(model(ids, attention_mask=mask), ref, mask) <= TOL
 
 
 @torch.no_grad()
 def test_hf_directory_logits_match(hf_model, tmp_path):
     hf_model.save_pretrained(tmp_path)
     model = load_model(tmp_path)
-    ids, mask = _batch(model.config.vocab_size)
+    ids, mask = right_padded_batch(model.config.vocab_size, pad_from=7)
     ref = hf_model(input_ids=ids, attention_mask=mask).logits
-    assert _max_diff(model(ids, attention_mask=mask), ref, mask) <= TOL
+    assert max_diff(model(ids, attention_mask=mask), ref, mask) <= TOL
 
 
 @torch.no_grad()
@@ -81,7 +59,7 @@ def test_rope_scaling_and_bias_variants():
     cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False)
     hf = transformers.Qwen2ForCausalLM(cfg).eval()
-    _perturb(hf, std=0.5)  # zero-initialised biases: make them matter
+    perturb(hf, std=0.5)  # zero-initialised biases: make them matter
     model = from_hf_model(hf)
     assert model.config.attn_bias and not model.config.attn_out_bias
     ids = torch.randint(0, 100, (2, 9))
@@ -92,7 +70,7 @@ def test_rope_scaling_and_bias_variants():
                                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                      "original_max_position_embeddings": 16})
-    hf = _perturb(transformers.LlamaForCausalLM(lcfg).eval())
+    hf = perturb(transformers.LlamaForCausalLM(lcfg).eval())
     model = from_hf_model(hf)
     assert model.config.rope_scaling["rope_type"] == "llama3"
     ids = torch.randint(0, 100, (1, 40))
@@ -101,9 +79,9 @@ def test_rope_scaling_and_bias_variants():
 
 @torch.no_grad()
 def test_export_round_trip(tmp_path):
-    model = _perturb(Transformer(ModelConfig.from_name("smollm2-135m", n_layers=2)).eval())
+    model = perturb(Transformer(ModelConfig.from_name("smollm2-135m", n_layers=2)).eval())
     export_hf(model, tmp_path / "out")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
-    ids, mask = _batch(model.config.vocab_size)
-    assert _max_diff(model(ids, attention_mask=mask), hf(input_ids=ids, attention_mask=mask).logits, mask) <= TOL
+    ids, mask = right_padded_batch(model.config.vocab_size, pad_from=7)
+    assert max_diff(model(ids, attention_mask=mask), hf(input_ids=ids, attention_mask=mask).logits, mask) <= TOL

@@ -5,6 +5,7 @@ import pytest
 import torch
 import transformers
 
+from parity import TOL, perturb
 from lmlab.checkpoints import export_hf, from_hf_model, load_model
 from lmlab.config import ModelConfig
 from lmlab.model import Transformer
@@ -25,16 +26,7 @@ FLAN_T5_BASE = {
     "relative_attention_num_buckets": 32, "tie_word_embeddings": False, "use_cache": True, "vocab_size": 32128,
 }
 CONFIGS = {"t5-small": T5_SMALL, "flan-t5-base": FLAN_T5_BASE}
-TOL = 1e-4
 
-
-@torch.no_grad()
-def _perturb(model, std=0.1):
-    """Norms start at 1 and biases at 0; perturb every 1-D parameter so a swapped or dropped one shows."""
-    for p in model.parameters():
-        if p.dim() == 1:
-            p.add_(torch.randn_like(p) * std)
-    return model
 
 
 def _hf_model(name):
@@ -102,7 +94,7 @@ def test_hf_directory_with_untied_head(tmp_path):
 @torch.no_grad()
 @pytest.mark.parametrize("preset", ["t5-small", "flan-t5-base"])
 def test_export_round_trip(tmp_path, preset):
-    model = _perturb(Transformer(ModelConfig.from_name(preset, n_layers=2)).eval())
+    model = perturb(Transformer(ModelConfig.from_name(preset, n_layers=2)).eval())
     export_hf(model, tmp_path / "out")
     hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out").eval()
     ids, mask, dec = _batch(model.config.vocab_size)
