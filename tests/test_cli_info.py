@@ -29,7 +29,7 @@ def test_info_prints_architecture_size_and_memory(tiny_ckpt, capsys):
     assert "4 / 2" in out  # heads / kv heads
     assert f"{n:,}" in out and f"{n - 256 * 64:,} without embeddings" in out
     assert "128 tokens" in out and "256 tokens" in out  # context, vocabulary
-    assert f"int8 {n / 1024:.1f} KiB" in out
+    assert f"int8 {n / 1024:.2f} KiB" in out
     kv = 2 * 2 * 2 * 16 * 4  # layers x (k, v) x kv_heads x head_dim x fp32
     assert f"{kv:,} bytes/token" in out
 

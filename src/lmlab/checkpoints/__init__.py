@@ -257,20 +257,7 @@ def export_source(source: str | Path, directory: str | Path, with_tokenizer: boo
 
 # --- describing a model (lmlab info) -------------------------------------------------------------
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
-def _human_count(n: int) -> str:
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(n)
-
+from lmlab.scaling import format_bytes, format_count, kv_cache_bytes  # noqa: E402  (pure Python, no torch)
 
 def describe(source: str | Path) -> dict:
     """Architecture, size, context and memory needs of a source, from its config alone where possible.
@@ -289,8 +276,7 @@ def describe(source: str | Path) -> dict:
         family = "llama (gguf)"
     total = cfg.num_parameters()
     no_embed = total - cfg.vocab_size * cfg.d_model
-    dec_layers = 0 if not cfg.has_decoder else (cfg.n_decoder_layers if cfg.arch == "encoder_decoder" else cfg.n_layers)
-    kv_per_token = dec_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 4
+    kv_per_token = int(kv_cache_bytes(cfg, batch=1, seq_len=1, encoder_len=0))  # decoder self-attention only
     layers = (f"{cfg.n_layers} encoder + {cfg.n_decoder_layers} decoder" if cfg.arch == "encoder_decoder"
               else str(cfg.n_layers))
     return {
@@ -320,13 +306,13 @@ def format_description(info: dict) -> str:
         ("positional", info["positional"]),
         ("norm", info["norm"]),
         ("activation", info["activation"]),
-        ("parameters", f"{info['parameters']:,} ({_human_count(info['parameters'])}); "
+        ("parameters", f"{info['parameters']:,} ({format_count(info['parameters'])}); "
                        f"{info['parameters_without_embeddings']:,} without embeddings"),
         ("context length", f"{info['context_length']:,} tokens"),
         ("vocabulary", f"{info['vocab_size']:,} tokens"),
-        ("weights memory", f"fp32 {_human_bytes(w['fp32'])}, bf16 {_human_bytes(w['bf16'])}, int8 {_human_bytes(w['int8'])}"),
-        ("KV cache (fp32)", f"{kv:,} bytes/token ({_human_bytes(kv)}); "
-                            f"{_human_bytes(kv * info['context_length'])} at full context" if kv else "none (no decoder)"),
+        ("weights memory", f"fp32 {format_bytes(w['fp32'])}, bf16 {format_bytes(w['bf16'])}, int8 {format_bytes(w['int8'])}"),
+        ("KV cache (fp32)", f"{kv:,} bytes/token ({format_bytes(kv)}); "
+                            f"{format_bytes(kv * info['context_length'])} at full context" if kv else "none (no decoder)"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
