@@ -58,13 +58,11 @@ class Attention(nn.Module):
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             if cache is not None:
                 k, v = cache.update(k, v, cache_start)  # (B, Hkv, S, D), S = cache_start + T
-        if self.n_kv_heads != self.n_heads:  # grouped-query: each kv head serves H/Hkv query heads
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(rep, dim=1)
+        # grouped-query: each kv head serves H/Hkv query heads; SDPA broadcasts them itself (enable_gqa)
+        # instead of us copying k and v H/Hkv times per layer and step
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal and mask is None, scale=self.scale,
+            is_causal=is_causal and mask is None, scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o(y), (cross_kv if self.cross else None)
