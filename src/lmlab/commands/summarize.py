@@ -1,0 +1,67 @@
+"""`lmlab summarize [DIALOGUE | --file F | stdin]`: summarize one dialogue with zero/one/few-shot prompting."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmlab.commands.generate import add_generation_arguments, generation_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dialogue", nargs="?", default=None,
+                        help="the dialogue text (#Person1#: ... one turn per line); else --file, else stdin")
+    parser.add_argument("--file", default=None, help="read the dialogue from this text file")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="default: smollm2-135m-instruct")
+    parser.add_argument("--shots", type=int, default=0, help="number of examples in the prompt (default 0)")
+    parser.add_argument("--shots-from", default=None, metavar="FILE",
+                        help="DialogSum JSONL (fields dialogue, summary) to draw the shots from")
+    parser.add_argument("--select", choices=["random", "nearest"], default="random",
+                        help="random (seeded by --shot-seed) or nearest by MiniLM sentence embeddings")
+    parser.add_argument("--shot-seed", type=int, default=0, help="seed of random shot selection")
+    parser.add_argument("--template", choices=["instruction", "flan", "bare"], default="instruction")
+    parser.add_argument("--chat", dest="chat", action="store_true", default=None,
+                        help="use the chat template (default: when the tokenizer has one)")
+    parser.add_argument("--no-chat", dest="chat", action="store_false", help="plain-text prompt")
+    parser.add_argument("--show-prompt", action="store_true", help="print the prompt (and budget notes) to stderr")
+    add_generation_arguments(parser, max_new_tokens=96)
+
+
+def run(args: argparse.Namespace) -> int:
+    import lmlab
+    from lmlab.errors import DataError
+    from lmlab.prompting import Example, SentenceEmbedder, summarize
+
+    config = generation_config(args)
+    if args.dialogue is not None and args.file is not None:
+        raise DataError("give the dialogue as an argument or with --file, not both")
+    if args.file is not None:
+        from lmlab.tasks.summarize.data import read_utf8
+
+        dialogue = read_utf8(args.file)
+    else:
+        dialogue = args.dialogue if args.dialogue is not None else sys.stdin.read()
+    if not dialogue.strip():
+        raise DataError("the dialogue is empty")
+    if args.shots and not args.shots_from:
+        raise DataError(f"--shots {args.shots} needs --shots-from FILE (a DialogSum JSONL)")
+    pool = []
+    if args.shots_from:
+        from lmlab.tasks.summarize.data import load_dialogues
+
+        pool = [Example(d.dialogue, d.references[0]) for d in load_dialogues(args.shots_from).records if d.references]
+    model, tokenizer = lmlab.load_model(args.model), lmlab.load_tokenizer(args.model)
+    embedder = SentenceEmbedder() if args.shots and args.select == "nearest" else None
+    summary, prompt = summarize(dialogue.strip(), model, tokenizer, pool, args.shots, method=args.select,
+                                template=args.template, chat=args.chat, config=config, seed=args.shot_seed,
+                                embedder=embedder)
+    if args.show_prompt:
+        print(prompt.text, file=sys.stderr)
+        print(f"--- {prompt.n_tokens} prompt tokens, {len(prompt.shots)} shots", file=sys.stderr)
+    for note in prompt.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not summary:
+        print("note: the model produced no summary text (it stopped at a stop string at once); "
+              "try --chat or --template instruction", file=sys.stderr)
+    print(summary)
+    return 0

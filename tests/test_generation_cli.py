@@ -1,0 +1,91 @@
+"""`lmlab generate` and `lmlab summarize`: flags map to the library, bad input exits 2 with the value named."""
+
+import json
+
+import pytest
+
+from lmlab.cli import main
+
+DIALOGUE = ("#Person1#: Are you coming to the party on Friday?\n#Person2#: I can't, I have to work late.\n"
+            "#Person1#: That's a pity. Maybe next time.")
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    import lmlab
+
+    return lmlab.load_model("smollm2-135m-instruct"), lmlab.load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture()
+def shots_file(tmp_path):
+    rows = [{"fname": "a", "dialogue": "#Person1#: Can I book a table for two tonight?\n#Person2#: Sure, at 7 pm?",
+             "summary": "#Person1# books a table for two at 7 pm."},
+            {"fname": "b", "dialogue": "#Person1#: My laptop will not start.\n#Person2#: Did you charge it?",
+             "summary": "#Person1#'s laptop is not charged."}]
+    path = tmp_path / "shots.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["generate", "smollm2-135m-instruct", "hi", "--top-p", "2"], "top_p=2.0"),
+    (["generate", "smollm2-135m-instruct", "hi", "--temperature", "-1"], "temperature=-1.0"),
+    (["generate", "smollm2-135m-instruct", "hi", "--do-sample", "--num-beams", "2"], "num_beams=2"),
+    (["generate", "smollm2-135m-instruct", "hi", "--system", "be brief"], "--system needs --chat"),
+    (["summarize", DIALOGUE, "--shots", "2"], "--shots 2 needs --shots-from"),
+])
+def test_bad_flags_exit_2_naming_the_value(argv, match, capsys):
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_generate_streams_the_same_text_as_the_library(smollm2, capsys):
+    from lmlab.generation import generate
+    from lmlab.prompting import chat_prompt
+
+    model, tok = smollm2
+    assert main(["generate", "smollm2-135m-instruct", "What is the capital of France?", "--chat",
+                 "--system", "Answer briefly.", "--max-new-tokens", "12"]) == 0
+    expected = generate(model, tok, chat_prompt(tok, "What is the capital of France?", "Answer briefly."),
+                        max_new_tokens=12)
+    assert capsys.readouterr().out == expected + "\n" and expected.strip()
+
+
+def test_generate_sampling_flags_are_seeded(capsys):
+    argv = ["generate", "smollm2-135m-instruct", "Once upon a time", "--do-sample", "--temperature", "0.9",
+            "--top-p", "0.9", "--seed", "3", "--max-new-tokens", "10"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_summarize_one_shot_prints_the_summary(smollm2, shots_file, capsys):
+    from lmlab.generation import GenerationConfig
+    from lmlab.prompting import Example, summarize
+
+    model, tok = smollm2
+    assert main(["summarize", DIALOGUE, "--shots", "1", "--shots-from", str(shots_file), "--max-new-tokens", "24",
+                 "--show-prompt"]) == 0
+    out = capsys.readouterr()
+    pool = [Example("#Person1#: Can I book a table for two tonight?\n#Person2#: Sure, at 7 pm?",
+                    "#Person1# books a table for two at 7 pm."),
+            Example("#Person1#: My laptop will not start.\n#Person2#: Did you charge it?",
+                    "#Person1#'s laptop is not charged.")]
+    expected, prompt = summarize(DIALOGUE, model, tok, pool, 1, config=GenerationConfig(max_new_tokens=24))
+    assert out.out == expected + "\n" and expected
+    assert "<|im_start|>assistant" in out.err and "1 shots" in out.err  # chat template on by default
+    assert prompt.shots[0].output in out.err
+
+
+def test_summarize_reads_file_without_chat_and_too_many_shots_is_an_error(smollm2, shots_file, tmp_path, capsys):
+    f = tmp_path / "d.txt"
+    f.write_text(DIALOGUE)
+    assert main(["summarize", "--file", str(f), "--no-chat", "--template", "instruction", "--max-new-tokens", "24",
+                 "--show-prompt"]) == 0
+    out = capsys.readouterr()
+    assert f"Summarize the following conversation.\n\n{DIALOGUE}\n\nSummary:" in out.err
+    assert "<|im_start|>" not in out.err and out.out.strip() and "\n\n" not in out.out  # stopped at a blank line
+    assert main(["summarize", "--file", str(f), "--shots", "5", "--shots-from", str(shots_file)]) == 2
+    assert "k=5" in capsys.readouterr().err
