@@ -1,0 +1,53 @@
+"""`lmlab lab`: run the dialogue-summarization lab (experiments x dialogues), score with ROUGE, report.
+
+Maps flags onto ``lmlab.tasks.summarize.lab.LabSettings`` and ``run_lab``; see that module for what
+runs, how the shot pool is split off, and how resuming works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmlab.tasks.summarize.experiments import DEFAULT_EXPERIMENTS, EXPERIMENTS
+    from lmlab.tasks.summarize.lab import DEFAULT_MODEL, DEFAULT_POOL_SIZE
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or checkpoint path (default: {DEFAULT_MODEL})")
+    parser.add_argument("--data", default=None,
+                        help="dialogues: a DialogSum .jsonl, a Hugging Face style .csv, or hf:ID[:SPLIT] "
+                             "(default: the bundled sample set)")
+    parser.add_argument("--experiments", default=",".join(DEFAULT_EXPERIMENTS),
+                        help=f"comma-separated experiment names (default: %(default)s); valid: {', '.join(EXPERIMENTS)}")
+    parser.add_argument("--shots", type=int, default=2, help="K for few-shot and few-shot-nn (default: 2)")
+    parser.add_argument("--shots-from", default=None,
+                        help="a separate file of shot dialogues (default: the first --pool-size records of --data)")
+    parser.add_argument("--pool-size", type=int, default=DEFAULT_POOL_SIZE,
+                        help="without --shots-from, the first N records form the shot pool and are not evaluated "
+                             "(default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N (non-pool) dialogues")
+    parser.add_argument("--seed", type=int, default=0, help="seed for shot selection and sampling (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="summary length cap in tokens (default: 48)")
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="wrap prompts in the model's chat template (default: when the tokenizer has one)")
+    parser.add_argument("--out", default="lab-out", help="output folder; re-running resumes it (default: lab-out)")
+    parser.add_argument("--examples", type=int, default=3, help="human-vs-model examples to print (default: 3)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmlab.tasks.summarize.lab import LabInterrupted, LabSettings, run_lab
+
+    settings = LabSettings(
+        model=args.model, data=args.data, experiments=args.experiments, shots=args.shots,
+        shots_from=args.shots_from, pool_size=args.pool_size, limit=args.limit, seed=args.seed,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=args.chat, out=args.out,
+        examples=args.examples,
+    )
+    try:
+        run_lab(settings)
+    except LabInterrupted as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 130
+    return 0

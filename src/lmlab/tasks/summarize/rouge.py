@@ -1,0 +1,224 @@
+"""ROUGE scoring for summaries: one or several references, best-reference and mean-over-references.
+
+We use Google's ``rouge-score`` package (the implementation behind most published DialogSum numbers)
+with Porter stemming, and report F-measures for four metrics:
+
+* ``rouge1`` / ``rouge2``  unigram / bigram overlap (counts clipped to the reference's counts);
+* ``rougeL``               longest common subsequence over the whole text;
+* ``rougeLsum``            "summary-level" LCS: for each reference sentence, the union of its LCS
+                           with every predicted sentence. ``rouge-score`` finds sentences by splitting
+                           on newlines only, so we split both texts into sentences ourselves first
+                           (``split_sentences``) and join them with newlines.
+
+Several references per example (DialogSum's test split has three) are aggregated two ways:
+
+* ``best``  the maximum over references, per metric (what ``rouge_score.score_multi`` and most papers do);
+* ``mean``  the mean over references, per metric (less optimistic; rewards agreeing with all annotators).
+
+The corpus score is the unweighted mean over examples. An empty prediction scores 0; a prediction
+identical to a reference scores 1 on every metric.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmlab.errors import DataError, choices_error
+
+METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+AGGREGATIONS = ("best", "mean")
+
+# A sentence ends at . ! or ? (possibly followed by closing quotes/brackets) and then whitespace.
+# Deliberately simple: dialogue summaries are short, plain prose; abbreviations like "Mr. Smith"
+# split a sentence early, which costs ROUGE-Lsum little (the pieces still match in order).
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+")
+
+_scorer = None
+
+
+def _get_scorer():
+    """One shared RougeScorer (building the Porter stemmer is not free)."""
+    global _scorer
+    if _scorer is None:
+        from rouge_score import rouge_scorer
+
+        _scorer = rouge_scorer.RougeScorer(list(METRICS), use_stemmer=True)
+    return _scorer
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split prose into sentences for ROUGE-Lsum: at ., ! or ? followed by whitespace, and at newlines."""
+    sentences: list[str] = []
+    for line in text.splitlines():
+        sentences.extend(s.strip() for s in _SENTENCE_END.split(line) if s.strip())
+    return sentences
+
+
+@dataclass
+class ExampleScore:
+    """ROUGE F-measures of one prediction against its references, aggregated both ways."""
+
+    best: dict[str, float]  # metric -> max over references
+    mean: dict[str, float]  # metric -> mean over references
+    per_reference: list[dict[str, float]] = field(default_factory=list)
+
+    def get(self, aggregation: str) -> dict[str, float]:
+        if aggregation not in AGGREGATIONS:
+            raise choices_error("aggregation", aggregation, AGGREGATIONS)
+        return self.best if aggregation == "best" else self.mean
+
+    def to_dict(self) -> dict:
+        return {"best": self.best, "mean": self.mean, "per_reference": self.per_reference}
+
+
+def score_example(prediction: str, references: list[str] | str) -> ExampleScore:
+    """Score one prediction against one or several references (F-measure of each metric)."""
+    if isinstance(references, str):
+        references = [references]
+    if not references:
+        raise DataError("cannot score a prediction without references (got an empty reference list)")
+    scorer = _get_scorer()
+    pred_lsum = "\n".join(split_sentences(prediction))
+    per_ref = []
+    for ref in references:
+        plain = scorer.score(ref, prediction)  # rouge_score's argument order is (target, prediction)
+        lsum = scorer.score("\n".join(split_sentences(ref)), pred_lsum)
+        per_ref.append({
+            "rouge1": plain["rouge1"].fmeasure,
+            "rouge2": plain["rouge2"].fmeasure,
+            "rougeL": plain["rougeL"].fmeasure,
+            "rougeLsum": lsum["rougeLsum"].fmeasure,
+        })
+    best = {m: max(r[m] for r in per_ref) for m in METRICS}
+    mean = {m: sum(r[m] for r in per_ref) / len(per_ref) for m in METRICS}
+    return ExampleScore(best=best, mean=mean, per_reference=per_ref)
+
+
+def corpus_score(scores: list[ExampleScore | dict], aggregation: str = "best") -> dict[str, float]:
+    """Mean over examples of each metric, using the `best` or `mean` reference aggregation.
+
+    Accepts ExampleScore objects or their ``to_dict()`` form (as stored in results.jsonl).
+    """
+    if aggregation not in AGGREGATIONS:
+        raise choices_error("aggregation", aggregation, AGGREGATIONS)
+    if not scores:
+        return {m: float("nan") for m in METRICS}
+    rows = [s.get(aggregation) if isinstance(s, ExampleScore) else s[aggregation] for s in scores]
+    return {m: sum(r[m] for r in rows) / len(rows) for m in METRICS}
+
+
+def n_words(text: str) -> int:
+    """Summary length in whitespace-separated words."""
+    return len(text.split())
+
+
+# --- files ---------------------------------------------------------------------------------------
+_PREDICTION_FIELDS = ("prediction", "summary", "output")
+
+
+def _read_text(path: Path) -> str:
+    from lmlab.tasks.summarize.data import read_utf8
+
+    return read_utf8(path)
+
+
+def read_predictions(path: str | Path) -> list[str]:
+    """Predictions, one per line; or JSONL with a `prediction`, `summary` or `output` field per line.
+
+    A file is JSONL when its first non-empty line starts with ``{``. Plain-text files keep empty
+    lines (an empty prediction is a valid, zero-scoring prediction) except a final trailing newline.
+    """
+    path = Path(path)
+    text = _read_text(path)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not (lines and lines[0].lstrip().startswith("{")):
+        return [line.rstrip("\r") for line in lines]
+    out = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = _parse_json_line(line, path, lineno)
+        for name in _PREDICTION_FIELDS:
+            if name in record:
+                out.append(str(record[name]))
+                break
+        else:
+            raise DataError(f"{path}:{lineno}: missing field 'prediction' (or 'summary'/'output')")
+    return out
+
+
+def read_references(path: str | Path) -> list[list[str]]:
+    """References, one per line; or JSONL with `summary`, `summary1..N` or a `references` list per line."""
+    path = Path(path)
+    text = _read_text(path)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not (lines and lines[0].lstrip().startswith("{")):
+        return [[line.rstrip("\r")] for line in lines]
+    from lmlab.tasks.summarize.data import references_from_record
+
+    out = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        refs = references_from_record(_parse_json_line(line, path, lineno))
+        if not refs:
+            raise DataError(f"{path}:{lineno}: missing field 'summary' (or 'summary1'.., 'references')")
+        out.append(refs)
+    return out
+
+
+def _parse_json_line(line: str, path: Path, lineno: int) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+@dataclass
+class FileScores:
+    n: int
+    best: dict[str, float]
+    mean: dict[str, float]
+    mean_words: float
+    n_references: int  # max references per example
+
+
+def score_files(predictions: str | Path, references: str | Path) -> FileScores:
+    """Score a predictions file against a references file, line by line (see the two readers)."""
+    preds = read_predictions(predictions)
+    refs = read_references(references)
+    if len(preds) != len(refs):
+        raise DataError(
+            f"{predictions} has {len(preds)} predictions but {references} has {len(refs)} references; "
+            "they must match line by line"
+        )
+    if not preds:
+        raise DataError(f"{predictions} holds no predictions")
+    scores = [score_example(p, r) for p, r in zip(preds, refs)]
+    return FileScores(
+        n=len(preds),
+        best=corpus_score(scores, "best"),
+        mean=corpus_score(scores, "mean"),
+        mean_words=sum(n_words(p) for p in preds) / len(preds),
+        n_references=max(len(r) for r in refs),
+    )
+
+
+def format_scores_table(rows: list[tuple[str, dict[str, float]]], scale: float = 100.0) -> str:
+    """A small fixed-width table: one row per (name, metric -> F) pair, scores in percent."""
+    width = max([len("name")] + [len(name) for name, _ in rows])
+    head = f"{'name':<{width}}  " + "  ".join(f"{m:>9}" for m in METRICS)
+    lines = [head, "-" * len(head)]
+    for name, scores in rows:
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{scores[m] * scale:9.2f}" for m in METRICS))
+    return "\n".join(lines)
