@@ -32,6 +32,7 @@ from lmlab.checkpoints import hf as _hf
 from lmlab.checkpoints import native, registry
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError
+from lmlab.scaling import format_bytes, format_count, kv_cache_bytes
 
 __all__ = ["load_model", "load_tokenizer", "save_model", "export_hf", "from_hf_model", "resolve", "load_config",
            "export_source", "describe", "format_description", "Resolved"]
@@ -257,7 +258,6 @@ def export_source(source: str | Path, directory: str | Path, with_tokenizer: boo
 
 # --- describing a model (lmlab info) -------------------------------------------------------------
 
-from lmlab.scaling import format_bytes, format_count, kv_cache_bytes  # noqa: E402  (pure Python, no torch)
 
 def describe(source: str | Path) -> dict:
     """Architecture, size, context and memory needs of a source, from its config alone where possible.
