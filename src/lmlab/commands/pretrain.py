@@ -1,0 +1,69 @@
+"""`lmlab pretrain`: flags -> ``lmlab.training.load_config`` overrides -> ``lmlab.training.pretrain``.
+
+Every config field can be set with ``--set section.key=value`` (repeatable); the common ones also have
+their own flags, which are applied after --set.
+"""
+
+from __future__ import annotations
+
+import json
+
+# flag -> config key it overrides
+_FLAGS = {
+    "out": "out_dir", "files": "data.files", "field": "data.field", "tokenizer": "data.tokenizer",
+    "seq_len": "data.seq_len", "objective": "train.objective", "steps": "train.steps",
+    "batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "lr": "train.lr",
+    "precision": "train.precision", "distributed": "train.distributed", "device": "train.device",
+    "seed": "train.seed", "stop_after": "train.stop_after",
+}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", default=None,
+                        help="YAML/JSON run config, or a preset: tiny, decoder-10m, encoder-10m, encoder-decoder-10m, "
+                             "gpt2-124m, bert-base, t5-small")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field, e.g. --set train.lr=3e-4 --set model.dropout=0.1 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
+    parser.add_argument("--out", help="run directory (out_dir)")
+    parser.add_argument("--files", nargs="+", help="training data: .txt, .jsonl or hf:DATASET (data.files)")
+    parser.add_argument("--field", help="JSONL/datasets field with the text (data.field), e.g. dialogue")
+    parser.add_argument("--tokenizer", help="directory with tokenizer.json (default: train one into OUT/tokenizer)")
+    parser.add_argument("--seq-len", type=int, help="model input length (data.seq_len)")
+    parser.add_argument("--objective", choices=["clm", "mlm", "span"], help="default: by the model's architecture")
+    parser.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
+    parser.add_argument("--batch-size", type=int, help="global blocks per micro-step (train.batch_size)")
+    parser.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (train.grad_accum)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 on capable CUDA, else fp32")
+    parser.add_argument("--distributed", choices=["none", "ddp", "fsdp"], help="data parallelism (launch with torchrun)")
+    parser.add_argument("--device", help="auto | cpu | cuda")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop-after", type=int, help="stop with a checkpoint after this many steps (resume later)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from lmlab.training import load_config, pretrain
+
+    overrides = list(args.set)
+    for flag, key in _FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    cfg = load_config(args.config, overrides)
+    summary = pretrain(cfg, resume=args.resume, show_progress=not args.no_progress)
+    if summary["rank"] != 0:  # under torchrun only rank 0 reports
+        return 128 + int(summary["interrupted"]) if summary["interrupted"] is not None else 0
+    if summary["interrupted"] is not None:
+        print(f"interrupted at step {summary['step']}; checkpoint saved to {summary['checkpoint']} "
+              f"(continue with --resume)")
+        return 128 + int(summary["interrupted"])
+    if not summary["finished"]:
+        print(f"stopped at step {summary['step']}; checkpoint saved to {summary['checkpoint']} (continue with --resume)")
+        return 0
+    val = summary["val_loss"]
+    print(f"done: {summary['step']} steps, train loss {summary['train_loss']:.4f}"
+          + (f", validation loss {val:.4f}" if val is not None else "")
+          + f", {summary['tokens_per_s']:,.0f} tokens/s, MFU {100 * summary['mfu']:.1f}%; model saved to {summary['out_dir']}")
+    return 0

@@ -1,0 +1,19 @@
+"""Pre-training objectives: each turns packed token blocks into model inputs and computes a loss.
+
+Every objective has the same two-method interface (see ``base.Objective``) so the training loop never
+knows which one it runs:
+
+* ``prepare(blocks, generator) -> dict``   blocks (B, L) int64 token ids -> tensors the model and loss need
+* ``loss(model, batch) -> (loss, n_tokens)`` mean cross-entropy over the n_tokens positions that count
+  (n_tokens a 0-d tensor, so no device sync is forced)
+
+Registry by name: ``clm`` (decoder), ``mlm`` (encoder), ``span`` (encoder-decoder).
+"""
+
+from lmlab.objectives.base import OBJECTIVES, Objective, build_objective, token_cross_entropy
+from lmlab.objectives.clm import CausalLM
+from lmlab.objectives.mlm import MaskedLM
+from lmlab.objectives.span_corruption import SpanCorruption, random_spans_noise_mask
+
+__all__ = ["OBJECTIVES", "Objective", "build_objective", "token_cross_entropy", "CausalLM", "MaskedLM",
+           "SpanCorruption", "random_spans_noise_mask"]

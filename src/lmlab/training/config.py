@@ -1,0 +1,232 @@
+"""PretrainConfig: the whole description of a pre-training run, from a YAML/JSON file and overrides.
+
+A run config has four sections; every field can be overridden on the command line with
+``--set section.field=value`` (the value is parsed as YAML, so ``--set train.lr=3e-4`` gives a float
+and ``--set data.files=[a.txt,b.jsonl]`` a list)::
+
+    base: decoder-10m            # optional: start from a training preset (TRAIN_PRESETS), then apply this file
+    model: {preset: decoder-10m, dropout: 0.0}     # a lmlab.config.PRESETS name + ModelConfig overrides
+    data:  {files: [corpus.jsonl], field: text, seq_len: 256, vocab_size: 8192}
+    train: {objective: clm, steps: 2000, batch_size: 16, lr: 6e-4, ...}
+    out_dir: runs/decoder-10m
+
+Unknown keys are errors that name the key and list the valid ones. ``vocab_size`` and the special
+token ids of the model come from the tokenizer, so the model and the data always agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmlab.errors import ConfigError, choices_error
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny-decoder"  # a lmlab.config.PRESETS name
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (vocab_size comes from the tokenizer)
+
+
+@dataclass
+class DataSection:
+    files: list[str] = field(default_factory=list)  # .txt / .jsonl paths, or hf:DATASET[:CONFIG]
+    field: str = "text"  # JSONL / datasets field holding the document
+    tokenizer: str | None = None  # a directory with tokenizer.json; None: train one into OUT/tokenizer
+    tokenizer_kind: str = "bpe"  # bpe | unigram, when training one
+    vocab_size: int | None = None  # tokenizer vocabulary when training one; None: the model preset's
+    n_sentinels: int = 100  # <extra_id_k> tokens added for span corruption (T5 uses 100)
+    seq_len: int | None = None  # model input length; None: the model's max_seq_len
+    val_fraction: float = 0.05  # held-out fraction of the blocks
+
+
+@dataclass
+class TrainSection:
+    objective: str | None = None  # clm | mlm | span; None: by architecture
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # blocks per micro-step, global (split over ranks)
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    mask_prob: float = 0.15  # mlm
+    noise_density: float = 0.15  # span
+    mean_span_length: float = 3.0  # span
+    eval_every: int = 200  # steps between validation passes (0: only at the end)
+    eval_batches: int = 8
+    ckpt_every: int = 200  # steps between checkpoints (0: only at the end / on interrupt)
+    log_every: int = 10
+    seed: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16
+    distributed: str = "none"  # none | ddp | fsdp (launch with torchrun)
+    device: str = "auto"  # auto | cpu | cuda
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in this invocation
+    sharded_checkpoint: bool = False  # fsdp: save model/optimizer as a DCP directory (no gather on rank 0)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    out_dir: str = "runs/pretrain"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = {"preset": self.model.preset, **self.model.overrides}
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PretrainConfig":
+        data = dict(data)
+        base = data.pop("base", None)
+        merged: dict[str, Any] = {}
+        if base is not None:
+            if base not in TRAIN_PRESETS:
+                raise choices_error("base", base, sorted(TRAIN_PRESETS))
+            merged = _deep_merge({}, TRAIN_PRESETS[base])
+        merged = _deep_merge(merged, data)
+        sections = {"model", "data", "train", "out_dir"}
+        unknown = sorted(set(merged) - sections)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; valid keys: base, {', '.join(sorted(sections))}")
+        model = dict(merged.get("model") or {})
+        preset = model.pop("preset", ModelSection.preset)
+        from lmlab.config import PRESETS, ModelConfig
+
+        if preset not in PRESETS:
+            raise choices_error("model.preset", preset, sorted(PRESETS))
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        bad = sorted(set(model) - model_fields)
+        if bad:
+            raise ConfigError(f"unknown key(s) model.{', model.'.join(bad)}; valid: preset and the ModelConfig fields")
+        return cls(model=ModelSection(preset, model), data=_section(DataSection, merged.get("data"), "data"),
+                   train=_section(TrainSection, merged.get("train"), "train"),
+                   out_dir=str(merged.get("out_dir", cls.out_dir)))
+
+
+def _section(cls, data: dict | None, name: str):
+    data = dict(data or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+                          f"valid: {', '.join(f'{name}.{k}' for k in sorted(known))}")
+    return cls(**data)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config dict."""
+    import yaml
+
+    data = _deep_merge({}, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
+        value = yaml.safe_load(raw) if raw else None
+        if isinstance(value, str) and _looks_numeric(value):
+            value = float(value)  # YAML 1.1 reads "3e-4" as a string
+        parts = key.split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load_config(source: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
+    """A run config from a YAML/JSON file or a TRAIN_PRESETS name, with ``--set`` overrides applied."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if source is not None:
+        path = Path(source)
+        if path.exists():
+            try:
+                data = (json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())) or {}
+            except (json.JSONDecodeError, yaml.YAMLError) as exc:
+                raise ConfigError(f"cannot parse config {str(path)!r}: {str(exc).splitlines()[0]}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"config {str(path)!r} must hold a mapping, not {type(data).__name__}")
+        elif str(source) in TRAIN_PRESETS:
+            data = {"base": str(source)}
+        else:
+            raise ConfigError(f"config {str(source)!r} is neither a file nor a preset; presets: {', '.join(sorted(TRAIN_PRESETS))}")
+    return PretrainConfig.from_dict(apply_overrides(data, overrides or []))
+
+
+# --- training presets: a model preset plus batch / lr / steps -----------------------------------
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {  # tests and smoke runs: seconds on one CPU thread
+        "model": {"preset": "tiny-decoder"},
+        "data": {"vocab_size": 300, "seq_len": 32, "n_sentinels": 16, "val_fraction": 0.1},
+        "train": {"steps": 20, "batch_size": 4, "lr": 3e-3, "warmup_steps": 4, "eval_every": 10, "eval_batches": 2,
+                  "ckpt_every": 10, "log_every": 1},
+        "out_dir": "runs/tiny",
+    },
+    "decoder-10m": {
+        "model": {"preset": "decoder-10m"},
+        "data": {"vocab_size": 8192, "seq_len": 256},
+        "train": {"objective": "clm", "steps": 2000, "batch_size": 16, "lr": 1e-3, "warmup_steps": 100},
+        "out_dir": "runs/decoder-10m",
+    },
+    "encoder-10m": {
+        "model": {"preset": "encoder-10m"},
+        "data": {"vocab_size": 8192, "seq_len": 256},
+        "train": {"objective": "mlm", "steps": 2000, "batch_size": 16, "lr": 1e-3, "warmup_steps": 100},
+        "out_dir": "runs/encoder-10m",
+    },
+    "encoder-decoder-10m": {
+        "model": {"preset": "encoder-decoder-10m"},
+        "data": {"vocab_size": 8192, "seq_len": 256, "tokenizer_kind": "unigram"},
+        "train": {"objective": "span", "steps": 2000, "batch_size": 16, "lr": 1e-3, "warmup_steps": 100},
+        "out_dir": "runs/encoder-decoder-10m",
+    },
+    # the reference shapes, for users with accelerators (hyper-parameters from the papers / nanoGPT)
+    "gpt2-124m": {
+        "model": {"preset": "gpt2-124m"},
+        "data": {"vocab_size": 50257, "seq_len": 1024},
+        "train": {"objective": "clm", "steps": 600000, "batch_size": 12, "grad_accum": 40, "lr": 6e-4,
+                  "warmup_steps": 2000, "weight_decay": 0.1, "eval_every": 2000, "ckpt_every": 2000},
+        "out_dir": "runs/gpt2-124m",
+    },
+    "bert-base": {
+        "model": {"preset": "bert-base"},
+        "data": {"vocab_size": 30522, "seq_len": 512},
+        "train": {"objective": "mlm", "steps": 1000000, "batch_size": 256, "lr": 1e-4, "warmup_steps": 10000,
+                  "weight_decay": 0.01, "beta2": 0.999, "eval_every": 5000, "ckpt_every": 5000},
+        "out_dir": "runs/bert-base",
+    },
+    "t5-small": {
+        "model": {"preset": "t5-small"},
+        "data": {"vocab_size": 32128, "seq_len": 512, "tokenizer_kind": "unigram"},
+        "train": {"objective": "span", "steps": 524288, "batch_size": 128, "lr": 1e-2, "warmup_steps": 10000,
+                  "weight_decay": 0.0, "eval_every": 5000, "ckpt_every": 5000},
+        "out_dir": "runs/t5-small",
+    },
+}

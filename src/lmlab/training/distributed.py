@@ -1,0 +1,172 @@
+"""Data-parallel training under ``torchrun``: none, DDP, or FSDP2 (``fully_shard``).
+
+* ``setup(mode)``      reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK, starts the process group
+                       (NCCL on CUDA, gloo on CPU) and picks this rank's device.
+* ``wrap(model, ...)`` DDP replicates the model and all-reduces gradients; FSDP2 shards every block
+                       and then the root (embeddings, head), all-gathering weights for each block's
+                       forward/backward and reduce-scattering gradients.
+* state dicts          always *full* (unsharded, on CPU) through ``torch.distributed.checkpoint.state_dict``,
+                       so one checkpoint file loads under any mode and any world size. ``save_sharded`` /
+                       ``load_sharded`` write a DCP directory instead (each rank its own shard) for models
+                       too large to gather on one rank.
+
+Only rank 0 logs and writes files; every rank calls the collective state-dict functions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lmlab.errors import ConfigError, choices_error
+
+MODES = ("none", "ddp", "fsdp")
+
+
+@dataclass
+class DistEnv:
+    mode: str = "none"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none"
+
+
+def setup(mode: str, device: str = "auto") -> DistEnv:
+    """Initialise the process group for `mode` (a no-op for "none") -> this process's DistEnv."""
+    if mode not in MODES:
+        raise choices_error("distributed", mode, MODES)
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if mode == "none":
+        dev = torch.device("cuda" if use_cuda and device == "auto" else (device if device != "auto" else "cpu"))
+        return DistEnv(device=dev)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ConfigError(f"distributed={mode!r} needs torchrun (RANK/WORLD_SIZE are not set); "
+                          f"launch with: torchrun --nproc_per_node N -m lmlab pretrain ...")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistEnv(mode, rank, world, local, dev)
+
+
+def cleanup(env: DistEnv) -> None:
+    if env.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.active:
+        dist.barrier()
+
+
+def all_reduce_sum(value: float | int, env: DistEnv) -> float:
+    """Sum a python number over ranks (identity when not distributed)."""
+    if not env.active:
+        return value
+    t = torch.tensor(float(value), dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.item()
+
+
+def wrap(model: nn.Module, env: DistEnv) -> nn.Module:
+    """The module the loop calls: the model itself, DDP(model), or the model sharded in place by FSDP2."""
+    if env.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    if env.mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for stack in (model.encoder, model.decoder):
+            if stack is not None:
+                for block in stack.layers:
+                    fully_shard(block)
+        fully_shard(model)  # the root: embeddings, norms, (tied) head
+    return model
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if hasattr(module, "module") and not hasattr(module, "config") else module
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def model_state_dict(model: nn.Module, env: DistEnv) -> dict[str, torch.Tensor]:
+    """The full model state on CPU (complete on rank 0; other ranks may get an empty dict under FSDP)."""
+    model = unwrap(model)
+    if not env.active:
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(cpu_offload=True))
+
+
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict:
+    model = unwrap(model)
+    if not env.active:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+
+
+def load_model_state(model: nn.Module, state: dict, env: DistEnv) -> None:
+    model = unwrap(model)
+    if not env.active:
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_options())
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, env: DistEnv) -> None:
+    model = unwrap(model)
+    if not env.active:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=_options())
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path) -> None:
+    """Write model + optimizer as a DCP checkpoint directory: each rank writes its own shards (no gather)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory))
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path) -> None:
+    """Load a DCP directory written by ``save_sharded`` into the (sharded) model and optimizer in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
