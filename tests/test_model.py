@@ -110,3 +110,11 @@ def test_vaswani_preset_trains_one_step():
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 128), tgt[:, 1:].reshape(-1))
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_out_of_vocabulary_id_is_a_clear_error():
+    model = Transformer(ModelConfig.from_name("tiny-decoder"))
+    with pytest.raises(ValueError, match="token id 256 is outside the vocabulary"):
+        model(torch.tensor([[1, 256]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 3]]))

@@ -126,10 +126,18 @@ class Transformer(nn.Module):
         return self.drop(x)
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
+        """A clear error for ids outside the vocabulary instead of an IndexError deep inside the embedding.
+
+        Checked on CPU tensors only: on an accelerator reading the values back would cost a host sync
+        on every decoding step, and the device-side bounds check of the embedding still fires.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len); got shape {tuple(input_ids.shape)}")
-        if input_ids.numel() and (int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0):
-            bad = int(input_ids.max()) if int(input_ids.max()) >= self.config.vocab_size else int(input_ids.min())
+        if input_ids.device.type != "cpu" or not input_ids.numel():
+            return
+        low, high = (int(v) for v in torch.aminmax(input_ids))
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
