@@ -4,14 +4,20 @@ Both run the same fp32 weights: lmlab loads the GGUF (Q4_1, dequantized to fp32)
 same GGUF file dequantized by its own reader. Both get the same 200-token prompts and generate exactly
 128 new tokens greedily (eos suppressed with min_new_tokens, lengths checked).
 
+lmlab runs twice: with its default CPU fast path (``lmlab.nn.packed``: weights pre-packed for MKL's
+skinny-M sgemm, on for batch >= 4) and with it switched off (``LMLAB_PACKED_GEMM=0``), so the table
+shows what the fast path buys in the same run. Ratios are against transformers.
+
 Measured, best of --repeats runs each (default 3):
 
-The machine may be shared, so the two libraries alternate within each repeat and the best time counts.
+The machine may be shared, so the implementations alternate within each repeat and the best time counts.
 
 * prefill tokens/s   prompt tokens / time of a 1-new-token generation (batch 1)
 * decode tokens/s    B * (128 - 1) / (time of 128 new tokens - time of 1 new token), batch 1 and batch 8
 * peak memory        the largest resident-set growth over the process's size before the generation,
                      sampled every 2 ms with psutil (torch allocations are invisible to tracemalloc)
+* pack time          one-off cost of packing every Linear for batch B (paid once per generate call,
+                     inside the decode time above)
 * bandwidth ceiling  decode tokens/s if every step only read the fp32 weights once at the copy
                      bandwidth this script measures (a large tensor copy, bytes read + written)
 
@@ -81,6 +87,20 @@ def copy_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
     return 2 * n_bytes / best
 
 
+def pack_time(model, rows: int) -> float:
+    """Seconds to pack every Linear of `model` for `rows` rows (0 where generation would not pack)."""
+    from lmlab.nn.packed import packed_gemm_enabled, packed_linears
+
+    if not packed_gemm_enabled(model, rows):
+        return 0.0
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    with torch.inference_mode(), packed_linears(model, rows):
+        t = time.perf_counter()
+        for m in linears:
+            m(torch.zeros(rows, m.in_features))  # the first eligible call packs (plus one small multiply)
+        return time.perf_counter() - t
+
+
 def prompts(tokenizer, n: int, length: int) -> torch.Tensor:
     """n different prompts of exactly `length` tokens (windows of one long text) -> (n, length)."""
     ids = tokenizer.encode(TEXT)
@@ -117,6 +137,7 @@ def main() -> None:
     import lmlab
     from lmlab.checkpoints import registry
     from lmlab.generation import GenerationConfig, generate_tokens
+    from lmlab.nn.packed import AUTO_MIN_ROWS, ENV_VAR, packed_gemm_available
 
     path = registry.local_path("smollm2-135m-instruct")
     if path is None:
@@ -129,11 +150,22 @@ def main() -> None:
           f"{model.num_parameters() / 1e6:.1f}M parameters")
     P, N = args.prompt_tokens, args.new_tokens
 
-    def run_lmlab(ids, n):
+    def run_lmlab(ids, n, packed=True):
         cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, eos_token_ids=[tok.eos_token_id])
-        out = generate_tokens(model, ids, None, cfg)
+        saved = os.environ.pop(ENV_VAR, None)
+        if not packed:
+            os.environ[ENV_VAR] = "0"
+        try:
+            out = generate_tokens(model, ids, None, cfg)
+        finally:
+            os.environ.pop(ENV_VAR, None)
+            if saved is not None:
+                os.environ[ENV_VAR] = saved
         assert all(len(r) == n for r in out), [len(r) for r in out]
         return out
+
+    def run_lmlab_off(ids, n):
+        return run_lmlab(ids, n, packed=False)
 
     def run_hf(ids, n):
         with torch.inference_mode():
@@ -144,7 +176,9 @@ def main() -> None:
 
     results: dict[tuple[str, str], float] = {}
     mem: dict[tuple[str, int], float] = {}
-    impls = (("lmlab", run_lmlab), ("transformers", run_hf))
+    impls = (("lmlab", run_lmlab), ("lmlab-off", run_lmlab_off), ("transformers", run_hf))
+    names = [name for name, _ in impls]
+    pack_s: dict[int, float] = {}
     for B in args.batches:
         ids = prompts(tok, B, P)
         t1 = {name: float("inf") for name, _ in impls}
@@ -170,27 +204,36 @@ def main() -> None:
             mem[(name, B)] = peaks[name] / 2**20
             print(f"  {name:12s} batch {B}: 1 token {t1[name] * 1e3:8.1f} ms, {N} tokens {tn[name]:7.2f} s (best of "
                   f"{args.repeats})", flush=True)
-        print(f"  batch {B}: identical tokens from both: {outs['lmlab'] == outs['transformers']}")
+        print(f"  batch {B}: identical tokens lmlab/transformers: {outs['lmlab'] == outs['transformers']}, "
+              f"lmlab-off/transformers: {outs['lmlab-off'] == outs['transformers']}, "
+              f"lmlab/lmlab-off: {outs['lmlab'] == outs['lmlab-off']}")
+        pack_s[B] = pack_time(model, B)
 
     bw = copy_bandwidth()
     weight_bytes = model.num_parameters() * 4  # every fp32 weight read once per step (tied head counted once)
     ceiling = bw / weight_bytes
 
     print()
-    print(f"{'metric':22s} {'lmlab':>10s} {'transformers':>13s} {'ratio':>7s} {'target':>7s}")
+    print(f"packed GEMM available: {packed_gemm_available()}; 'lmlab' = default (packed for batch >= {AUTO_MIN_ROWS}), "
+          f"'lmlab-off' = {ENV_VAR}=0; ratios vs transformers")
+    print(f"{'metric':22s} {'lmlab':>10s} {'lmlab-off':>10s} {'transformers':>13s} {'ratio':>7s} {'off':>7s} "
+          f"{'target':>7s}")
     targets = {"prefill": 1.0, "decode b1": 2.0, "decode b8": 1.5}
     for key in ["prefill"] + [f"decode b{B}" for B in args.batches]:
-        a, b = results[("lmlab", key)], results[("transformers", key)]
+        a, o, b = (results[(name, key)] for name in names)
         target = targets.get(key)
-        print(f"{key + ' (tok/s)':22s} {a:10.1f} {b:13.1f} {a / b:6.2f}x {('>= %.1fx' % target) if target else '':>7s}")
+        print(f"{key + ' (tok/s)':22s} {a:10.1f} {o:10.1f} {b:13.1f} {a / b:6.2f}x {o / b:6.2f}x "
+              f"{('>= %.1fx' % target) if target else '':>7s}")
     for B in args.batches:
-        a, b = mem[("lmlab", B)], mem[("transformers", B)]
-        print(f"{'peak RSS +MiB b%d' % B:22s} {a:10.1f} {b:13.1f}")
+        a, o, b = (mem[(name, B)] for name in names)
+        print(f"{'peak RSS +MiB b%d' % B:22s} {a:10.1f} {o:10.1f} {b:13.1f}")
+    for B in args.batches:
+        print(f"{'pack time b%d (ms)' % B:22s} {pack_s[B] * 1e3:10.1f}")
     print()
     print(f"copy bandwidth {bw / 1e9:.2f} GB/s; fp32 weights {weight_bytes / 1e6:.0f} MB per step "
           f"-> ceiling {ceiling:.1f} steps/s")
     for B in args.batches:
-        for name in ("lmlab", "transformers"):
+        for name in names:
             rate = results[(name, f"decode b{B}")]
             print(f"  {name:12s} batch {B}: {rate / B:6.1f} steps/s = {rate / B / ceiling:5.1%} of the bandwidth ceiling")
 

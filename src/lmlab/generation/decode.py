@@ -20,6 +20,12 @@ decoder from ``decoder_start_token_id``):
    so they stop costing compute. The loop ends when every row has finished (checked with the one
    host sync per step) or after ``max_new_tokens``.
 
+On the CPU in fp32, batched generation (B * beams >= 4 rows by default) multiplies through weights pre-packed
+once for that many rows (``lmlab.nn.packed.maybe_packed_linears``; rows that leave the batch are
+zero-padded back, not re-packed): MKL's sgemm otherwise re-packs each weight on every skinny
+decode-step call. Tokens can differ from the unpacked path only by float rounding;
+``LMLAB_PACKED_GEMM=0`` switches it off, ``=1`` forces it on even for one row.
+
 Beam search follows Hugging Face's vectorised algorithm step for step (same candidate count,
 same length normalisation, same early-stopping heuristic), so it returns the same tokens.
 
@@ -36,6 +42,7 @@ import torch
 from lmlab.errors import DataError
 from lmlab.generation.config import GenerationConfig
 from lmlab.generation.processors import build_processors
+from lmlab.nn.packed import maybe_packed_linears
 
 PAD_MARK = -1  # marks left padding in the token history the processors see
 
@@ -382,16 +389,19 @@ def generate_tokens(model, input_ids, attention_mask=None, config: GenerationCon
     input_ids, attention_mask = _prepare(model, input_ids, attention_mask, config)
     was_training = model.training
     model.eval()
+    rows = input_ids.shape[0] * config.num_beams  # rows of each decode step (fewer once rows finish)
     try:
-        if config.num_beams > 1:
-            return _beam_search(model, input_ids, attention_mask, config, tokenizer)
-        steps, lengths = [], None
-        for tokens, done in _sample_steps(model, input_ids, attention_mask, config, tokenizer):
-            steps.append(tokens)
-            if lengths is None:
-                lengths = torch.full_like(tokens, config.max_new_tokens)
-            newly = done & (lengths == config.max_new_tokens)
-            lengths = torch.where(newly, len(steps), lengths)
+        # batched CPU fp32 steps: weights pre-packed once for `rows` (lmlab.nn.packed; LMLAB_PACKED_GEMM=0 disables)
+        with maybe_packed_linears(model, rows):
+            if config.num_beams > 1:
+                return _beam_search(model, input_ids, attention_mask, config, tokenizer)
+            steps, lengths = [], None
+            for tokens, done in _sample_steps(model, input_ids, attention_mask, config, tokenizer):
+                steps.append(tokens)
+                if lengths is None:
+                    lengths = torch.full_like(tokens, config.max_new_tokens)
+                newly = done & (lengths == config.max_new_tokens)
+                lengths = torch.where(newly, len(steps), lengths)
         out = torch.stack(steps, 1).tolist()  # (B, n)
         return [row[:n] for row, n in zip(out, lengths.tolist())]
     finally:
