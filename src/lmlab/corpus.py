@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from lmlab.errors import DataError
+from lmlab.jsonl import iter_objects
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -43,13 +44,7 @@ def iter_documents(sources: Sequence[str | Path], field: str = "text") -> Iterat
             raise DataError(f"data file {source!r} does not exist")
         if path.suffix in (".jsonl", ".json"):
             with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{source}:{lineno} is not valid JSON ({exc.msg})") from None
+                for lineno, record in iter_objects(f, source):
                     if field not in record:
                         raise DataError(f"{source}:{lineno} has no field {field!r}; fields: {', '.join(record)}")
                     if record[field]:

@@ -21,13 +21,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from lmlab.errors import DataError
+from lmlab.jsonl import iter_objects
 
 SAMPLE = "sample"
 _SUMMARY_N = re.compile(r"^summary(\d+)$")
@@ -112,15 +112,7 @@ def _to_dialogue(record: dict, where: str, skipped: list[str]) -> Dialogue | Non
 
 def parse_jsonl(text: str, name: str) -> tuple[list[Dialogue], list[str]]:
     records, skipped = [], []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{name}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(raw, dict):
-            raise DataError(f"{name}:{lineno}: expected a JSON object, got {type(raw).__name__}")
+    for lineno, raw in iter_objects(text.splitlines(), name):
         record = _to_dialogue(raw, f"{name}:{lineno}", skipped)
         if record is not None:
             records.append(record)

@@ -21,12 +21,12 @@ identical to a reference scores 1 on every metric.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmlab.errors import DataError, choices_error
+from lmlab.jsonl import parse_object
 
 METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 AGGREGATIONS = ("best", "mean")
@@ -142,7 +142,7 @@ def read_predictions(path: str | Path) -> list[str]:
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        record = _parse_json_line(line, path, lineno)
+        record = parse_object(line, f"{path}:{lineno}")
         for name in _PREDICTION_FIELDS:
             if name in record:
                 out.append(str(record[name]))
@@ -167,21 +167,11 @@ def read_references(path: str | Path) -> list[list[str]]:
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        refs = references_from_record(_parse_json_line(line, path, lineno))
+        refs = references_from_record(parse_object(line, f"{path}:{lineno}"))
         if not refs:
             raise DataError(f"{path}:{lineno}: missing field 'summary' (or 'summary1'.., 'references')")
         out.append(refs)
     return out
-
-
-def _parse_json_line(line: str, path: Path, lineno: int) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-    return record
 
 
 @dataclass
