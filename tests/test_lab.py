@@ -16,7 +16,6 @@ from lmlab.tasks.summarize.experiments import EXPERIMENTS, generation_config, pa
 from lmlab.tasks.summarize.lab import LabInterrupted, LabSettings, run_lab
 from lmlab.tasks.summarize.rouge import score_example
 
-from conftest import DIALOGSUM_DEV, smollm2_gguf
 
 FIVE = "zero-shot-bare,zero-shot-instruction,one-shot,few-shot,sample-t0.7"
 

@@ -4,7 +4,6 @@ Chinchilla planning against the paper's own model."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
