@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -283,11 +282,9 @@ def test_shots_from_file_and_nearest_neighbours(tiny_model_dir, tmp_path, minilm
 # --- the real default model -------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_model_on_20_dev_dialogues(tmp_path, dialogsum_dev, smollm2_path):
-    t0 = time.perf_counter()
     result = run_lab(LabSettings(data=str(dialogsum_dev), experiments="zero-shot-instruction,sample-t0.7", limit=20,
                                  batch_size=8, max_new_tokens=48, out=tmp_path / "out", examples=2))
-    elapsed = time.perf_counter() - t0
-    assert len(result.rows) == 40 and elapsed < 240
+    assert len(result.rows) == 40  # behaviour only: speed is measured by benchmarks, never asserted in tests
     assert [r["id"] for r in result.rows[:2]] == ["dev_4", "dev_5"]  # dev_0..dev_3 are the shot pool
     for s in result.summaries:
         assert s.n == 20 and 5 < s.words < 60 and s.generated_tokens <= 48
