@@ -152,6 +152,7 @@ def smollm2(smollm2_path):
     return model, tok, hf
 
 
+@pytest.mark.slow
 def test_smollm2_greedy_64_tokens_matches_transformers(smollm2):
     model, tok, hf = smollm2
     prompts = [tok.apply_chat_template([{"role": "user", "content": "What is the capital of France? Explain briefly."}]),

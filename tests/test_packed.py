@@ -203,6 +203,7 @@ def test_generation_with_rows_leaving_the_batch(monkeypatch):
     assert 5 in rows and (3 in rows or 4 in rows)  # steps before rows left, and zero-padded steps after
 
 
+@pytest.mark.slow
 @needs_mkl
 def test_smollm2_batch_4_packed_matches_unpacked(smollm2_path, monkeypatch):
     """The real model: decode-step logits within 1e-4 of the logit scale, and the same greedy tokens."""
