@@ -162,5 +162,5 @@ def plot_rouge(path: Path, summaries: list[ExperimentSummary], aggregation: str 
     ax.legend(fontsize=8, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # keep long titles inside the image
     plt.close(fig)
