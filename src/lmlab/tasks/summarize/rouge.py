@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmlab.errors import DataError, choices_error
-from lmlab.jsonl import parse_object
+from lmlab.jsonl import iter_objects
 
 METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 AGGREGATIONS = ("best", "mean")
@@ -125,6 +125,20 @@ def _read_text(path: Path) -> str:
     return read_utf8(path)
 
 
+def _lines_or_records(path: Path):
+    """-> (lines, None) for a plain-text file, or (lines, (line number, object) iterator) for JSONL.
+
+    A file is JSONL when its first line starts with ``{``. Plain text keeps empty lines (an empty
+    prediction is valid and scores zero) but not the newline that ends the file.
+    """
+    lines = _read_text(path).split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if lines and lines[0].lstrip().startswith("{"):
+        return lines, iter_objects(lines, str(path))
+    return [line.rstrip("\r") for line in lines], None
+
+
 def read_predictions(path: str | Path) -> list[str]:
     """Predictions, one per line; or JSONL with a `prediction`, `summary` or `output` field per line.
 
@@ -132,17 +146,11 @@ def read_predictions(path: str | Path) -> list[str]:
     lines (an empty prediction is a valid, zero-scoring prediction) except a final trailing newline.
     """
     path = Path(path)
-    text = _read_text(path)
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if not (lines and lines[0].lstrip().startswith("{")):
-        return [line.rstrip("\r") for line in lines]
+    lines, records = _lines_or_records(path)
+    if records is None:
+        return lines
     out = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        record = parse_object(line, f"{path}:{lineno}")
+    for lineno, record in records:
         for name in _PREDICTION_FIELDS:
             if name in record:
                 out.append(str(record[name]))
@@ -155,19 +163,14 @@ def read_predictions(path: str | Path) -> list[str]:
 def read_references(path: str | Path) -> list[list[str]]:
     """References, one per line; or JSONL with `summary`, `summary1..N` or a `references` list per line."""
     path = Path(path)
-    text = _read_text(path)
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if not (lines and lines[0].lstrip().startswith("{")):
-        return [[line.rstrip("\r")] for line in lines]
+    lines, records = _lines_or_records(path)
+    if records is None:
+        return [[line] for line in lines]
     from lmlab.tasks.summarize.data import references_from_record
 
     out = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        refs = references_from_record(parse_object(line, f"{path}:{lineno}"))
+    for lineno, record in records:
+        refs = references_from_record(record)
         if not refs:
             raise DataError(f"{path}:{lineno}: missing field 'summary' (or 'summary1'.., 'references')")
         out.append(refs)
