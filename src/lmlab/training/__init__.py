@@ -1,6 +1,7 @@
-"""Pre-training: one fit loop (``loop.pretrain``) that any objective, model and corpus plug into."""
+"""Training: one fit loop (``loop.fit``) that pre-training, fine-tuning and later objectives plug into."""
 
 from lmlab.training.config import TRAIN_PRESETS, PretrainConfig, load_config
-from lmlab.training.loop import TrainingError, pretrain
+from lmlab.training.loop import Job, TrainingError, fit
+from lmlab.training.pretrain import pretrain
 
-__all__ = ["TRAIN_PRESETS", "PretrainConfig", "TrainingError", "load_config", "pretrain"]
+__all__ = ["TRAIN_PRESETS", "Job", "PretrainConfig", "TrainingError", "fit", "load_config", "pretrain"]

@@ -1,165 +1,143 @@
-"""The one pre-training loop: corpus -> tokenizer -> token shards -> objective -> model -> checkpoints.
+"""The one training loop. Pre-training, fine-tuning (full or LoRA) and every later objective run here.
 
-``pretrain(config)`` runs a whole job described by a ``PretrainConfig``; the objective (clm, mlm,
-span), the model (any ``ModelConfig``) and the data plug in, the loop knows none of their details.
-Per optimizer step it:
+A job describes *what* to train as a ``Job``: the model, an objective (a batch transform + a loss), a
+resumable source of batches, and how to evaluate. ``fit(job, settings, ...)`` owns *how*: AdamW with
+warm-up + cosine, gradient accumulation, clipping, mixed precision, DDP/FSDP, progress, metrics,
+atomic checkpoints, exact resume, SIGINT/SIGTERM, best-checkpoint selection and early stopping.
+It reads top to bottom as the steps of a run::
 
-1. takes `grad_accum` global batches of blocks from the resumable sampler (this rank's slice),
-2. turns each into model inputs with ``objective.prepare`` (a generator seeded by seed/step/micro-step/
-   rank, so no hidden RNG state needs saving),
-3. scales each micro-batch's mean loss by its share of the step's counted tokens *over all ranks*, so
-   the gradient is the token-mean over the whole global batch whatever the accumulation or world size,
-4. clips the global gradient norm, steps AdamW and the warm-up + cosine schedule.
+    setup      optimizer, schedule, restore a checkpoint            (``_setup``)
+    step       accumulate micro-batches -> clip -> AdamW -> schedule (``_train_step``)
+    log        loss, lr, tokens/s, MFU to the bar and metrics.jsonl (``_log_step``)
+    evaluate   the job's metrics; keep the best; early stopping     (``_evaluate``)
+    checkpoint model + optimizer + schedule + data + RNG, atomically (``_checkpoint``)
 
-It evaluates on the held-out blocks, checkpoints atomically (``checkpoint.py``), aborts on a
-non-finite loss naming the step, saves and exits on SIGINT/SIGTERM, and at the end writes the final
-model + tokenizer in lmlab's format into the run directory (so ``lmlab generate OUT_DIR`` loads it).
+Per optimizer step the job's batch source yields `grad_accum` micro-batches for this rank (prepared
+with generators seeded from seed/step/micro-step/rank, so no hidden RNG state needs saving). Each
+micro-batch's mean loss is scaled by its share of the step's counted tokens *over all ranks*, so the
+gradient is the token-mean over the whole global batch whatever the accumulation or world size.
 
-Run directory layout::
-
-    OUT/tokenizer/          tokenizer.json + tokenizer_config.json (trained unless data.tokenizer is given)
-    OUT/data/               manifest.json + shard_*.bin (token ids, numpy.memmap)
-    OUT/checkpoint.pt       latest training checkpoint (resume with --resume)
-    OUT/checkpoint_dcp/     with train.sharded_checkpoint under fsdp: model/optimizer shards (DCP), per step
-    OUT/metrics.jsonl       train / eval records;   OUT/loss.png  loss curve
-    OUT/config.json, OUT/model.safetensors, OUT/tokenizer.json, OUT/tokenizer_config.json   final model
-    OUT/run_config.json     the resolved PretrainConfig
+A checkpoint (``OUT/checkpoint.pt``) holds the loop's counters, the optimizer, schedule, batch-source
+and RNG states and either the whole model or, for jobs that train only some parameters (LoRA), just
+those. Resuming restores all of it, so an interrupted run (even by SIGKILL) continues exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import signal
-import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
-import numpy as np
 import torch
+from torch import nn
 
-from lmlab.config import ModelConfig
-from lmlab.corpus import BlockSampler, PackedBlocks, TokenStore, iter_documents, tokenize_corpus
-from lmlab.errors import CheckpointError, ConfigError, DataError, LmlabError, choices_error
-from lmlab.model import Transformer
-from lmlab.objectives import build_objective
-from lmlab.objectives.base import ARCH_OBJECTIVE, IGNORE_INDEX, OBJECTIVES, Objective
-from lmlab.tokenizer_train import DEFAULT_SPECIAL_TOKENS, special_token_ids, train_tokenizer, with_sentinels
-from lmlab.training import distributed as D
+from lmlab.errors import CheckpointError, ConfigError, LmlabError
+from lmlab.objectives.base import IGNORE_INDEX, Objective
+from lmlab.training import distributed as dist
 from lmlab.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from lmlab.training.config import PretrainConfig
 from lmlab.training.metrics import MetricsLog, matmul_params, measure_peak_flops, plot_loss_curve
 from lmlab.training.optim import build_optimizer, build_scheduler
 
 PRECISIONS = ("auto", "fp32", "bf16")
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 class TrainingError(LmlabError):
     """Training cannot go on (e.g. the loss became NaN/inf)."""
 
 
-# --- set-up ----------------------------------------------------------------------------------
-def _validate(cfg: PretrainConfig) -> None:
-    t = cfg.train
-    if t.precision not in PRECISIONS:
-        raise choices_error("train.precision", t.precision, PRECISIONS)
-    if t.objective is not None and t.objective not in OBJECTIVES:
-        raise choices_error("train.objective", t.objective, sorted(OBJECTIVES))
-    for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name}={getattr(t, name)!r} must be >= 1")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr={t.lr!r} must be > 0")
-    if not cfg.data.files:
-        raise ConfigError("data.files is empty; give the training files (e.g. --set data.files=[corpus.jsonl])")
-    for f in cfg.data.files:
-        if not str(f).startswith("hf:") and not Path(f).exists():
-            raise DataError(f"data file {str(f)!r} does not exist")
-    if cfg.data.tokenizer is not None and not (Path(cfg.data.tokenizer) / "tokenizer.json").exists():
-        raise DataError(f"data.tokenizer={cfg.data.tokenizer!r} has no tokenizer.json")
+# --- what a job plugs in ---------------------------------------------------------------------
+class BatchSource(Protocol):
+    """Yields this rank's micro-batches, step by step, and can be saved and restored exactly."""
+
+    def next_micro_batches(self, step: int, n: int) -> list[dict[str, torch.Tensor]]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
-def _precision(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: bf16 on CUDA that supports it (auto/bf16), None (fp32) otherwise."""
-    if name == "fp32":
-        return None
-    capable = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if name == "bf16" and not capable:
-        if device.type == "cpu":
-            return torch.bfloat16  # explicit request: CPU autocast supports bf16 (slow on most CPUs)
-        raise ConfigError(f"precision='bf16' is not supported on {device}")
-    return torch.bfloat16 if capable else None
+@dataclass
+class Job:
+    """Everything a training job hands the loop; the loop knows nothing else about it.
+
+    ``evaluate(model) -> {"val_loss": ..., ...}`` is called in eval mode under no_grad (and on every
+    rank: it must all-reduce what it measures). With ``select`` set (a metric name, ``"-name"`` when
+    lower is better), each evaluation that improves it calls ``on_best(step, metrics)`` on rank 0,
+    and ``patience`` evaluations without improvement stop the run early.
+    """
+
+    name: str  # progress bar and plot title
+    model: nn.Module  # the unwrapped model
+    objective: Objective
+    batches: BatchSource
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    select: str | None = None
+    on_best: Callable[[int, dict[str, float]], None] | None = None
+    patience: int | None = None
+    trainable_only: bool = False  # checkpoint only the parameters that train (LoRA), not the frozen base
+    identity: dict[str, Any] = field(default_factory=dict)  # must match on resume (e.g. the model config)
 
 
-def _prepare_tokenizer(cfg: PretrainConfig, out: Path, model_vocab: int, n_sentinels: int, env: D.DistEnv) -> Path:
-    tok_dir = out / "tokenizer"
-    if cfg.data.tokenizer is not None:
-        given = Path(cfg.data.tokenizer)
-        if not n_sentinels or special_token_ids(given)["sentinels"]:
-            return given
-        # span corruption needs sentinels the given tokenizer lacks: use a copy with them added
-        if env.is_main and not (tok_dir / "tokenizer.json").exists():
-            with_sentinels(given, tok_dir, n_sentinels)
-        D.barrier(env)
-        return tok_dir
-    if env.is_main and not (tok_dir / "tokenizer.json").exists():
-        vocab = cfg.data.vocab_size or model_vocab
-        train_tokenizer(iter_documents(cfg.data.files, cfg.data.field), kind=cfg.data.tokenizer_kind,
-                        vocab_size=vocab, special_tokens=DEFAULT_SPECIAL_TOKENS, n_sentinels=n_sentinels,
-                        out_dir=tok_dir, show_progress=False)
-    D.barrier(env)
-    return tok_dir
+@dataclass
+class LoopState:
+    """The loop's own counters, saved in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_score: float | None = None  # of job.select, as stored (higher is better after the sign flip)
+    best_step: int | None = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
 
 
-def build_model_config(cfg: PretrainConfig, vocab_size: int, ids: dict) -> ModelConfig:
-    """The model preset + overrides, with the vocabulary and special ids taken from the tokenizer."""
-    base = ModelConfig.from_name(cfg.model.preset)
-    fields = dict(cfg.model.overrides)
-    fields.update(vocab_size=vocab_size, pad_token_id=ids.get("pad"), bos_token_id=ids.get("bos"),
-                  eos_token_id=ids.get("eos"), mask_token_id=ids.get("mask"))
-    if base.arch == "encoder_decoder":
-        fields["decoder_start_token_id"] = ids.get("pad", 0)
-    return base.replace(**fields)
+@dataclass
+class _Run:
+    """What ``_setup`` builds for one call of ``fit``."""
+
+    job: Job
+    settings: Any  # a TrainSection
+    env: dist.DistEnv
+    out: Path
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: LoopState
+    autocast_dtype: torch.dtype | None
+    peak_flops: float
+    flop_params: int
+    log: MetricsLog | None
+    sharded: bool
+    last: dict = field(default_factory=dict)  # the latest logged train metrics
+    metrics: dict = field(default_factory=dict)  # the latest evaluation
 
 
-def build_objective_for(name: str, model_cfg: ModelConfig, ids: dict, cfg: PretrainConfig) -> Objective:
-    """Construct objective `name` from the tokenizer's special ids; check it fits the architecture."""
-    obj_cls_arch = {"clm": "decoder", "mlm": "encoder", "span": "encoder_decoder"}[name]
-    if obj_cls_arch != model_cfg.arch:
-        raise ConfigError(f"objective {name!r} trains arch={obj_cls_arch!r} models; the model preset "
-                          f"{cfg.model.preset!r} has arch={model_cfg.arch!r} (use {ARCH_OBJECTIVE[model_cfg.arch]!r})")
-    if name == "clm":
-        return build_objective("clm", pad_token_id=ids.get("pad"))
-    if name == "mlm":
-        if "mask" not in ids:
-            raise ConfigError("the mlm objective needs a mask token; the tokenizer has none")
-        specials = [ids[r] for r in ("pad", "bos", "eos", "unk", "mask") if r in ids]
-        return build_objective("mlm", mask_token_id=ids["mask"], vocab_size=model_cfg.vocab_size,
-                               special_ids=specials, pad_token_id=ids.get("pad"), mask_prob=cfg.train.mask_prob)
-    if not ids.get("sentinels"):
-        raise ConfigError("the span objective needs <extra_id_k> sentinel tokens; the tokenizer has none "
-                          "(train it with data.n_sentinels > 0)")
-    if "eos" not in ids:
-        raise ConfigError("the span objective needs an eos token; the tokenizer has none")
-    return build_objective("span", sentinel_ids=ids["sentinels"], eos_token_id=ids["eos"],
-                           decoder_start_token_id=model_cfg.decoder_start_token_id or 0,
-                           noise_density=cfg.train.noise_density, mean_span_length=cfg.train.mean_span_length)
+# --- helpers ---------------------------------------------------------------------------------
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for precision `name`, or None for plain fp32 (see ``lmlab.precision``)."""
+    if name not in PRECISIONS:
+        raise ConfigError(f"train.precision={name!r} is not valid; choose one of: {', '.join(PRECISIONS)}")
+    from lmlab.precision import resolve_precision
+
+    dtype = resolve_precision(name, device)
+    return None if dtype == torch.float32 else dtype
 
 
-def _step_generator(*keys: int) -> torch.Generator:
-    seed = int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+_precision = autocast_dtype  # the name older tests and notebooks use
 
 
 def _counted(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class _Signals:
@@ -183,262 +161,266 @@ class _Signals:
             signal.signal(sig, handler)
 
 
+def read_resume_state(out: Path, resume: bool) -> dict | None:
+    """The checkpoint to resume from (read early, so a bad file fails before any work), or None."""
+    path = out / "checkpoint.pt"
+    if path.exists() and not resume:
+        raise ConfigError(f"{str(out)!r} already holds a checkpoint; pass --resume to continue it or choose another out_dir")
+    if resume and not path.exists():
+        raise CheckpointError(f"--resume: no checkpoint at {str(path)!r}")
+    if not resume:
+        return None
+    state = load_checkpoint(path)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format {state.get('format')!r}; this lmlab reads format "
+                              f"{CHECKPOINT_FORMAT}: start the run again in a new out_dir")
+    return state
+
+
+def check_identity(state: dict, identity: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint made for another model or job (names what differs)."""
+    saved = state.get("identity", {})
+    for key, value in identity.items():
+        if saved.get(key) == value:
+            continue
+        old = saved.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            diff = sorted(k for k in set(value) | set(old) if value.get(k) != old.get(k))
+            what = f"{key} differs in: {', '.join(diff)}"
+        else:
+            what = f"{key} was {old!r}, now {value!r}"
+        raise CheckpointError(f"checkpoint {str(path)!r} was made for another model or job ({what}); it cannot be "
+                              f"resumed with this config: use the original config or a new out_dir")
+
+
 # --- the loop --------------------------------------------------------------------------------
-def pretrain(cfg: PretrainConfig, resume: bool = False, show_progress: bool = True) -> dict:
-    """Run (or resume) the pre-training job `cfg` -> summary dict (steps, losses, throughput, paths)."""
-    _validate(cfg)
-    t = cfg.train
-    env = D.setup(t.distributed, t.device)
-    try:
-        return _pretrain(cfg, env, resume, show_progress)
-    finally:
-        D.cleanup(env)
-
-
-def _pretrain(cfg: PretrainConfig, env: D.DistEnv, resume: bool, show_progress: bool) -> dict:
+def fit(job: Job, settings, env: dist.DistEnv, out: Path, resume_state: dict | None = None,
+        show_progress: bool = True) -> dict:
+    """Train `job` for ``settings.steps`` optimizer steps (``settings`` a TrainSection) -> summary dict."""
     from tqdm.auto import tqdm
 
-    t, out = cfg.train, Path(cfg.out_dir)
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not resume:
-        raise ConfigError(f"{str(out)!r} already holds a checkpoint; pass --resume to continue it or choose another out_dir")
-    if resume and not ckpt_path.exists():
-        raise CheckpointError(f"--resume: no checkpoint at {str(ckpt_path)!r}")
-    state = load_checkpoint(ckpt_path) if resume else None  # read early: a bad file fails before any work
+    from lmlab.precision import describe_precision
 
-    base_model = ModelConfig.from_name(cfg.model.preset, **{k: v for k, v in cfg.model.overrides.items()})
-    objective_name = t.objective or ARCH_OBJECTIVE[base_model.arch]
-    seq_len = cfg.data.seq_len or base_model.max_seq_len
-    if seq_len > base_model.max_seq_len and base_model.positional in ("learned", "sinusoidal"):
-        raise ConfigError(f"data.seq_len={seq_len} exceeds the model's max_seq_len={base_model.max_seq_len}")
-    n_sentinels = cfg.data.n_sentinels if objective_name == "span" else 0
-
-    # 1. tokenizer and model config -----------------------------------------------------------
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    tok_dir = _prepare_tokenizer(cfg, out, base_model.vocab_size, n_sentinels, env)
-    ids = special_token_ids(tok_dir)
-    from tokenizers import Tokenizer
-
-    vocab_size = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).get_vocab_size()
-    model_cfg = build_model_config(cfg, vocab_size, ids)
-    objective = build_objective_for(objective_name, model_cfg, ids, cfg)
-    if state is not None and state["model_config"] != model_cfg.to_dict():
-        diff = sorted(k for k, v in model_cfg.to_dict().items() if state["model_config"].get(k) != v)
-        raise CheckpointError(f"checkpoint {str(ckpt_path)!r} is for another model (differs in: {', '.join(diff)}); "
-                              f"it cannot be resumed with this config")
-    block_len = objective.block_length(seq_len)
-
-    # 2. data ---------------------------------------------------------------------------------
-    data_dir = out / "data"
-    if env.is_main:
-        tokenize_corpus(cfg.data.files, tok_dir / "tokenizer.json", data_dir, field=cfg.data.field,
-                        eos_token_id=ids.get("eos"), show_progress=show_progress)
-    D.barrier(env)
-    store = TokenStore(data_dir)
-    train_blocks = PackedBlocks(store, block_len, "train", cfg.data.val_fraction)
-    val_blocks = PackedBlocks(store, block_len, "validation", cfg.data.val_fraction)
-    sampler = BlockSampler(len(train_blocks), t.batch_size, t.seed, env.rank, env.world_size)
-
-    # 3. model, optimizer, schedule -------------------------------------------------------------
-    torch.manual_seed(t.seed)
-    model = Transformer(model_cfg).to(env.device)
-    flop_params, n_params = matmul_params(model), model.num_parameters()
-    # wrap first: FSDP2 replaces the parameters by sharded ones, and the optimizer must hold those
-    wrapped = D.wrap(model, env)
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
-    scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
-    step, tokens_seen = 0, 0
-    sharded, dcp_root = t.sharded_checkpoint and env.mode == "fsdp", out / "checkpoint_dcp"
-    if state is not None:
-        if "sharded" in state:
-            if env.mode != "fsdp":
-                raise CheckpointError(f"{str(ckpt_path)!r} points to a sharded (DCP) checkpoint; resume it with "
-                                      f"--distributed fsdp")
-            D.load_sharded(wrapped, optimizer, dcp_root / state["sharded"])
-        else:
-            D.load_model_state(wrapped, state["model"], env)
-            D.load_optimizer_state(wrapped, optimizer, state["optimizer"], env)
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        del state
-    autocast_dtype = _precision(t.precision, env.device)
-    peak = measure_peak_flops(env.device, autocast_dtype or torch.float32) * env.world_size
-    if env.is_main:
-        (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    log = MetricsLog(out / "metrics.jsonl", fresh=not resume) if env.is_main else None
-
-    def autocast():
-        return torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-
-    def evaluate() -> float | None:
-        """Token-mean loss over up to eval_batches global batches of validation blocks."""
-        n_batches = min(t.eval_batches, len(val_blocks) // t.batch_size) or (1 if len(val_blocks) >= env.world_size else 0)
-        if n_batches == 0:
-            return None
-        per = min(t.batch_size, len(val_blocks))
-        wrapped.eval()
-        loss_sum = count = 0.0
-        with torch.no_grad():
-            for i in range(n_batches):
-                idx = list(range(i * per, (i + 1) * per))[env.rank::env.world_size]
-                batch = _to(objective.prepare(val_blocks.batch(idx), _step_generator(t.seed, 2**31, i, env.rank)), env.device)
-                with autocast():
-                    loss, n = objective.loss(wrapped, batch)
-                loss_sum += loss.item() * int(n)
-                count += int(n)
-        wrapped.train()
-        loss_sum, count = D.all_reduce_sum(loss_sum, env), D.all_reduce_sum(count, env)
-        return loss_sum / max(count, 1)
-
-    def checkpoint() -> None:
-        """Full state dicts in checkpoint.pt; or, sharded, a DCP directory per step that checkpoint.pt points to."""
-        payload = {"format": CHECKPOINT_FORMAT, "step": step, "tokens_seen": tokens_seen,
-                   "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(), "rng": rng_state(),
-                   "model_config": model_cfg.to_dict(), "run_config": cfg.to_dict(), "world_size": env.world_size}
-        if sharded:
-            # each rank writes its shards into a fresh step directory; checkpoint.pt is replaced only once
-            # the directory is complete, so it always names a whole DCP checkpoint
-            name = f"step_{step:08d}"
-            D.save_sharded(wrapped, optimizer, dcp_root / name)
-            D.barrier(env)
-            payload["sharded"] = name
-        else:
-            payload["model"] = D.model_state_dict(wrapped, env)
-            payload["optimizer"] = D.optimizer_state_dict(wrapped, optimizer, env)
-        if env.is_main:
-            save_checkpoint(payload, ckpt_path)
-            if sharded:
-                for old in dcp_root.glob("step_*"):
-                    if old.name != payload["sharded"]:
-                        shutil.rmtree(old, ignore_errors=True)
-        D.barrier(env)
-
-    def plot() -> None:
-        if env.is_main:
-            plot_loss_curve(log.read(), out / "loss.png", title=f"{cfg.model.preset} · {objective_name}")
-
-    # 4. train --------------------------------------------------------------------------------
-    wrapped.train()
-    stop_at = t.steps if t.stop_after is None else min(t.steps, step + t.stop_after)
-    bar = tqdm(total=t.steps, initial=step, desc=f"pretrain {objective_name}", unit="step",
+    run = _setup(job, settings, env, out, resume_state)
+    t, state = settings, run.state
+    if show_progress and env.is_main:
+        tqdm.write(f"{job.name}: precision {describe_precision(t.precision, env.device)}, "
+                   f"{sum(p.numel() for p in job.model.parameters() if p.requires_grad):,} trainable parameters")
+    stop_at = t.steps if t.stop_after is None else min(t.steps, state.step + t.stop_after)
+    bar = tqdm(total=t.steps, initial=state.step, desc=job.name, unit="step",
                disable=not (show_progress and env.is_main), dynamic_ncols=True)
-    window_tokens, window_time, last = 0, 0.0, {}
-    val_loss = None
+    window = {"tokens": 0, "time": 0.0}
     interrupted = None
     with _Signals() as signals:
-        while step < stop_at:
-            t0 = time.perf_counter()
-            micro = [objective.prepare(train_blocks.batch(sampler.next()), _step_generator(t.seed, step, m, env.rank))
-                     for m in range(t.grad_accum)]
-            counts = [_counted(b) for b in micro]
-            total = D.all_reduce_sum(sum(counts), env)  # counted tokens in the global batch
-            step_loss = torch.zeros((), device=env.device)  # summed on the device: one sync per step
-            for m, (batch, n) in enumerate(zip(micro, counts)):
-                batch = _to(batch, env.device)
-                sync_ctx = (wrapped.no_sync() if env.mode == "ddp" and m < t.grad_accum - 1 else contextlib.nullcontext())
-                with sync_ctx:
-                    with autocast():
-                        loss, _ = objective.loss(wrapped, batch)
-                    # DDP/FSDP average gradients over ranks; the world_size factor turns that into a sum
-                    (loss * (n * env.world_size / max(total, 1))).backward()
-                step_loss += loss.detach().float() * n
-            step_loss = D.all_reduce_sum(step_loss.item(), env) / max(total, 1)
-            if not math.isfinite(step_loss):
-                raise TrainingError(f"loss became {step_loss} at step {step + 1}; the weights were not updated and "
-                                    f"the last checkpoint is intact (try a lower train.lr={t.lr} or check the data)")
-            grad_norm = (torch.nn.utils.clip_grad_norm_(wrapped.parameters(), t.grad_clip)
-                         if t.grad_clip > 0 else None)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            # no device synchronize here: the loss .item() above already bounds how far the host runs
-            # ahead (under one step), so window-averaged tokens/s stay right while the host prepares the
-            # next batch during the optimizer kernels
-            elapsed = time.perf_counter() - t0
-            step_tokens = sum(b["input_ids"].numel() for b in micro) * env.world_size
-            tokens_seen += step_tokens
-            window_tokens += step_tokens
-            window_time += elapsed
-            if step % t.log_every == 0 or step == stop_at:
-                tps = window_tokens / window_time
-                mfu = 6 * flop_params * tps / peak
-                last = {"loss": step_loss, "lr": lr, "tokens_per_s": tps, "mfu": mfu}
-                if env.is_main:
-                    log.write(kind="train", step=step, loss=step_loss, lr=lr, tokens=tokens_seen, tokens_per_s=tps,
-                              mfu=mfu, grad_norm=float(grad_norm) if grad_norm is not None else None)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.1f}%")
-                window_tokens, window_time = 0, 0.0
+        while state.step < stop_at and not state.stopped_early:
+            tokens, seconds, loss, lr, grad_norm = _train_step(run)
+            state.step += 1
+            state.tokens_seen += tokens
+            window["tokens"] += tokens
+            window["time"] += seconds
+            if state.step % t.log_every == 0 or state.step == stop_at:
+                _log_step(run, bar, loss, lr, grad_norm, window["tokens"] / window["time"])
+                window = {"tokens": 0, "time": 0.0}
             bar.update(1)
-            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-                val_loss = evaluate()
-                if env.is_main and val_loss is not None:
-                    log.write(kind="eval", step=step, val_loss=val_loss)
-                    bar.write(f"step {step}: validation loss {val_loss:.4f}")
-                plot()
-            if t.ckpt_every and step % t.ckpt_every == 0 and step < stop_at:
-                checkpoint()
+            if t.eval_every and state.step % t.eval_every == 0 and state.step < t.steps:
+                _evaluate(run, bar)
+            if t.ckpt_every and state.step % t.ckpt_every == 0 and state.step < stop_at:
+                _checkpoint(run)
             if signals.received is not None:
                 interrupted = signals.received
                 break
     bar.close()
+    finished = state.step >= t.steps or state.stopped_early
+    if finished and not state.stopped_early:
+        _evaluate(run, None)  # the final evaluation (an early stop has just evaluated)
+    _checkpoint(run)
+    _plot(run)
+    return {"step": state.step, "finished": finished, "interrupted": interrupted,
+            "stopped_early": state.stopped_early, "train_loss": run.last.get("loss"),
+            "val_loss": run.metrics.get("val_loss"), "metrics": dict(run.metrics),
+            "best_step": state.best_step, "best_score": _unsigned(job.select, state.best_score),
+            "tokens_seen": state.tokens_seen, "tokens_per_s": run.last.get("tokens_per_s"),
+            "mfu": run.last.get("mfu"), "peak_flops": run.peak_flops, "out_dir": str(out),
+            "checkpoint": str(out / "checkpoint.pt"), "rank": env.rank, "world_size": env.world_size,
+            "wrapped": run.wrapped}
 
-    # 5. finish: checkpoint, final eval + model, plot -------------------------------------------
-    checkpoint()
-    finished = step >= t.steps
-    if finished:
-        val_loss = evaluate()
-        if env.is_main and val_loss is not None:
-            log.write(kind="eval", step=step, val_loss=val_loss)
-    final_model_state = D.model_state_dict(wrapped, env) if finished else None
-    if finished and env.is_main:
-        final = Transformer(model_cfg)
-        final.load_state_dict(final_model_state)
-        save_final_model(final, tok_dir, out)
-    plot()
-    summary = {"step": step, "finished": finished, "interrupted": interrupted, "train_loss": last.get("loss"),
-               "val_loss": val_loss, "tokens_seen": tokens_seen, "tokens_per_s": last.get("tokens_per_s"),
-               "mfu": last.get("mfu"), "peak_flops": peak, "n_params": n_params,
-               "objective": objective_name, "out_dir": str(out), "checkpoint": str(ckpt_path),
-               "rank": env.rank, "world_size": env.world_size}
+
+# --- setup -----------------------------------------------------------------------------------
+def _setup(job: Job, t, env: dist.DistEnv, out: Path, resume_state: dict | None) -> _Run:
+    """Wrap the model for DDP/FSDP, build AdamW + schedule over the trainable parameters, restore state."""
+    model = job.model
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"job {job.name!r} has no trainable parameters")
+    flop_params = matmul_params(model) if hasattr(model, "config") else sum(p.numel() for p in model.parameters())
+    # wrap first: FSDP2 replaces the parameters by sharded ones, and the optimizer must hold those
+    wrapped = dist.wrap(model, env)
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
+    scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
+    state = LoopState()
+    sharded = bool(getattr(t, "sharded_checkpoint", False)) and env.mode == "fsdp"
+    if resume_state is not None:
+        _restore(resume_state, job, wrapped, optimizer, scheduler, state, env, out)
+    dtype = autocast_dtype(t.precision, env.device)
+    peak = measure_peak_flops(env.device, dtype or torch.float32) * env.world_size
+    log = MetricsLog(out / "metrics.jsonl", fresh=resume_state is None) if env.is_main else None
+    return _Run(job, t, env, out, wrapped, optimizer, scheduler, state, dtype, peak, flop_params, log, sharded)
+
+
+def _restore(saved: dict, job: Job, wrapped, optimizer, scheduler, state: LoopState, env, out: Path) -> None:
+    if "sharded" in saved:
+        if env.mode != "fsdp":
+            raise CheckpointError(f"{str(out / 'checkpoint.pt')!r} points to a sharded (DCP) checkpoint; resume it "
+                                  f"with --distributed fsdp")
+        dist.load_sharded(wrapped, optimizer, out / "checkpoint_dcp" / saved["sharded"])
+    else:
+        if job.trainable_only:
+            _load_trainable(job.model, saved["model"])
+        else:
+            dist.load_model_state(wrapped, saved["model"], env)
+        dist.load_optimizer_state(wrapped, optimizer, saved["optimizer"], env)
+    scheduler.load_state_dict(saved["scheduler"])
+    job.batches.load_state_dict(saved["data"])
+    set_rng_state(saved["rng"])
+    for key, value in saved["loop"].items():
+        setattr(state, key, value)
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(saved):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise CheckpointError(f"the checkpoint's trainable parameters do not match the model "
+                              f"(missing: {missing[:3]}, unexpected: {extra[:3]})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+
+
+# --- one optimizer step ----------------------------------------------------------------------
+def _train_step(run: _Run) -> tuple[int, float, float, float, float | None]:
+    """Accumulate grad_accum micro-batches, clip, step -> (tokens, seconds, loss, lr, grad norm)."""
+    t, env, wrapped, job = run.settings, run.env, run.wrapped, run.job
+    start = time.perf_counter()
+    micro = job.batches.next_micro_batches(run.state.step, t.grad_accum)
+    counts = [_counted(b) for b in micro]
+    total = dist.all_reduce_sum(sum(counts), env)  # counted tokens in the global batch
+    step_loss = torch.zeros((), device=env.device)  # summed on the device: one sync per step
+    for m, (batch, n) in enumerate(zip(micro, counts)):
+        batch = _to(batch, env.device)
+        last_micro = m == len(micro) - 1
+        sync = wrapped.no_sync() if env.mode == "ddp" and not last_micro else contextlib.nullcontext()
+        with sync, _autocast(run):
+            loss, _ = job.objective.loss(wrapped, batch)
+        with sync:
+            # DDP/FSDP average gradients over ranks; the world_size factor turns that into a sum
+            (loss * (n * env.world_size / max(total, 1))).backward()
+        step_loss += loss.detach().float() * n
+    loss_value = dist.all_reduce_sum(step_loss.item(), env) / max(total, 1)
+    if not math.isfinite(loss_value):
+        raise TrainingError(f"loss became {loss_value} at step {run.state.step + 1}; the weights were not updated "
+                            f"and the last checkpoint is intact (try a lower train.lr={t.lr} or check the data)")
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip) if t.grad_clip > 0 else None
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    # no device synchronize here: the loss .item() above already bounds how far the host runs ahead
+    tokens = sum(int(b["input_ids"].numel()) for b in micro) * env.world_size
+    return tokens, time.perf_counter() - start, loss_value, lr, (float(grad_norm) if grad_norm is not None else None)
+
+
+def _autocast(run: _Run):
+    return torch.autocast(run.env.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None)
+
+
+# --- logging ---------------------------------------------------------------------------------
+def _log_step(run: _Run, bar, loss: float, lr: float, grad_norm: float | None, tokens_per_s: float) -> None:
+    mfu = min(1.0, 6 * run.flop_params * tokens_per_s / run.peak_flops)  # an estimate; never above the peak
+    run.last = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu}
+    if run.log is not None:
+        run.log.write(kind="train", step=run.state.step, loss=loss, lr=lr, tokens=run.state.tokens_seen,
+                      tokens_per_s=tokens_per_s, mfu=mfu, grad_norm=grad_norm)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
+
+
+def _plot(run: _Run) -> None:
+    if run.log is not None:
+        plot_loss_curve(run.log.read(), run.out / "loss.png", title=run.job.name)
+
+
+# --- evaluation, best checkpoint, early stopping ------------------------------------------------
+def _signed(select: str | None, metrics: dict[str, float]) -> float | None:
+    """The selection score, higher is better ("-val_loss" flips the sign of val_loss)."""
+    if not select:
+        return None
+    name, sign = (select[1:], -1.0) if select.startswith("-") else (select, 1.0)
+    value = metrics.get(name)
+    return None if value is None else sign * value
+
+
+def _unsigned(select: str | None, score: float | None) -> float | None:
+    if select is None or score is None:
+        return None
+    return -score if select.startswith("-") else score
+
+
+def _evaluate(run: _Run, bar) -> None:
+    job, state = run.job, run.state
+    if job.evaluate is None:
+        return
+    run.wrapped.eval()
+    with torch.no_grad(), _autocast(run):
+        metrics = job.evaluate(run.wrapped)
+    run.wrapped.train()
+    run.metrics = metrics
+    if run.log is not None and metrics:
+        run.log.write(kind="eval", step=state.step, **metrics)
+    if bar is not None and metrics:
+        bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    score = _signed(job.select, metrics)
+    if score is not None:
+        if state.best_score is None or score > state.best_score:
+            state.best_score, state.best_step, state.evals_since_best = score, state.step, 0
+            if job.on_best is not None and run.env.is_main:
+                job.on_best(state.step, metrics)
+        else:
+            state.evals_since_best += 1
+            if job.patience is not None and state.evals_since_best >= job.patience:
+                state.stopped_early = True
+                if bar is not None:
+                    bar.write(f"step {state.step}: no improvement of {job.select.lstrip('-')} in {job.patience} "
+                              f"evaluations; stopping early (best at step {state.best_step})")
+    _plot(run)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+def _checkpoint(run: _Run) -> None:
+    """Full (or trainable-only) state in checkpoint.pt; or, sharded, a DCP directory that checkpoint.pt names."""
+    env, job, out = run.env, run.job, run.out
+    payload = {"format": CHECKPOINT_FORMAT, "loop": asdict(run.state), "scheduler": run.scheduler.state_dict(),
+               "data": job.batches.state_dict(), "rng": rng_state(), "identity": job.identity,
+               "world_size": env.world_size}
+    dcp_root = out / "checkpoint_dcp"
+    if run.sharded:
+        # each rank writes its shards into a fresh step directory; checkpoint.pt is replaced only once
+        # the directory is complete, so it always names a whole DCP checkpoint
+        name = f"step_{run.state.step:08d}"
+        dist.save_sharded(run.wrapped, run.optimizer, dcp_root / name)
+        dist.barrier(env)
+        payload["sharded"] = name
+    else:
+        payload["model"] = (_trainable_state(job.model) if job.trainable_only
+                            else dist.model_state_dict(run.wrapped, env))
+        payload["optimizer"] = dist.optimizer_state_dict(run.wrapped, run.optimizer, env)
     if env.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    D.barrier(env)  # ranks leave together: one tearing down gloo while another still writes can abort it
-    return summary
-
-
-def save_final_model(model: Transformer, tokenizer_dir: Path, out: Path) -> None:
-    """config.json + model.safetensors (lmlab format, tied weights once) + tokenizer files into `out`.
-
-    Files are written into a temporary sibling directory and moved in one by one with os.replace, so
-    the run's other files (checkpoint, metrics) are untouched and no file is ever half-written.
-    """
-    try:
-        from lmlab.checkpoints.native import write
-    except ImportError:  # the checkpoints package is optional for training; same format, written here
-        write = _write_native
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
-    try:
-        write(model, tmp)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            if (tokenizer_dir / name).exists():
-                shutil.copyfile(tokenizer_dir / name, tmp / name)
-        for f in tmp.iterdir():
-            f.replace(out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_native(model: Transformer, directory: Path) -> None:
-    from safetensors.torch import save_file
-
-    cfg = model.config
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings and "lm_head.weight" in state:
-        del state["lm_head.weight"]
-    (directory / "config.json").write_text(json.dumps({"lmlab_format": 1, **cfg.to_dict()}, indent=2, sort_keys=True) + "\n")
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt", "lmlab_format": "1"})
+        save_checkpoint(payload, out / "checkpoint.pt")
+        if run.sharded:
+            for old in dcp_root.glob("step_*"):
+                if old.name != payload["sharded"]:
+                    shutil.rmtree(old, ignore_errors=True)
+    dist.barrier(env)
