@@ -356,3 +356,25 @@ def test_chinchilla_loss_optimal_minimises_the_fit():
     best = min(grid, key=lambda n: scaling.chinchilla_loss(n, c / (6 * n)))
     assert plan.n_params == pytest.approx(best, rel=0.02)
     assert plan.loss <= scaling.chinchilla_optimal(compute_flops=c).loss
+
+
+def test_scaling_is_arithmetic_that_imports_no_checkpoints_or_torch():
+    """lmlab.checkpoints imports lmlab.scaling (for `lmlab info`); nothing in lmlab.scaling may import it back,
+    not even inside a function, so there is no import circle, and `lmlab plan` on a preset needs no torch."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(scaling.__file__).parent
+    assert package.name == "scaling" and len(list(package.glob("*.py"))) >= 4  # split by subject
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("lmlab.checkpoints", "lmlab.model", "torch")), (path.name, name)
+    code = ("import sys, lmlab.scaling, lmlab.commands.plan; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('lmlab.checkpoints')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -23,29 +23,52 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("lmlab.commands.pretrain", "pre-train a Transformer (causal LM, masked LM, span corruption)"),
     "export": ("lmlab.commands.export", "export an lmlab checkpoint to Hugging Face format"),
     "plan": ("lmlab.commands.plan", "estimate memory (training/inference, DDP/ZeRO/FSDP) and plan compute-optimal training"),
+    "models": ("lmlab.commands.models", "list the registry's models: size, source, and whether each is installed here"),
 }
 
 
-def set_threads(value: str | int | None) -> None:
-    """Set torch's intra-op thread count from --threads or LMLAB_NUM_THREADS (unset: torch's default)."""
-    value = value if value not in (None, "") else os.environ.get("LMLAB_NUM_THREADS")
-    if value in (None, ""):
-        return
+def positive_int(text: str) -> int:
+    """argparse type for counts such as --threads: '4' -> 4; '0', '-1', '2.5' and 'two' are errors."""
     try:
-        n = int(value)
-        if n < 1:
-            raise ValueError
+        value = int(text)
     except ValueError:
-        raise SystemExit(f"error: threads={value!r} must be a positive integer") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer (1 or more)")
+    return value
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's intra-op thread count from --threads, else LMLAB_NUM_THREADS (both unset: torch's default)."""
+    if threads is None:
+        text = os.environ.get("LMLAB_NUM_THREADS", "").strip()
+        if not text:
+            return
+        try:
+            threads = positive_int(text)
+        except argparse.ArgumentTypeError as exc:
+            from lmlab.errors import ConfigError
+
+            raise ConfigError(f"LMLAB_NUM_THREADS={text!r}: {exc}") from None
     import torch
 
-    torch.set_num_threads(n)
+    torch.set_num_threads(threads)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with lmlab's one-line errors: ``error: lmlab plan memory: argument --precision: invalid choice ...``."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(load_commands: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmlab", description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", default=None,
-                        help="torch CPU threads (default: $LMLAB_NUM_THREADS, else torch's default)")
+    from lmlab import __version__
+
+    parser = _Parser(prog="lmlab", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"lmlab {__version__}")
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="torch CPU threads, a positive integer (default: $LMLAB_NUM_THREADS, else torch's default)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
@@ -60,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     # Only import the module of the command being run (keeps start-up fast).
     chosen = [a for a in argv if a in COMMANDS][:1]
     parser = build_parser(load_commands=chosen or [])
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and flag errors: return the code instead of exiting
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2

@@ -9,26 +9,46 @@ import sys
 def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
     """The decoding flags, shared with `lmlab summarize`; each maps to a GenerationConfig field."""
     g = parser.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
-    g.add_argument("--min-new-tokens", type=int, default=None, help="suppress end-of-sequence until this many")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                   help=f"generate at most N tokens (default {max_new_tokens})")
+    g.add_argument("--min-new-tokens", type=int, default=None, metavar="N",
+                   help="suppress end-of-sequence until N tokens were generated (default 0)")
     mode = g.add_mutually_exclusive_group()
-    mode.add_argument("--do-sample", dest="do_sample", action="store_true", default=None, help="sample tokens")
+    mode.add_argument("--do-sample", dest="do_sample", action="store_true", default=None,
+                      help="draw each token at random from the filtered distribution (needed by the sampling flags)")
     mode.add_argument("--greedy", dest="do_sample", action="store_false", help="always the most likely token (default)")
-    g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--no-repeat-ngram-size", type=int, default=None)
-    g.add_argument("--num-beams", type=int, default=None, help="beam search with this many beams")
-    g.add_argument("--length-penalty", type=float, default=None, help="beam search: score / length ** this")
+    g.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="with --do-sample: divide the logits by T; < 1 sharpens, > 1 flattens (default 1.0)")
+    g.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="with --do-sample: keep only the K most likely tokens (default 0: off)")
+    g.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="with --do-sample: keep the smallest set of tokens whose probability reaches P (default 1.0: off)")
+    g.add_argument("--min-p", type=float, default=None, metavar="P",
+                   help="with --do-sample: drop tokens less likely than P times the most likely one (default 0: off)")
+    g.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                   help="divide positive logits of tokens already in the text by R, multiply negative ones (default 1.0: off)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                   help="never repeat an n-gram of N tokens (default 0: off)")
+    g.add_argument("--num-beams", type=int, default=None, metavar="N",
+                   help="beam search with N beams (default 1: greedy or sampling)")
+    g.add_argument("--length-penalty", type=float, default=None, metavar="A",
+                   help="beam search: finished beams are scored sum(log p) / length ** A (default 1.0)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed: same seed, same text")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when the output contains TEXT (repeatable; TEXT is not printed)")
 
 
+# flags that only shape the distribution tokens are drawn from: without --do-sample they would change nothing
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p")
+
+
 def generation_config(args: argparse.Namespace):
-    """GenerationConfig from the decoding flags that were given (validated there)."""
+    """GenerationConfig from the decoding flags that were given (validated there).
+
+    A sampling flag without --do-sample is an error rather than silently ignored: greedy search takes the
+    most likely token whatever the temperature or filters, so the flag would have no effect.
+    """
+    from lmlab.errors import ConfigError
     from lmlab.generation import GenerationConfig
 
     fields = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
@@ -36,7 +56,12 @@ def generation_config(args: argparse.Namespace):
     kwargs = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.stop:
         kwargs["stop_strings"] = list(args.stop)
-    return GenerationConfig(**kwargs)
+    config = GenerationConfig(**kwargs)  # bad values first: each error names its value
+    given = [f"--{f.replace('_', '-')} {getattr(args, f)}" for f in SAMPLING_FLAGS if getattr(args, f) is not None]
+    if given and not config.do_sample:
+        raise ConfigError(f"{', '.join(given)} without --do-sample changes nothing (greedy search always takes "
+                          "the most likely token); add --do-sample")
+    return config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lmlab.scaling.memory import ATTENTION_KERNELS, OPTIMIZERS, PRECISIONS  # plain arithmetic: no torch import
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="plan_command", metavar="{memory,chinchilla}", required=True)
@@ -14,14 +16,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mem.add_argument("model", help="preset name (lmlab.config.PRESETS) or any source `lmlab info` reads")
     mem.add_argument("--batch", type=int, default=8, help="sequences per GPU (default 8)")
     mem.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's context)")
-    mem.add_argument("--precision", default="bf16-mixed", help="fp32 | bf16-mixed | fp16-mixed (default bf16-mixed)")
-    mem.add_argument("--optimizer", default="adamw", help="adamw | sgd | sgd-momentum (default adamw)")
+    mem.add_argument("--precision", default="bf16-mixed", choices=PRECISIONS,
+                     help="training precision (default bf16-mixed)")
+    mem.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                     help="optimizer whose states are counted (default adamw)")
     mem.add_argument("--strategy", default=",".join(("single", "ddp", "zero1", "zero2", "fsdp")),
                      help="comma-separated rows: single, ddp, zero1, zero2, zero3, fsdp (default: all but zero3)")
     mem.add_argument("--world-size", type=int, default=8, help="data-parallel GPUs (default 8)")
     mem.add_argument("--gpu-memory", default="80GiB", help="memory per GPU, e.g. 80GiB, 24GB (default 80GiB)")
     mem.add_argument("--activation-checkpointing", action="store_true", help="store only each block's input")
-    mem.add_argument("--attention", default="flash", help="flash (fused SDPA, default) | eager (stores a*s^2 scores)")
+    mem.add_argument("--attention", default="flash", choices=ATTENTION_KERNELS,
+                     help="flash: fused SDPA (default); eager: stores the a*s^2 attention scores")
     mem.add_argument("--json", action="store_true", help="print the figures as JSON")
 
     chin = sub.add_parser("chinchilla", help="compute-optimal N, D, C, predicted loss and training time",
@@ -37,11 +42,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     chin.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
+def model_config(source: str):
+    """A preset name (``lmlab.config.PRESETS``, no torch needed) or any source ``lmlab.checkpoints.load_config`` reads."""
+    from lmlab.config import PRESETS, ModelConfig
+
+    if source in PRESETS:
+        return ModelConfig.from_name(source)
+    from lmlab.checkpoints import load_config  # imports torch; only needed for real checkpoints
+    from lmlab.errors import CheckpointError
+
+    try:
+        return load_config(source)[0]
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; or use a preset: {', '.join(PRESETS)}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from lmlab import scaling
 
     if args.plan_command == "memory":
-        cfg = scaling.config_for(args.model)
+        cfg = model_config(args.model)
         gpu = scaling.parse_bytes(args.gpu_memory, "--gpu-memory")
         strategies = [s.strip() for s in args.strategy.split(",") if s.strip()]
         seq_len = cfg.max_seq_len if args.seq_len is None else args.seq_len

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--select", choices=["random", "nearest"], default="random",
                         help="random (seeded by --shot-seed) or nearest by MiniLM sentence embeddings")
     parser.add_argument("--shot-seed", type=int, default=0, help="seed of random shot selection")
-    parser.add_argument("--template", choices=["instruction", "flan", "bare"], default="instruction")
+    parser.add_argument("--template", choices=["instruction", "flan", "bare"], default="instruction",
+                        help="prompt wording: an instruction, FLAN's dialogue template, or the dialogue alone")
     parser.add_argument("--chat", dest="chat", action="store_true", default=None,
                         help="use the chat template (default: when the tokenizer has one)")
     parser.add_argument("--no-chat", dest="chat", action="store_false", help="plain-text prompt")
