@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lmlab.config import ModelConfig
+from lmlab.errors import ConfigError, DataError
 from lmlab.nn.block import Stack
 from lmlab.nn.ffn import get_activation
 from lmlab.nn.kv_cache import Cache, KVCache
@@ -114,7 +115,7 @@ class Transformer(nn.Module):
             T = input_ids.shape[1]
             if position_ids is None:
                 if offset + T > cfg.max_seq_len:
-                    raise ValueError(f"sequence of {offset + T} positions exceeds max_seq_len={cfg.max_seq_len}")
+                    raise DataError(f"sequence of {offset + T} positions exceeds max_seq_len={cfg.max_seq_len}")
                 position_ids = torch.arange(offset, offset + T, device=input_ids.device)[None]  # (1, T)
             x = x + (self.pos_embed(position_ids) if self.pos_embed is not None else self.pos_table[position_ids].to(x.dtype))
         if self.type_embed is not None:
@@ -132,39 +133,42 @@ class Transformer(nn.Module):
         on every decoding step, and the device-side bounds check of the embedding still fires.
         """
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq_len); got shape {tuple(input_ids.shape)}")
+            raise DataError(f"input_ids must be (batch, seq_len); got shape {tuple(input_ids.shape)}")
         if input_ids.device.type != "cpu" or not input_ids.numel():
             return
         low, high = (int(v) for v in torch.aminmax(input_ids))
         if low < 0 or high >= self.config.vocab_size:
             bad = low if low < 0 else high
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+            raise DataError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Run the encoder stack -> hidden states (B, T, C)."""
         if self.encoder is None:
-            raise ValueError(f"encode() needs an encoder; this model has arch={self.config.arch!r}")
+            raise ConfigError(f"encode() needs an encoder; this model has arch={self.config.arch!r}")
         x = self.embed(input_ids, position_ids, token_type_ids)
         return self.encoder(x, attention_mask=attention_mask, position_ids=position_ids)
 
     def decode(self, input_ids: torch.Tensor, encoder_out: torch.Tensor | None = None,
                encoder_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None, cache: Cache | None = None,
-               logits_to_keep: int = 0, return_hidden: bool = False) -> torch.Tensor:
+               logits_to_keep: int = 0, return_hidden: bool = False,
+               mask_has_padding: bool | None = None) -> torch.Tensor:
         """Run the decoder stack (and the head) -> logits (B, T, V), or hidden states with return_hidden.
 
         With a cache, `input_ids` holds only the new tokens and `attention_mask` covers past + new.
         ``logits_to_keep=k`` computes logits for the last k positions only (prefill needs one).
+        ``mask_has_padding``: whether the masks passed (`attention_mask`, `encoder_mask`) hold any 0.
+        None looks it up (a host sync per call); generation knows it once per run and passes it.
         """
         if self.decoder is None:
-            raise ValueError(f"decode() needs a decoder; this model has arch={self.config.arch!r}")
+            raise ConfigError(f"decode() needs a decoder; this model has arch={self.config.arch!r}")
         if self.config.arch == "encoder_decoder" and encoder_out is None and (cache is None or cache.cross[0] is None):
-            raise ValueError("an encoder-decoder model's decode() needs encoder_out (from encode())")
+            raise DataError("an encoder-decoder model's decode() needs encoder_out (from encode())")
         past = cache.length if cache is not None else 0
         x = self.embed(input_ids, position_ids, offset=past)
         h = self.decoder(x, attention_mask=attention_mask, position_ids=position_ids, context=encoder_out,
-                         context_mask=encoder_mask, cache=cache)
+                         context_mask=encoder_mask, cache=cache, mask_has_padding=mask_has_padding)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return h if return_hidden else self.logits(h)
@@ -182,15 +186,17 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
-                cache: Cache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                cache: Cache | None = None, logits_to_keep: int = 0,
+                mask_has_padding: bool | None = None) -> torch.Tensor:
+        """Logits for any arch (see the module docstring); ``mask_has_padding`` as in ``decode()``."""
         arch = self.config.arch
         if arch == "encoder":
             return self.logits(self.encode(input_ids, attention_mask, token_type_ids, position_ids))
         if arch == "decoder":
             return self.decode(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               cache=cache, logits_to_keep=logits_to_keep)
+                               cache=cache, logits_to_keep=logits_to_keep, mask_has_padding=mask_has_padding)
         if decoder_input_ids is None:
-            raise ValueError("an encoder-decoder model needs decoder_input_ids (the shifted target)")
+            raise DataError("an encoder-decoder model needs decoder_input_ids (the shifted target)")
         encoder_out = self.encode(input_ids, attention_mask)
         return self.decode(decoder_input_ids, encoder_out=encoder_out, encoder_mask=attention_mask,
                            attention_mask=decoder_attention_mask, cache=cache, logits_to_keep=logits_to_keep)
@@ -199,7 +205,7 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None) -> Cache:
         """A preallocated KV cache for `capacity` decoder positions (prompt + new tokens)."""
         if self.decoder is None:
-            raise ValueError(f"a KV cache needs a decoder; this model has arch={self.config.arch!r}")
+            raise ConfigError(f"a KV cache needs a decoder; this model has arch={self.config.arch!r}")
         cfg = self.config
         if self.pos_embed is not None or self.pos_table is not None:
             capacity = min(capacity, cfg.max_seq_len)

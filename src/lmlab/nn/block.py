@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lmlab.config import ModelConfig
+from lmlab.errors import DataError
 from lmlab.nn.attention import Attention
 from lmlab.nn.ffn import FeedForward
 from lmlab.nn.kv_cache import Cache, KVCache
@@ -57,15 +58,28 @@ class Block(nn.Module):
         return x, cross_kv
 
 
+def has_padding(mask: torch.Tensor | None, known: bool | None = None) -> bool:
+    """Whether a (B, S) 1/0 mask blocks anything: `known` when the caller says so, else looked up.
+
+    Looking it up reads a value back to the host (on an accelerator: a sync that stalls the queue),
+    so a caller that already knows -- generation decides it once per run -- passes `known`.
+    """
+    if mask is None:
+        return False
+    return known if known is not None else not bool(mask.all())
+
+
 def additive_mask(attention_mask: torch.Tensor | None, T: int, S: int, past: int, causal: bool,
-                  dtype: torch.dtype, device, explicit: bool = False) -> tuple[torch.Tensor | None, bool]:
+                  dtype: torch.dtype, device, explicit: bool = False,
+                  mask_has_padding: bool | None = None) -> tuple[torch.Tensor | None, bool]:
     """Combine key padding and causality into one additive mask (0 = attend, dtype-min = blocked).
 
     Returns (mask, is_causal). Unless `explicit`, the common unpadded cases return no mask at all so that
     SDPA can use its fused causal kernel. Blocked scores use the dtype's minimum rather than -inf so
-    a fully padded query row stays finite (its output is ignored anyway).
+    a fully padded query row stays finite (its output is ignored anyway). `mask_has_padding`: see
+    ``has_padding``.
     """
-    padded = attention_mask is not None and not bool(attention_mask.all())
+    padded = has_padding(attention_mask, mask_has_padding)
     if not padded:
         if not causal or T == 1:  # nothing to block: a single new query may see every cached key
             return None, False
@@ -105,12 +119,13 @@ class Stack(nn.Module):
         context: torch.Tensor | None = None,  # (B, S_enc, C) encoder output for cross-attention
         context_mask: torch.Tensor | None = None,  # (B, S_enc)
         cache: Cache | None = None,
+        mask_has_padding: bool | None = None,  # whether the masks above hold padding; None: look (a host sync)
     ) -> torch.Tensor:
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
         S = past + T
         if attention_mask is not None and attention_mask.shape[-1] != S:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions; expected {S} (past {past} + new {T})")
+            raise DataError(f"attention_mask covers {attention_mask.shape[-1]} positions; expected {S} (past {past} + new {T})")
         rope = None
         if self.rotary is not None:
             if position_ids is None:
@@ -118,12 +133,13 @@ class Stack(nn.Module):
             rope = self.rotary(position_ids)
         # T5 adds its relative bias to the scores, so it needs the causal mask spelled out
         explicit = self.rel_bias is not None
-        mask, is_causal = additive_mask(attention_mask, T, S, past, self.causal, x.dtype, x.device, explicit)
+        mask, is_causal = additive_mask(attention_mask, T, S, past, self.causal, x.dtype, x.device, explicit,
+                                        mask_has_padding)
         if self.rel_bias is not None:  # one learned bias per stack, shared by all its layers
             bias = self.rel_bias(T, S, q_offset=past).to(x.dtype)  # (1, H, T, S)
             mask = bias if mask is None else mask + bias
         cross_mask = None
-        if self.cross and context_mask is not None and not bool(context_mask.all()):
+        if self.cross and has_padding(context_mask, mask_has_padding):
             cross_mask = torch.zeros(context_mask.shape, dtype=x.dtype, device=x.device)
             cross_mask = cross_mask.masked_fill_(~context_mask.bool(), torch.finfo(x.dtype).min)[:, None, None, :]  # (B,1,1,S_enc)
         for i, layer in enumerate(self.layers):

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.errors import choices_error
+
 ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,
@@ -16,7 +18,7 @@ ACTIVATIONS = {
 
 def get_activation(name: str):
     if name not in ACTIVATIONS:
-        raise ValueError(f"activation={name!r} is not valid; choose one of: {', '.join(ACTIVATIONS)}")
+        raise choices_error("activation", name, ACTIVATIONS)
     return ACTIVATIONS[name]
 
 

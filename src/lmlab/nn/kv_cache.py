@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from lmlab.errors import DataError
+
 
 class KVCache:
     def __init__(self, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device=None):
@@ -23,7 +25,7 @@ class KVCache:
         """Write k, v (B, Hkv, T, D) at positions start..start+T-1; return all keys/values written so far."""
         end = start + k.shape[2]
         if end > self.capacity:
-            raise ValueError(f"KV cache overflow: need {end} positions, capacity is {self.capacity}")
+            raise DataError(f"KV cache overflow: need {end} positions, capacity is {self.capacity}")
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmlab.errors import choices_error
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 (LLaMA, T5). No mean subtraction, no bias."""
@@ -27,4 +29,4 @@ def build_norm(kind: str, dim: int, eps: float, bias: bool = True) -> nn.Module:
         return RMSNorm(dim, eps)
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps, bias=bias)
-    raise ValueError(f"norm={kind!r} is not valid; choose one of: layernorm, rmsnorm")
+    raise choices_error("norm", kind, ("layernorm", "rmsnorm"))

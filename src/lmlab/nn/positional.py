@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from lmlab.errors import choices_error
+
 
 def sinusoidal_table(n_positions: int, dim: int, base: float = 10000.0) -> torch.Tensor:
     """The fixed table of "Attention Is All You Need": PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(...)."""
@@ -41,7 +43,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(medium, blended, scaled)
-    raise ValueError(f"rope_scaling type {kind!r} is not supported; choose one of: default, linear, llama3")
+    raise choices_error("rope_scaling type", kind, ("default", "linear", "llama3"))
 
 
 class RotaryEmbedding(nn.Module):
