@@ -23,14 +23,14 @@ class ByteTokenizer:
     pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
     chat_template = None
 
-    def encode(self, text):
+    def encode(self, text, add_special_tokens=False):  # like a GPT-2 tokenizer: no special tokens to add
         return [b + 3 for b in text.encode("utf-8")]
 
     def decode(self, ids, skip_special_tokens=True):
         data = bytes(i - 3 for i in ids if i >= 3)
         return data.decode("utf-8", errors="replace")
 
-    def encode_batch(self, texts, padding_side="left"):
+    def encode_batch(self, texts, padding_side="left", add_special_tokens=False):
         rows = [self.encode(t) for t in texts]
         T = max(map(len, rows))
         ids = torch.zeros(len(rows), T, dtype=torch.long)
@@ -290,6 +290,25 @@ def test_unpadded_batch_passes_no_mask_to_the_model():
     model.decode = spy
     generate_tokens(model, torch.randint(3, 256, (2, 5)), max_new_tokens=4, eos_token_ids=[])
     assert len(seen) == 4 and all(m is None for m in seen)
+
+
+
+@pytest.mark.parametrize("name", ["tiny-decoder", "tiny-encoder-decoder"])
+def test_padded_batch_decides_padding_once_not_every_step(name, monkeypatch):
+    """``bool(mask.all())`` reads a value back to the host (a sync on an accelerator); generation decides
+    whether the batch is padded once, so the number of such checks does not grow with the steps."""
+    model = tiny(name)
+    prompts = [[5, 6, 7, 8, 9], [12, 13]]  # left-padded: every step passes a mask
+    calls = []
+    original = torch.Tensor.all
+    monkeypatch.setattr(torch.Tensor, "all", lambda self, *a, **k: (calls.append(self.shape), original(self, *a, **k))[1])
+
+    def checks(steps):
+        calls.clear()
+        generate_tokens(model, prompts, max_new_tokens=steps, eos_token_ids=[])
+        return len(calls)
+
+    assert checks(2) == checks(12) <= 2
 
 
 # --- stopping -----------------------------------------------------------------------------------

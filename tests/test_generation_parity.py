@@ -168,3 +168,86 @@ def test_smollm2_greedy_64_tokens_matches_transformers(smollm2):
     alone = generate(model, tok, prompts[0], max_new_tokens=64)
     assert alone == tok.decode(mine[0]) and "Paris" in alone
     assert "".join(stream(model, tok, prompts[0], max_new_tokens=64)) == alone
+
+
+# --- prompts carry the special tokens each tokenizer's configuration asks for -------------------
+def tokenizer_dir(path, family: str):
+    """A word-level tokenizer over the tiny vocabulary ("w3" ... "w159"), saved the way the real ones are:
+
+    * llama: tokenizer.json whose post-processor prepends ``<s>``, tokenizer_config.json with
+      ``add_bos_token: true`` (LLaMA-2 / Mistral);
+    * t5: tokenizer.json whose post-processor appends ``</s>`` (t5-small; no add_*_token keys).
+    """
+    import json
+
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as Backend
+
+    specials = ["<unk>", "<s>", "</s>"] if family == "llama" else ["<pad>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials)} | {f"w{i}": i for i in range(len(specials), V)}
+    backend = Backend(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if family == "llama":
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                               special_tokens=[("<s>", 1)])
+        config = dict(add_bos_token=True, add_eos_token=False, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    else:
+        backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                               special_tokens=[("</s>", 1)])
+        config = dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    path.mkdir()
+    backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(dict(config, tokenizer_class="PreTrainedTokenizerFast")))
+    return path
+
+
+TEXT_PROMPTS = ["w5 w9 w14 w3 w22 w31 w7 w8", "w40 w41 w12", "w77 w12 w19 w23 w50"]
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_prompts_get_the_special_tokens_transformers_adds_and_greedy_matches(family, tmp_path):
+    from lmlab.generation import encode_prompts
+    from lmlab.tokenizer import Tokenizer
+
+    path = tokenizer_dir(tmp_path / "tok", family)
+    tok = Tokenizer.from_dir(path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    if hf_tok.pad_token is None:
+        hf_tok.pad_token = hf_tok.eos_token  # what lmlab's Tokenizer falls back to
+    hf, ours = build(family)
+    special = 1  # <s> for llama, </s> for t5
+    kw = dict(max_new_tokens=10)
+
+    # the prompt ids: a batch (left-padded) and a single prompt, as transformers' tokenizer makes them
+    ids, mask = encode_prompts(tok, TEXT_PROMPTS)
+    theirs = hf_tok(TEXT_PROMPTS, padding=True, padding_side="left", return_tensors="pt")
+    assert ids.tolist() == theirs["input_ids"].tolist() and mask.tolist() == theirs["attention_mask"].tolist()
+    rows = ids[mask.bool()].view(-1).tolist()
+    assert rows.count(special) == len(TEXT_PROMPTS)  # one BOS / one </s> per prompt
+    one, _ = encode_prompts(tok, TEXT_PROMPTS[:1])
+    assert one.tolist() == hf_tok(TEXT_PROMPTS[:1])["input_ids"]
+
+    # the generated text: lmlab's text-level generate() against transformers.generate on the same ids
+    new = hf_new_tokens(hf, theirs["input_ids"], theirs["attention_mask"], pad=hf_tok.pad_token_id,
+                        eos_token_id=None, **kw)
+    assert generate(ours, tok, TEXT_PROMPTS, eos_token_ids=[], **kw) == [tok.decode(r) for r in new]
+    alone = hf_new_tokens(hf, one, torch.ones_like(one), pad=hf_tok.pad_token_id, eos_token_id=None, **kw)
+    assert generate(ours, tok, TEXT_PROMPTS[0], eos_token_ids=[], **kw) == tok.decode(alone[0])
+    # not vacuous: without the special token the model continues differently
+    plain = [tok.encode(p) for p in TEXT_PROMPTS]
+    assert generate_tokens(ours, plain, eos_token_ids=[], pad_token_id=PAD, **kw) != new
+
+
+def test_a_chat_template_that_writes_bos_does_not_get_a_second_one(tmp_path):
+    from lmlab.generation import encode_prompts
+    from lmlab.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tokenizer_dir(tmp_path / "tok", "llama"))
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}w10 {{ m['content'] }} w11 {% endfor %}"
+    text = tok.apply_chat_template([{"role": "user", "content": "w5 w6"}])
+    assert text.startswith("<s>")
+    ids, _ = encode_prompts(tok, [text])
+    assert ids.tolist() == [[1, 10, 5, 6, 11]]
+    assert encode_prompts(tok, ["w5 w6"])[0].tolist() == [[1, 5, 6]]  # without it, the tokenizer adds BOS

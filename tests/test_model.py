@@ -118,3 +118,46 @@ def test_out_of_vocabulary_id_is_a_clear_error():
         model(torch.tensor([[1, 256]]))
     with pytest.raises(ValueError, match="token id -1"):
         model(torch.tensor([[-1, 3]]))
+
+
+def test_model_level_bad_input_raises_lmlab_errors_naming_the_value():
+    """Errors from the model and its cache are lmlab's types (one line from the CLI), not bare ValueErrors."""
+    from lmlab.errors import ConfigError, DataError
+    from lmlab.nn.kv_cache import KVCache
+
+    decoder = Transformer(ModelConfig.from_name("tiny-decoder"))
+    with pytest.raises(DataError, match="token id 256 is outside the vocabulary"):
+        decoder(torch.tensor([[1, 256]]))
+    with pytest.raises(DataError, match=r"input_ids must be \(batch, seq_len\); got shape \(3,\)"):
+        decoder(torch.tensor([1, 2, 3]))
+    with pytest.raises(DataError, match="attention_mask covers 2 positions; expected 3"):
+        decoder(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 2))
+    with pytest.raises(ConfigError, match="encode\\(\\) needs an encoder; this model has arch='decoder'"):
+        decoder.encode(torch.tensor([[1, 2]]))
+    with pytest.raises(DataError, match="KV cache overflow: need 5 positions, capacity is 4"):
+        KVCache(1, 1, 4, 2, torch.float32).update(torch.zeros(1, 1, 5, 2), torch.zeros(1, 1, 5, 2), 0)
+    encoder = Transformer(ModelConfig.from_name("tiny-encoder"))
+    with pytest.raises(ConfigError, match="a KV cache needs a decoder; this model has arch='encoder'"):
+        encoder.new_cache(1, 4)
+    t5 = Transformer(ModelConfig.from_name("tiny-encoder-decoder"))
+    with pytest.raises(DataError, match="needs decoder_input_ids"):
+        t5(torch.tensor([[1, 2]]))
+
+
+def test_model_level_error_reaches_the_cli_as_one_line_and_exit_2(tmp_path, capsys):
+    """A tokenizer whose ids exceed the model's vocabulary: the model's DataError, printed as one line."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    from lmlab.checkpoints import save_model
+    from lmlab.cli import main
+    from lmlab.tokenizer import Tokenizer
+
+    backend = Backend(models.WordLevel(vocab={f"w{i}": i for i in range(32)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = Tokenizer(backend, {"eos": "w1"})
+    model = Transformer(ModelConfig.from_name("tiny-decoder", vocab_size=16))
+    save_model(model, tmp_path / "m", tokenizer)
+    assert main(["generate", str(tmp_path / "m"), "w3 w20", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: token id 20 is outside the vocabulary [0, 16)\n"

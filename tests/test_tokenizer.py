@@ -317,3 +317,14 @@ def test_chat_template_errors(minilm_path, smol):
         smol.apply_chat_template(CONVERSATION, chat_template="{% for %}")
     with pytest.raises(DataError, match="messages\\[0\\]"):
         smol.apply_chat_template(["hello"])
+
+
+def test_smollm2_prompts_keep_no_special_tokens(smol, smollm2_path):
+    """Its GGUF metadata says tokenizer.ggml.add_bos_token = false: prompts get no BOS, as before."""
+    from lmlab.checkpoints.gguf import read_gguf_metadata
+    from lmlab.generation import encode_prompts
+
+    assert read_gguf_metadata(smollm2_path)["tokenizer.ggml.add_bos_token"] is False
+    text = smol.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert smol.encode(text, add_special_tokens=True) == smol.encode(text)
+    assert encode_prompts(smol, [text])[0].tolist() == [smol.encode(text)]

@@ -159,7 +159,8 @@ def build_prompt(query: str, shots: Sequence[Example] = (), template: str = "ins
         return _render(tmpl, q, s, tokenizer, chat, instruction, system)
 
     def count(text: str) -> int | None:
-        return len(tokenizer.encode(text)) if tokenizer is not None else None
+        # counted as generation encodes the prompt: with the special tokens the tokenizer adds (BOS, </s>)
+        return len(tokenizer.encode(text, add_special_tokens=True)) if tokenizer is not None else None
 
     text = render(query, shots)
     n = count(text)

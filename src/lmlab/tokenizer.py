@@ -289,10 +289,17 @@ class Tokenizer:
 
     # --- encoding / decoding ---------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Text -> ids. Special-token strings in `text` (e.g. ``<|im_start|>``) map to their single ids."""
+        """Text -> ids. Special-token strings in `text` (e.g. ``<|im_start|>``) map to their single ids.
+
+        ``add_special_tokens=True`` adds what this tokenizer's configuration says a model input carries
+        (LLaMA's BOS with ``add_bos_token``, T5's trailing ``</s>``, BERT's ``[CLS] ... [SEP]``; see the
+        module docstring), except a token the text already has at that end: a chat template that writes
+        ``{{ bos_token }}`` itself does not get a second BOS. Generation encodes prompts this way.
+        """
         if not isinstance(text, str):
             raise DataError(f"encode() needs a str, got {type(text).__name__}")
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        return _without_doubled_specials(encoding) if add_special_tokens else encoding.ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):
@@ -314,7 +321,8 @@ class Tokenizer:
             raise DataError("encode_batch() needs a list of str; got a single str (wrap it in a list)")
         if len(texts) == 0:
             raise DataError("encode_batch() got an empty list of texts")
-        seqs = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        seqs = [_without_doubled_specials(e) if add_special_tokens else e.ids for e in encodings]
         if max_length is not None:
             if max_length < 1:
                 raise ConfigError(f"max_length={max_length} must be a positive integer")
@@ -379,6 +387,26 @@ class Tokenizer:
     def __repr__(self) -> str:
         roles = ", ".join(f"{r}={t!r}" for r, t in self.special_tokens.items())
         return f"Tokenizer({self.name_or_path!r}, vocab_size={self.vocab_size}, {roles})"
+
+
+def _without_doubled_specials(encoding) -> list[int]:
+    """The ids of an encoding made with special tokens, minus a special token the post-processor put
+    next to the text when the text already has that same token at that end (e.g. BOS written by a chat
+    template, then BOS from ``add_bos_token``).
+
+    The post-processor's own tokens are the ones with no sequence id; the text's tokens have id 0.
+    """
+    ids, sequence = encoding.ids, encoding.sequence_ids
+    from_text = [i for i, s in enumerate(sequence) if s is not None]
+    if not from_text:
+        return ids
+    first, last = from_text[0], from_text[-1]
+    prefix, body, suffix = ids[:first], ids[first:last + 1], ids[last + 1:]
+    if prefix and prefix[-1] == body[0]:
+        prefix = prefix[:-1]
+    if suffix and suffix[0] == body[-1]:
+        suffix = suffix[1:]
+    return prefix + body + suffix
 
 
 # --- builders --------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ class _DecoderOnlyRun:
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int):
         self.model, self.input_ids = model, input_ids
         B, T = input_ids.shape
+        # decided once per generation: the steps then never read the mask back to the host
         self.padded = attention_mask is not None and not bool(attention_mask.all())
         self.cache = model.new_cache(B, T + max_new_tokens)
         if self.padded:
@@ -66,7 +67,7 @@ class _DecoderOnlyRun:
         T = self.input_ids.shape[1]
         if self.padded:
             logits = self.model(self.input_ids, attention_mask=self.mask[:, :T], position_ids=self.positions,
-                                cache=self.cache, logits_to_keep=1)
+                                cache=self.cache, logits_to_keep=1, mask_has_padding=True)
             self.positions = self.positions[:, -1:] + 1  # (B, 1) position of the next token
         else:
             logits = self.model(self.input_ids, cache=self.cache, logits_to_keep=1)
@@ -77,7 +78,7 @@ class _DecoderOnlyRun:
         if self.padded:
             S = self.cache.length + 1
             logits = self.model(tokens[:, None], attention_mask=self.mask[:, :S], position_ids=self.positions,
-                                cache=self.cache)
+                                cache=self.cache, mask_has_padding=True)
             self.positions = self.positions + 1
         else:
             logits = self.model(tokens[:, None], cache=self.cache)
@@ -95,7 +96,8 @@ class _EncoderDecoderRun:
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                  start_token_id: int, expand: int = 1):
         self.model, self.start_token_id = model, start_token_id
-        padded = attention_mask is not None and not bool(attention_mask.all())
+        # decided once per generation: the steps then never read the mask back to the host
+        self.padded = padded = attention_mask is not None and not bool(attention_mask.all())
         self.encoder_out = model.encode(input_ids, attention_mask if padded else None)  # (B, T, C)
         self.encoder_mask = attention_mask if padded else None
         if expand > 1:  # beams share their prompt's encoding
@@ -108,12 +110,13 @@ class _EncoderDecoderRun:
     def prefill(self) -> torch.Tensor:
         start = torch.full((self.batch, 1), self.start_token_id, dtype=torch.long, device=self.encoder_out.device)
         logits = self.model.decode(start, encoder_out=self.encoder_out, encoder_mask=self.encoder_mask,
-                                   cache=self.cache, logits_to_keep=1)
+                                   cache=self.cache, logits_to_keep=1, mask_has_padding=self.padded)
         self.encoder_out = None  # from now on the cache holds the cross-attention keys/values
         return logits[:, -1]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(tokens[:, None], encoder_mask=self.encoder_mask, cache=self.cache)[:, -1]
+        return self.model.decode(tokens[:, None], encoder_mask=self.encoder_mask, cache=self.cache,
+                                 mask_has_padding=self.padded)[:, -1]
 
     def reorder(self, index: torch.Tensor) -> None:
         self.cache.reorder(index)
@@ -409,11 +412,19 @@ def generate_tokens(model, input_ids, attention_mask=None, config: GenerationCon
 
 
 # --- text-level generation ---------------------------------------------------------------------
-def _encode(tokenizer, prompts: list[str]):
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts -> (ids (B, T), attention_mask (B, T) or None for one prompt), as the model expects them.
+
+    Special tokens follow the tokenizer's own configuration (``add_special_tokens=True``): BOS for a
+    LLaMA/Mistral tokenizer with ``add_bos_token``, the trailing ``</s>`` of T5's encoder input, nothing
+    for SmolLM2's GGUF (its metadata says ``add_bos_token = false``). A chat template that already wrote
+    BOS does not get a second one (see ``Tokenizer.encode``). Several prompts are left-padded.
+    """
+    prompts = list(prompts)
     if len(prompts) == 1:
-        ids = torch.tensor([tokenizer.encode(prompts[0])], dtype=torch.long)
+        ids = torch.tensor([tokenizer.encode(prompts[0], add_special_tokens=True)], dtype=torch.long)  # (1, T)
         return ids, None
-    ids, mask = tokenizer.encode_batch(prompts, padding_side="left")
+    ids, mask = tokenizer.encode_batch(prompts, padding_side="left", add_special_tokens=True)
     return torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.long)
 
 
@@ -428,7 +439,7 @@ def generate(model, tokenizer, prompts: str | list[str], config: GenerationConfi
     if not texts:
         return []
     config = resolve_config(model, config, tokenizer, **overrides)
-    ids, mask = _encode(tokenizer, texts)
+    ids, mask = encode_prompts(tokenizer, texts)
     new = generate_tokens(model, ids, mask, config, tokenizer=tokenizer)
     outs = [trim_stop_strings(tokenizer.decode(row, skip_special_tokens=True), config.stop_strings) for row in new]
     return outs[0] if single else outs
@@ -451,7 +462,7 @@ def stream(model, tokenizer, prompt: str, config: GenerationConfig | None = None
     if config.num_beams > 1:
         yield generate(model, tokenizer, prompt, config)
         return
-    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+    ids, _ = encode_prompts(tokenizer, [prompt])
     decoder = _incremental_decoder(tokenizer)
     stops = config.stop_strings
     text, sent = "", 0  # all text so far, and how much of it was yielded

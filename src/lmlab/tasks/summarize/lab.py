@@ -185,10 +185,10 @@ def _generate(model, tokenizer, prompts: list[str], config) -> list[tuple[str, i
     Tests wrap this seam to count calls.
     """
     from lmlab.generation import generate_tokens
-    from lmlab.generation.decode import resolve_config, trim_stop_strings
+    from lmlab.generation.decode import encode_prompts, resolve_config, trim_stop_strings
 
     config = resolve_config(model, config, tokenizer)
-    ids, mask = tokenizer.encode_batch(prompts, padding_side="left")  # (B, T) each, left-padded
+    ids, mask = encode_prompts(tokenizer, prompts)  # (B, T), left-padded; special tokens as the tokenizer says
     new = generate_tokens(model, ids, mask, config, tokenizer=tokenizer)
     return [(trim_stop_strings(tokenizer.decode(row, skip_special_tokens=True), config.stop_strings), len(row))
             for row in new]
