@@ -50,3 +50,61 @@ def test_unknown_precision_is_a_one_line_config_error(bad):
     message = str(err.value)
     assert repr(bad) in message and "\n" not in message
     assert "auto" in message and "fp32" in message and "bf16" in message
+
+
+def test_apply_precision_casts_parameters_but_keeps_rope_frequencies_fp32(native):
+    from lmlab.config import ModelConfig
+    from lmlab.model import Transformer
+
+    model = Transformer(ModelConfig.from_name("tiny-decoder", positional="rope"))
+    native(False)
+    assert precision.apply_precision(model, "auto") == "fp32 (auto: this CPU has no native bf16)"
+    assert model.dtype is torch.float32
+    native(True)
+    assert precision.apply_precision(model, "auto") == "bf16 (auto: this CPU has native bf16)"
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.decoder.rotary.inv_freq.dtype is torch.float32
+    assert model.new_cache(1, 4).layers[0].k.dtype is torch.bfloat16
+    assert model(torch.tensor([[1, 2, 3]])).dtype is torch.bfloat16
+    with pytest.raises(ConfigError, match="precision='fp8'"):
+        precision.apply_precision(model, "fp8")
+
+
+@pytest.mark.parametrize("is_native,expected", [(True, "bf16 (auto: this CPU has native bf16)"),
+                                                (False, "fp32 (auto: this CPU has no native bf16)")])
+def test_info_says_which_path_this_machine_takes(native, is_native, expected, tmp_path, capsys):
+    import json
+
+    from lmlab.checkpoints import save_model
+    from lmlab.cli import main
+    from lmlab.config import ModelConfig
+    from lmlab.model import Transformer
+
+    save_model(Transformer(ModelConfig.from_name("tiny-decoder")), tmp_path / "m")
+    native(is_native)
+    assert main(["info", str(tmp_path / "m")]) == 0
+    assert f"precision on this machine: {expected}\n" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "m"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision_auto"] == expected
+
+
+def test_generate_takes_the_precision_flag_and_says_which_path(native, tmp_path, capsys):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    from lmlab.checkpoints import save_model
+    from lmlab.cli import main
+    from lmlab.config import ModelConfig
+    from lmlab.model import Transformer
+    from lmlab.tokenizer import Tokenizer
+
+    backend = Backend(models.WordLevel(vocab={f"w{i}": i for i in range(256)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    save_model(Transformer(ModelConfig.from_name("tiny-decoder")), tmp_path / "m", Tokenizer(backend, {"eos": "w1"}))
+    native(False)
+    for flag, expected in ((["--precision", "bf16"], "bf16 (requested; this CPU has no native bf16"),
+                           ([], "fp32 (auto: this CPU has no native bf16)")):
+        assert main(["generate", str(tmp_path / "m"), "w3 w4", "--max-new-tokens", "2", *flag]) == 0
+        assert f"precision: {expected}" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "m"), "w3", "--precision", "fp16"]) == 2
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err

@@ -79,3 +79,20 @@ def describe_precision(name: str = "auto", device=None) -> str:
     For example "fp32 (auto: this CPU has no native bf16)".
     """
     return _choose(name, device)[1]
+
+
+def apply_precision(model: torch.nn.Module, name: str = "auto") -> str:
+    """Cast `model`'s floating-point parameters to the precision ``name`` resolves to on its device;
+    return the one-line description to print.
+
+    Only parameters are cast: buffers such as RoPE's inverse frequencies stay fp32, because positions
+    times a bf16 frequency lose the angle (bf16 keeps 8 bits of mantissa: at position 1000 the rotation
+    would be off by several radians). The KV cache follows the parameters (``model.new_cache``).
+    """
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+    dtype, why = _choose(name, device)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return why

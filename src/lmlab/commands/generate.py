@@ -36,6 +36,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: in
     g.add_argument("--seed", type=int, default=None, help="sampling seed: same seed, same text")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when the output contains TEXT (repeatable; TEXT is not printed)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="compute precision; auto: bf16 where the CPU/GPU has native bf16, else fp32 (default auto); "
+                        "the path taken is printed to stderr")
 
 
 # flags that only shape the distribution tokens are drawn from: without --do-sample they would change nothing
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     import lmlab
     from lmlab.errors import ConfigError
     from lmlab.generation import stream
+    from lmlab.precision import apply_precision
     from lmlab.prompting import chat_prompt
 
     if args.system and not args.chat:
@@ -83,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     config = generation_config(args)  # validate flags before loading anything
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = lmlab.load_model(args.model), lmlab.load_tokenizer(args.model)
+    print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
     if args.chat:
         prompt = chat_prompt(tokenizer, prompt, args.system)
     for piece in stream(model, tokenizer, prompt, config):

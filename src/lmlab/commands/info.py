@@ -1,4 +1,5 @@
-"""`lmlab info SOURCE`: a model's architecture, size, context length and memory needs (config only)."""
+"""`lmlab info SOURCE`: a model's architecture, size, context length and memory needs (config only),
+and the compute precision ``--precision auto`` takes on this machine (``lmlab.precision``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lmlab.checkpoints import describe, format_description
+    from lmlab.precision import describe_precision
 
     info = describe(args.source)
-    print(json.dumps(info, indent=2) if args.json else format_description(info))
+    precision = describe_precision("auto")  # generate / summarize / lab / pretrain default to auto
+    if args.json:
+        print(json.dumps(dict(info, precision_auto=precision), indent=2))
+    else:
+        print(format_description(info))
+        print(f"  precision on this machine: {precision}")
     return 0

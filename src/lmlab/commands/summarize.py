@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import lmlab
     from lmlab.errors import DataError
+    from lmlab.precision import apply_precision
     from lmlab.prompting import Example, SentenceEmbedder, summarize
 
     config = generation_config(args)
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
         pool = [Example(d.dialogue, d.references[0]) for d in load_dialogues(args.shots_from).records if d.references]
     model, tokenizer = lmlab.load_model(args.model), lmlab.load_tokenizer(args.model)
+    print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
     embedder = SentenceEmbedder() if args.shots and args.select == "nearest" else None
     summary, prompt = summarize(dialogue.strip(), model, tokenizer, pool, args.shots, method=args.select,
                                 template=args.template, chat=args.chat, config=config, seed=args.shot_seed,
