@@ -124,7 +124,7 @@ def test_nan_loss_aborts_naming_the_step(tmp_path, corpus, monkeypatch):
     with pytest.raises(TrainingError, match="loss became nan at step 5"):
         pretrain(_cfg(tmp_path, corpus, "train.eval_every=0", "train.ckpt_every=2"), show_progress=False)
     state = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["loop"]["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_final_model_is_saved_in_lmlab_format(tmp_path, corpus):
@@ -209,7 +209,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, co
         proc.wait(timeout=30)
     finally:
         proc.kill()
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["loop"]["step"] == 2
     s = pretrain(_cfg(tmp_path, corpus, "train.steps=4", "train.ckpt_every=2"), resume=True, show_progress=False)
     assert s["step"] == 4 and s["finished"]
 
@@ -225,7 +225,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus):
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "interrupted at step" in stdout and "Traceback" not in stderr
-    step = load_checkpoint(tmp_path / "checkpoint.pt")["step"]
+    step = load_checkpoint(tmp_path / "checkpoint.pt")["loop"]["step"]
     assert step >= 3
     s = pretrain(_cfg(tmp_path, corpus, f"train.steps={step + 1}"), resume=True, show_progress=False)
     assert s["step"] == step + 1
@@ -253,17 +253,22 @@ def test_tokenizer_cli(tmp_path, corpus):
     assert ids["eos"] == 2 and len(ids["sentinels"]) == 3
 
 
-def test_config_files_match_the_presets():
+def test_every_preset_loads_from_its_one_yaml_file():
     import yaml
 
     from lmlab.training import TRAIN_PRESETS
 
-    for name, preset in TRAIN_PRESETS.items():
-        data = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
-        assert data == preset, name
-        assert load_config(REPO / "configs" / f"{name}.yaml").to_dict() == load_config(name).to_dict()
-    demo = load_config(REPO / "configs" / "dialogsum-decoder-10m.yaml")
-    assert demo.model.preset == "decoder-10m" and demo.data.field == "dialogue"
+    preset_dir = REPO / "src" / "lmlab" / "training" / "presets"
+    names = sorted(p.stem for p in preset_dir.glob("*.yaml"))
+    assert names == sorted(TRAIN_PRESETS) and {"tiny", "decoder-10m", "encoder-decoder-10m"} <= set(names)
+    for name in names:
+        cfg = load_config(name)  # validates every section and the model preset
+        assert TRAIN_PRESETS[name] == yaml.safe_load((preset_dir / f"{name}.yaml").read_text()), name
+        assert cfg.model.preset == TRAIN_PRESETS[name]["model"]["preset"] and cfg.out_dir == f"runs/{name}"
+        assert not (REPO / "configs" / f"{name}.yaml").exists(), f"configs/{name}.yaml duplicates the preset"
+    demo = load_config(REPO / "configs" / "dialogsum-decoder-10m.yaml")  # a user recipe on top of a preset
+    assert demo.model.preset == "decoder-10m" and demo.data.field == "dialogue" and demo.train.steps == 300
+    assert demo.data.vocab_size == 4096 and demo.train.beta2 == TRAIN_PRESETS["decoder-10m"]["train"].get("beta2", 0.95)
 
 
 def test_overrides_parse_values_as_yaml():

@@ -7,12 +7,20 @@ The result is a directory in the layout Hugging Face tools read:
 
 Byte-level BPE (GPT-2's scheme) never needs an unknown token: every byte is in the base alphabet.
 Unigram (SentencePiece's scheme) uses the metaspace pre-tokenizer, as T5 and ALBERT do.
+
+Both are deterministic: the same texts and settings give a byte-identical ``tokenizer.json``. For
+Unigram that rules out the `tokenizers` trainer: it collects the words in a Rust ``HashMap``, whose
+iteration order is randomised per process, and sums the EM statistics in that order, so the scores
+(and near ties in pruning, hence the pieces) change from run to run even on one thread. The pieces
+and scores are therefore learnt by SentencePiece's trainer on one thread (the order of its sums is
+fixed) and loaded into a `tokenizers` Unigram model, which encodes with them.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lmlab.errors import ConfigError, DataError, choices_error
@@ -46,6 +54,11 @@ def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 8
     if vocab_size <= len(specials) + n_sentinels:
         raise ConfigError(f"vocab_size={vocab_size} must exceed the {len(specials) + n_sentinels} special tokens")
     base_size = vocab_size - n_sentinels  # sentinels are added on top, so the total is vocab_size
+    documents = iter(texts)
+    first = next(documents, None)
+    if first is None:
+        raise DataError("the tokenizer training corpus is empty (no documents read)")
+    documents = itertools.chain([first], documents)
 
     if kind == "bpe":
         tok = Tokenizer(models.BPE())
@@ -54,16 +67,15 @@ def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 8
         trainer = trainers.BpeTrainer(vocab_size=base_size, min_frequency=min_frequency, special_tokens=specials,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       show_progress=show_progress)
+        tok.train_from_iterator(documents, trainer=trainer)
     else:
-        tok = Tokenizer(models.Unigram())
+        pieces = _train_unigram_pieces(documents, base_size - len(specials), vocab_size)
+        vocab = [(s, 0.0) for s in specials] + pieces  # specials first (ids 0, 1, ...), then by score
+        unk_id = specials.index(special["unk"]) if "unk" in special else None
+        tok = Tokenizer(models.Unigram(vocab, unk_id=unk_id, byte_fallback=False))
+        tok.add_special_tokens(specials)  # matched whole in the text, never split into pieces
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=base_size, special_tokens=specials,
-                                          unk_token=special.get("unk"), show_progress=show_progress)
-    counted = _CountingIterator(texts)
-    tok.train_from_iterator(counted, trainer=trainer)
-    if counted.n == 0:
-        raise DataError("the tokenizer training corpus is empty (no documents read)")
     if n_sentinels:
         add_sentinels(tok, n_sentinels)
     if out_dir is not None:
@@ -71,14 +83,35 @@ def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 8
     return tok
 
 
-class _CountingIterator:
-    def __init__(self, texts: Iterable[str]):
-        self.texts, self.n = texts, 0
+def _train_unigram_pieces(texts: Iterable[str], n_pieces: int, vocab_size: int) -> list[tuple[str, float]]:
+    """Learn up to `n_pieces` Unigram pieces with their log-probabilities -> [(piece, score)], best first.
 
-    def __iter__(self) -> Iterator[str]:
-        for text in self.texts:
-            self.n += 1
-            yield text
+    SentencePiece's trainer with the settings that match the Metaspace pre-tokenizer (``▁`` marks a
+    word start, a ``▁`` is prepended, whitespace is kept and splits pieces, no normalisation), every
+    character kept (coverage 1.0), all documents read in order (no sampling, so no seed to fix) and
+    one thread, so the result depends on nothing but the texts.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, model_type="unigram",
+            vocab_size=n_pieces + 1, hard_vocab_limit=False,  # +1: SentencePiece's own <unk>, dropped below
+            unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+            normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
+            split_by_whitespace=True, character_coverage=1.0, byte_fallback=False,
+            input_sentence_size=0, shuffle_input_sentence=False, max_sentence_length=1 << 24,
+            num_threads=1, minloglevel=2)
+    except RuntimeError as exc:
+        if "vocab" in str(exc).lower():
+            raise ConfigError(f"vocab_size={vocab_size} is too small for this corpus ({str(exc).splitlines()[0]})") from None
+        raise DataError(f"Unigram training failed: {str(exc).splitlines()[0]}") from None
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    return [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())
+            if not (processor.is_unknown(i) or processor.is_control(i))]
 
 
 def add_sentinels(tok, n: int) -> list[int]:

@@ -4,7 +4,8 @@ A run config has four sections; every field can be overridden on the command lin
 ``--set section.field=value`` (the value is parsed as YAML, so ``--set train.lr=3e-4`` gives a float
 and ``--set data.files=[a.txt,b.jsonl]`` a list)::
 
-    base: decoder-10m            # optional: start from a training preset (TRAIN_PRESETS), then apply this file
+    base: decoder-10m            # optional: start from a training preset (TRAIN_PRESETS, read from
+                                 # lmlab/training/presets/NAME.yaml), then apply this file
     model: {preset: decoder-10m, dropout: 0.0}     # a lmlab.config.PRESETS name + ModelConfig overrides
     data:  {files: [corpus.jsonl], field: text, seq_len: 256, vocab_size: 8192}
     train: {objective: clm, steps: 2000, batch_size: 16, lr: 6e-4, ...}
@@ -181,52 +182,22 @@ def load_config(source: str | Path | None, overrides: list[str] | None = None) -
 
 
 # --- training presets: a model preset plus batch / lr / steps -----------------------------------
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {  # tests and smoke runs: seconds on one CPU thread
-        "model": {"preset": "tiny-decoder"},
-        "data": {"vocab_size": 300, "seq_len": 32, "n_sentinels": 16, "val_fraction": 0.1},
-        "train": {"steps": 20, "batch_size": 4, "lr": 3e-3, "warmup_steps": 4, "eval_every": 10, "eval_batches": 2,
-                  "ckpt_every": 10, "log_every": 1},
-        "out_dir": "runs/tiny",
-    },
-    "decoder-10m": {
-        "model": {"preset": "decoder-10m"},
-        "data": {"vocab_size": 8192, "seq_len": 256},
-        "train": {"objective": "clm", "steps": 2000, "batch_size": 16, "lr": 1e-3, "warmup_steps": 100},
-        "out_dir": "runs/decoder-10m",
-    },
-    "encoder-10m": {
-        "model": {"preset": "encoder-10m"},
-        "data": {"vocab_size": 8192, "seq_len": 256},
-        "train": {"objective": "mlm", "steps": 2000, "batch_size": 16, "lr": 1e-3, "warmup_steps": 100},
-        "out_dir": "runs/encoder-10m",
-    },
-    "encoder-decoder-10m": {
-        "model": {"preset": "encoder-decoder-10m"},
-        "data": {"vocab_size": 8192, "seq_len": 256, "tokenizer_kind": "unigram"},
-        "train": {"objective": "span", "steps": 2000, "batch_size": 16, "lr": 1e-3, "warmup_steps": 100},
-        "out_dir": "runs/encoder-decoder-10m",
-    },
-    # the reference shapes, for users with accelerators (hyper-parameters from the papers / nanoGPT)
-    "gpt2-124m": {
-        "model": {"preset": "gpt2-124m"},
-        "data": {"vocab_size": 50257, "seq_len": 1024},
-        "train": {"objective": "clm", "steps": 600000, "batch_size": 12, "grad_accum": 40, "lr": 6e-4,
-                  "warmup_steps": 2000, "weight_decay": 0.1, "eval_every": 2000, "ckpt_every": 2000},
-        "out_dir": "runs/gpt2-124m",
-    },
-    "bert-base": {
-        "model": {"preset": "bert-base"},
-        "data": {"vocab_size": 30522, "seq_len": 512},
-        "train": {"objective": "mlm", "steps": 1000000, "batch_size": 256, "lr": 1e-4, "warmup_steps": 10000,
-                  "weight_decay": 0.01, "beta2": 0.999, "eval_every": 5000, "ckpt_every": 5000},
-        "out_dir": "runs/bert-base",
-    },
-    "t5-small": {
-        "model": {"preset": "t5-small"},
-        "data": {"vocab_size": 32128, "seq_len": 512, "tokenizer_kind": "unigram"},
-        "train": {"objective": "span", "steps": 524288, "batch_size": 128, "lr": 1e-2, "warmup_steps": 10000,
-                  "weight_decay": 0.0, "eval_every": 5000, "ckpt_every": 5000},
-        "out_dir": "runs/t5-small",
-    },
-}
+def _read_presets() -> dict[str, dict[str, Any]]:
+    """name -> raw config dict, one YAML file per preset in ``lmlab/training/presets/`` (package data).
+
+    The YAML files are the only source: ``--config NAME``, ``base: NAME`` and this dict all read them.
+    """
+    from importlib.resources import files
+
+    import yaml
+
+    presets = {}
+    for entry in sorted(files("lmlab.training").joinpath("presets").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            presets[entry.name[: -len(".yaml")]] = yaml.safe_load(entry.read_text())
+    return presets
+
+
+# tiny (tests and smoke runs: seconds on one CPU thread), decoder-10m, encoder-10m, encoder-decoder-10m,
+# and the reference shapes for users with accelerators: gpt2-124m, bert-base, t5-small
+TRAIN_PRESETS: dict[str, dict[str, Any]] = _read_presets()
