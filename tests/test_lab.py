@@ -177,6 +177,31 @@ def test_sampled_experiments_are_reproducible(tiny_model_dir, tmp_path):
     assert run("c", 1) != first
 
 
+def test_sampled_summary_does_not_depend_on_batch_size_or_resume_point(tiny_model_dir, tmp_path):
+    """Each example samples from its own generator seeded from (seed, example id), not from one seed per batch."""
+    from lmlab.tasks.summarize.experiments import example_seed
+
+    def settings(out: str, batch_size: int, max_rows=None) -> LabSettings:
+        return LabSettings(model=str(tiny_model_dir), experiments="sample-t1.0", limit=7, batch_size=batch_size,
+                           max_new_tokens=6, seed=3, out=tmp_path / out, examples=0, max_rows=max_rows)
+
+    def outputs(out: str) -> dict[str, str]:
+        return {r["id"]: r["output"] for r in read_rows(tmp_path / out)}
+
+    run_lab(settings("b4", 4), echo=lambda s: None)
+    assert len(set(outputs("b4").values())) >= 5  # really sampled: 7 examples, (almost) 7 different texts
+    run_lab(settings("b1", 1), echo=lambda s: None)
+    assert outputs("b1") == outputs("b4")
+    # interrupted after the first batch of 3, resumed with batches of 2: rows restart at other batch positions
+    with pytest.raises(LabInterrupted):
+        run_lab(settings("resumed", 3, max_rows=1), echo=lambda s: None)
+    assert len(read_rows(tmp_path / "resumed")) == 3
+    run_lab(settings("resumed", 2), echo=lambda s: None)
+    assert outputs("resumed") == outputs("b4")
+    rows = read_rows(tmp_path / "resumed")  # each row records the seed it sampled with
+    assert [r["generation"]["seed"] for r in rows] == [example_seed(3, r["id"]) for r in rows]
+
+
 def test_changed_settings_are_refused(tiny_model_dir, tmp_path):
     settings = LabSettings(model=str(tiny_model_dir), experiments="zero-shot-bare", limit=2, max_new_tokens=3,
                            out=tmp_path / "out", examples=0)

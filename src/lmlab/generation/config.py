@@ -30,7 +30,10 @@ class GenerationConfig:
     top_k: int = 0  # keep the k most likely tokens (0: off)
     top_p: float = 1.0  # keep the smallest set whose probability reaches top_p (1: off)
     min_p: float = 0.0  # drop tokens with p < min_p * p_max (0: off)
-    seed: int | None = None  # seeds the sampler's torch.Generator: same seed -> same text
+    # seeds the sampler: an int seeds one torch.Generator for the batch (same seed -> same text); a list holds
+    # one seed per batch row, each row drawing from its own generator, so a row's text does not depend on which
+    # rows share its batch (the lab seeds each example from its id this way)
+    seed: int | list[int] | None = None
 
     # --- repetition --------------------------------------------------------------------------
     repetition_penalty: float = 1.0  # CTRL's penalty on tokens already in the sequence (1: off)
@@ -80,8 +83,13 @@ class GenerationConfig:
                 raise ConfigError(f"eos_token_ids={self.eos_token_ids!r} must be non-negative integers (bad: {bad})")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ConfigError(f"stop_strings={self.stop_strings!r} must be non-empty strings")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ConfigError(f"seed={self.seed!r} must be a non-negative integer")
+        if isinstance(self.seed, tuple):
+            self.seed = list(self.seed)
+        seeds = self.seed if isinstance(self.seed, list) else [] if self.seed is None else [self.seed]
+        if (isinstance(self.seed, list) and not seeds) or any(
+                not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+            raise ConfigError(f"seed={self.seed!r} must be a non-negative integer, or a non-empty list of them "
+                              "(one per batch row)")
 
     @property
     def sampling(self) -> bool:

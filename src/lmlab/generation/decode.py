@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from lmlab.errors import DataError
+from lmlab.errors import ConfigError, DataError
 from lmlab.generation.config import GenerationConfig
 from lmlab.generation.processors import build_processors
 from lmlab.nn.packed import maybe_packed_linears
@@ -252,10 +252,7 @@ def _sample_steps(model, input_ids, attention_mask, config: GenerationConfig, to
     chain = build_processors(config, prompt_len=L0, eos_token_ids=config.eos_token_ids)
     eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=device) if config.eos_token_ids else None
     stop_check = _stop_checker(tokenizer, config.stop_strings)
-    generator = None
-    if config.sampling:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(config.seed if config.seed is not None else int(torch.randint(2**62, ()).item()))
+    generators = _generators(config.seed, B, device) if config.sampling else None  # one, or one per row
     active = torch.arange(B, device=device)  # (A,) original row of each row still in the batch
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # (A,)
 
@@ -263,8 +260,8 @@ def _sample_steps(model, input_ids, attention_mask, config: GenerationConfig, to
     for t in range(config.max_new_tokens):
         L = L0 + t
         scores = chain(seq[:, :L], logits.float()) if len(chain) else logits
-        if generator is not None:
-            tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)  # (A,)
+        if generators is not None:
+            tokens = _draw(scores.softmax(-1), generators)  # (A,)
         else:
             tokens = scores.argmax(-1)  # (A,)
         tokens = tokens.masked_fill(finished, config.pad_token_id)
@@ -289,7 +286,28 @@ def _sample_steps(model, input_ids, attention_mask, config: GenerationConfig, to
             keep = (~finished).nonzero().squeeze(1)
             run.reorder(keep)
             seq, active, finished, tokens = seq[keep], active[keep], finished[keep], tokens[keep]
+            if generators is not None and len(generators) > 1:  # per-row streams leave with their rows
+                generators = [generators[i] for i in keep.tolist()]
         logits = run.step(tokens)
+
+
+def _generators(seed: int | list[int] | None, batch: int, device) -> list[torch.Generator]:
+    """The random streams of a sampled generation: ``[one]`` shared by the batch (seed an int, or None: a random
+    seed), or one per row (seed a list of ``batch`` seeds), so that a row's draws never depend on its neighbours."""
+    if isinstance(seed, list):
+        if len(seed) != batch:
+            raise ConfigError(f"seed has {len(seed)} per-row seeds but the batch has {batch} rows; give one per row")
+        seeds = seed
+    else:
+        seeds = [seed if seed is not None else int(torch.randint(2**62, ()).item())]
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row from probs (A, V) -> (A,); with per-row generators each row draws from its own."""
+    if len(generators) == 1:  # also a single row with its own seed: the same draw either way
+        return torch.multinomial(probs, 1, generator=generators[0]).squeeze(1)
+    return torch.cat([torch.multinomial(row[None], 1, generator=g) for row, g in zip(probs, generators)]).squeeze(1)
 
 
 def _beam_search(model, input_ids, attention_mask, config: GenerationConfig, tokenizer=None) -> list[list[int]]:

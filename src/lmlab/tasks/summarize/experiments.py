@@ -15,8 +15,10 @@ Each experiment is one row of the lab's report. Two families:
     ``greedy``, ``sample-t0.7``, ``sample-t1.0``, ``top-k-50``, ``top-p-0.9``, ``rep-penalty-1.2``
 
 Shots always come from a separate pool (never the dialogue being summarized); the lab builds the pool.
-Random shots are drawn per example with a seed derived from ``--seed`` and the example id, so a
-resumed run picks the same shots.
+Everything random is seeded per example from ``--seed`` and the example id (``example_seed``): the random
+shots, and the tokens of the sampled experiments, which each example draws from its own generator. A
+sampled summary is therefore the same whatever the batch size, the example's place in its batch, or
+where a resumed run restarted.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ class Experiment:
     def instruction(self) -> str | None:
         return INSTRUCTION if self.template == "instruction" else None
 
+    @property
+    def samples(self) -> bool:
+        """Whether this experiment draws its tokens at random (and so needs per-example seeds)."""
+        return bool(self.generation.get("do_sample"))
+
 
 _SAMPLE = dict(do_sample=True)
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
@@ -90,6 +97,8 @@ def spec_hash(experiment: Experiment) -> str:
     """
     spec = dict(dataclasses.asdict(experiment), instruction_text=experiment.instruction(),
                 stop_strings=STOP_STRINGS, chat_stop_strings=CHAT_STOP_STRINGS)
+    if experiment.samples:  # rows sampled before per-example seeding (one seed per batch) are not reused
+        spec["sampling_seed"] = "per example: example_seed(seed, id)"
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -125,16 +134,28 @@ def check_shots(experiments: list[Experiment], k: int, pool_size: int, pool_sour
                             f"holds only {pool_size} dialogues; lower --shots or grow --pool-size/--shots-from")
 
 
-def generation_config(experiment: Experiment, max_new_tokens: int, seed: int, chat: bool):
-    """The GenerationConfig of an experiment: greedy unless it samples; seeded; with dialogue stop strings."""
+def generation_config(experiment: Experiment, max_new_tokens: int, seed: int, chat: bool,
+                      example_ids: list[str] | None = None):
+    """The GenerationConfig of an experiment: greedy unless it samples; seeded; with dialogue stop strings.
+
+    Given the ``example_ids`` of a batch, a sampled experiment gets one seed per row,
+    ``example_seed(seed, id)``, so each example samples from its own stream: the same tokens whatever
+    else is in its batch. (One seed for the whole batch would make row j of every batch share a stream
+    and tie each summary to the batch size.)
+    """
     from lmlab.generation import GenerationConfig
 
     stop = list(CHAT_STOP_STRINGS if chat else STOP_STRINGS)
+    if experiment.samples and example_ids is not None:
+        seed = [example_seed(seed, example_id) for example_id in example_ids]
     return GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, stop_strings=stop, **experiment.generation)
 
 
-def shot_seed(seed: int, example_id: str) -> int:
-    """Per-example seed for random shot selection: stable across runs and resumes."""
+def example_seed(seed: int, example_id: str) -> int:
+    """Per-example seed from the run's ``--seed`` and the example id: stable across runs, batch sizes and resumes.
+
+    Seeds the example's random shots and, in sampled experiments, its tokens.
+    """
     return (seed * 1_000_003 + zlib.crc32(example_id.encode("utf-8"))) % (2**31)
 
 

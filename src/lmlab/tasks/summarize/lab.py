@@ -17,7 +17,8 @@ shots, seed, max_new_tokens, chat). Re-running with the same ``--out`` and the s
 every (experiment, example id) already in ``results.jsonl``; a different signature is an error that
 names the changed settings (use a new ``--out``). Adding experiments or raising ``--limit`` is not a
 change of signature: the new rows are generated, the finished ones reused. ``--batch-size`` is not
-part of the signature either: greedy rows do not depend on it beyond float rounding.
+part of the signature either: greedy rows do not depend on it beyond float rounding, and sampled rows
+draw from a generator seeded per example from (seed, example id), not per batch.
 Interrupted (Ctrl-C), the batches already written stay; ``LabInterrupted`` says how to resume.
 """
 
@@ -36,7 +37,7 @@ from lmlab.errors import ConfigError, DataError
 from lmlab.tasks.summarize import report as _report
 from lmlab.tasks.summarize.data import Dialogue, DialogueSet, load_dialogues, require_references
 from lmlab.tasks.summarize.experiments import (
-    Experiment, check_shots, clean_summary, generation_config, parse_experiments, shot_seed, spec_hash,
+    Experiment, check_shots, clean_summary, example_seed, generation_config, parse_experiments, spec_hash,
 )
 from lmlab.tasks.summarize.rouge import n_words, score_example
 
@@ -221,7 +222,7 @@ class _PromptBuilder:
         if k:
             embedder = self.embedder() if experiment.shot_method == "nearest" else None
             shots = select_shots(record.dialogue, self.pool, k, method=experiment.shot_method,
-                                 seed=shot_seed(self.seed, record.id), embedder=embedder)
+                                 seed=example_seed(self.seed, record.id), embedder=embedder)
         return build_prompt(record.dialogue, shots, template=experiment.template, tokenizer=self.tokenizer,
                             chat=self.chat, instruction=experiment.instruction(),
                             max_prompt_tokens=self.max_prompt_tokens)
@@ -337,15 +338,17 @@ def _generate_rows(todo, model, tokenizer, builder: _PromptBuilder, settings: La
             experiments = {e.name: e for e, _, _ in todo}  # in order of first appearance
             for experiment in experiments.values():
                 items = [(r, p) for e, r, p in todo if e.name == experiment.name]
-                config = generation_config(experiment, settings.max_new_tokens, settings.seed, chat)
                 bar.set_description(experiment.name)
                 for i in range(0, len(items), settings.batch_size):
                     batch = [r for r, _ in items[i:i + settings.batch_size]]
                     prompts = [p for _, p in items[i:i + settings.batch_size]]
+                    config = generation_config(experiment, settings.max_new_tokens, settings.seed, chat,
+                                               example_ids=[r.id for r in batch])  # sampled: a seed per row
                     t0 = time.perf_counter()
                     outputs = _generate(model, tokenizer, [p.text for p in prompts], config)
                     seconds = time.perf_counter() - t0
-                    for record, prompt, (output, n_generated) in zip(batch, prompts, outputs):
+                    row_seeds = config.seed if isinstance(config.seed, list) else [config.seed] * len(batch)
+                    for record, prompt, (output, n_generated), row_seed in zip(batch, prompts, outputs, row_seeds):
                         summary = clean_summary(output)
                         row = {
                             "experiment": experiment.name, "id": record.id, "run": run_hash,
@@ -359,9 +362,9 @@ def _generate_rows(todo, model, tokenizer, builder: _PromptBuilder, settings: La
                             "dropped_shots": len(getattr(prompt, "dropped_shots", []) or []),
                             "truncated_query": bool(getattr(prompt, "truncated_query", False)),
                             "seconds": seconds / len(batch), "batch_seconds": seconds, "batch_size": len(batch),
-                            "generation": {k: v for k, v in asdict(config).items()
-                                           if k in ("do_sample", "temperature", "top_k", "top_p",
-                                                    "repetition_penalty", "seed")},
+                            "generation": {**{k: v for k, v in asdict(config).items()
+                                              if k in ("do_sample", "temperature", "top_k", "top_p",
+                                                       "repetition_penalty")}, "seed": row_seed},
                         }
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
                         done[(experiment.name, record.id)] = row
