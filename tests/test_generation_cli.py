@@ -52,13 +52,27 @@ def test_generate_streams_the_same_text_as_the_library(smollm2, capsys):
     assert capsys.readouterr().out == expected + "\n" and expected.strip()
 
 
-def test_generate_sampling_flags_are_seeded(capsys):
-    argv = ["generate", "smollm2-135m-instruct", "Once upon a time", "--do-sample", "--temperature", "0.9",
-            "--top-p", "0.9", "--seed", "3", "--max-new-tokens", "10"]
-    assert main(argv) == 0
-    first = capsys.readouterr().out
-    assert main(argv) == 0
-    assert capsys.readouterr().out == first
+def test_generate_sampling_flags_change_the_text(smollm2, monkeypatch, capsys):
+    """Each sampling flag must reach the sampler: a test that only compared two runs with the same seed would
+    pass if the flags were ignored (greedy twice is also the same text twice)."""
+    import lmlab
+
+    model, tok = smollm2
+    monkeypatch.setattr(lmlab, "load_model", lambda source: model)  # load once, not once per command
+    monkeypatch.setattr(lmlab, "load_tokenizer", lambda source: tok)
+
+    def run(*flags: str) -> str:
+        assert main(["generate", "smollm2-135m-instruct", "Once upon a time", "--max-new-tokens", "12", *flags]) == 0
+        return capsys.readouterr().out
+
+    greedy = run()
+    hot = {seed: run("--do-sample", "--temperature", "1.5", "--seed", str(seed)) for seed in (1, 2, 3)}
+    assert run("--do-sample", "--temperature", "1.5", "--seed", "1") == hot[1]  # same seed, same text
+    assert len(set(hot.values())) == 3 and greedy not in hot.values()  # --do-sample and --seed change it
+    # each filter, at its extreme, leaves only the most likely token, so the same seed now gives the greedy text
+    for flag, value in (("--top-k", "1"), ("--top-p", "0.001"), ("--min-p", "1.0")):
+        assert run("--do-sample", "--temperature", "1.5", "--seed", "1", flag, value) == greedy, flag
+    assert run("--do-sample", "--temperature", "0.001", "--seed", "1") == greedy  # temperature reaches the sampler
 
 
 def test_summarize_one_shot_prints_the_summary(smollm2, shots_file, capsys):
