@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("lmlab.commands.tokenizer", "train a BPE or Unigram tokenizer"),
     "pretrain": ("lmlab.commands.pretrain", "pre-train a Transformer (causal LM, masked LM, span corruption)"),
     "export": ("lmlab.commands.export", "export an lmlab checkpoint to Hugging Face format"),
+    "serve": ("lmlab.commands.serve", "serve a model: OpenAI-compatible HTTP API with continuous batching, and a playground"),
+    "finetune": ("lmlab.commands.finetune", "fine-tune a model on (prompt, response) pairs: full or LoRA"),
+    "merge": ("lmlab.commands.merge", "fold a LoRA adapter into its base model and save the merged weights"),
     "plan": ("lmlab.commands.plan", "estimate memory (training/inference, DDP/ZeRO/FSDP) and plan compute-optimal training"),
     "models": ("lmlab.commands.models", "list the registry's models: size, source, and whether each is installed here"),
 }

@@ -1,0 +1,655 @@
+"""The HTTP side of ``lmlab serve``: OpenAI-compatible endpoints, Server-Sent Events, metrics, the playground.
+
+Routes (``create_app(settings, loader)`` builds a Starlette app; uvicorn runs it):
+
+    GET  /health                 503 while the model loads, 200 when ready
+    GET  /metrics                Prometheus text: running/queued requests, tokens, TTFT and inter-token histograms
+    GET  /v1/models              the one model served
+    POST /v1/completions         prompt (str or list of str) -> text; ``stream: true`` sends SSE chunks
+    POST /v1/chat/completions    messages through the checkpoint's chat template -> an assistant message
+    POST /v1/summarize           a dialogue -> a summary with the lab's recipes (zero/one/few-shot, fine-tuned)
+    GET  /v1/summarize/dialogues the bundled dialogues and the recipes available (for the playground)
+    GET  /                       the playground (static HTML/CSS/JS from ``serve/static``)
+
+This layer holds no model logic: it validates a request, turns it into prompt token ids and a
+``GenerationConfig`` per choice, submits them to the ``Scheduler`` (the one thread that owns the model)
+and relays the scheduler's events, hopping them from the model thread onto the event loop. Errors are
+OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}`` with 400 (bad JSON or parameters,
+naming the field), 401 (API key), 429 (queue full, with ``Retry-After``), 503 (loading or shutting down).
+A client that disconnects cancels its requests, which frees their slots before the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from lmlab.errors import LmlabError
+from lmlab.serve.metrics import Metrics
+from lmlab.serve.scheduler import Closing, Event, QueueFull, Scheduler
+
+STATIC = Path(__file__).parent / "static"
+MAX_N = 8  # choices per request
+MAX_STOP = 4  # stop sequences per request, as OpenAI allows
+SUMMARY_RECIPES = {"zero-shot": 0, "one-shot": 1, "few-shot": 3, "fine-tuned": 0}  # recipe -> shots
+
+
+@dataclass
+class ServeSettings:
+    """What ``lmlab serve`` was started with (see ``lmlab serve --help``)."""
+
+    model_name: str = "lmlab"
+    api_key: str | None = None
+    max_batch: int = 16
+    max_queue: int = 64
+    timeout: float = 600.0
+    shot_method: str = "nearest"  # summarize shots: "nearest" (MiniLM, the lab's best) or "random"
+    finetuned: Any = None  # a prompt recipe (lmlab.training.finetune.Recipe) when serving a fine-tuned summarizer
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ApiError(Exception):
+    """An OpenAI-style error response."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+@dataclass
+class InstructionRecipe:
+    """The lab's zero-shot instruction prompt: the fine-tuned recipe when an adapter brings none of its own."""
+
+    chat: bool | None = None  # None: the chat template when the tokenizer has one
+
+    def prompt(self, text: str, tokenizer, max_prompt_tokens: int | None = None):
+        from lmlab.prompting import build_prompt
+        from lmlab.tasks.summarize.experiments import INSTRUCTION
+
+        chat = getattr(tokenizer, "chat_template", None) is not None if self.chat is None else self.chat
+        return build_prompt(text, [], template="instruction", tokenizer=tokenizer, chat=chat, instruction=INSTRUCTION,
+                            max_prompt_tokens=max_prompt_tokens)
+
+
+def finetuned_recipe(adapter_dir: str | Path):
+    """The prompt recipe a fine-tuned summarizer was trained with (``lmlab_recipe.json`` beside its weights,
+    written by ``lmlab finetune``), else the lab's zero-shot instruction prompt."""
+    try:
+        from lmlab.training.finetune import Recipe
+    except ImportError:
+        return InstructionRecipe()
+    return Recipe.load(adapter_dir) or InstructionRecipe()
+
+
+# --- request validation ----------------------------------------------------------------------------
+def _number(body: dict, name: str, default, low=None, high=None, integer=False, low_open=False):
+    """body[name] as a number in [low, high] (or (low, high] with low_open) -> value; ApiError naming the field."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise ApiError(400, f"{name}={value!r} must be {kind}", name)
+    if value != value:  # NaN
+        raise ApiError(400, f"{name}={value!r} must be {kind}", name)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+        hi = "" if high is None else f"<= {high}"
+        raise ApiError(400, f"{name}={value!r} must be {' and '.join(s for s in (lo, hi) if s)}", name)
+    return value
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if (not isinstance(stop, list) or not 1 <= len(stop) <= MAX_STOP
+            or any(not isinstance(s, str) or not s for s in stop)):
+        raise ApiError(400, f"stop={body.get('stop')!r} must be a non-empty string or a list of 1 to {MAX_STOP} of them",
+                       "stop")
+    return stop
+
+
+def _bool(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{name}={value!r} must be true or false", name)
+    return value
+
+
+def generation_configs(body: dict, max_tokens_default: int, n: int = 1, max_tokens_field: str = "max_tokens"):
+    """The GenerationConfig of each of `n` choices from OpenAI fields plus lmlab's extras.
+
+    ``temperature`` 0 means greedy (OpenAI's default is 1: sampling). With a ``seed``, choice i samples
+    with seed + i, so several choices differ but each is reproducible.
+    """
+    from lmlab.generation import GenerationConfig
+
+    for unsupported in ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "tools", "functions", "logit_bias"):
+        if body.get(unsupported) not in (None, False, 1 if unsupported == "best_of" else None):
+            raise ApiError(400, f"{unsupported} is not supported by lmlab serve", unsupported)
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if _number(body, penalty, 0.0, -2.0, 2.0) != 0:
+            raise ApiError(400, f"{penalty} is not supported; use repetition_penalty (lmlab's multiplicative penalty)",
+                           penalty)
+    max_tokens = _number(body, max_tokens_field, None, 1, integer=True)
+    if max_tokens is None and max_tokens_field != "max_tokens":
+        max_tokens = _number(body, "max_tokens", None, 1, integer=True)
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_k = _number(body, "top_k", 0, -1, integer=True)
+    seed = _number(body, "seed", None, 0, integer=True)
+    config = GenerationConfig(
+        max_new_tokens=max_tokens or max_tokens_default,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        top_k=max(top_k, 0),  # -1 (vLLM's "off") and 0 both disable it
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, low_open=True),
+        seed=seed,
+        stop_strings=_stop(body),
+    )
+    return [config if seed is None else config.replace(seed=seed + i) for i in range(n)]
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+# --- the server state --------------------------------------------------------------------------------
+class ServerState:
+    """The model, tokenizer and scheduler once loaded (in a background thread, so /health answers 503 meanwhile)."""
+
+    def __init__(self, settings: ServeSettings, loader: Callable[[], tuple[Any, Any]]):
+        self.settings, self.loader = settings, loader
+        self.metrics = Metrics()
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.model = self.tokenizer = self.scheduler = None
+        self.created = int(time.time())
+        self._embedder = None
+        self._embedder_lock = threading.Lock()
+
+    def load(self) -> None:
+        try:
+            model, tokenizer = self.loader()
+            s = self.settings
+            self.scheduler = Scheduler(model, tokenizer, max_batch=s.max_batch, max_queue=s.max_queue,
+                                       timeout=s.timeout, metrics=self.metrics)
+            self.model, self.tokenizer = model, tokenizer
+            self.ready.set()
+        except Exception as exc:  # reported by /health and every endpoint
+            self.load_error = f"{type(exc).__name__}: {exc}"
+
+    def require_ready(self) -> Scheduler:
+        if self.load_error:
+            raise ApiError(500, f"the model failed to load: {self.load_error}", type="server_error")
+        if not self.ready.is_set():
+            raise ApiError(503, "the model is still loading; retry shortly", type="server_error",
+                           headers={"Retry-After": "1"})
+        return self.scheduler
+
+    def embedder(self):
+        with self._embedder_lock:
+            if self._embedder is None:
+                from lmlab.prompting import SentenceEmbedder
+
+                self._embedder = SentenceEmbedder()
+            return self._embedder
+
+    # --- prompts ---------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """A prompt's ids, special tokens as the tokenizer's configuration says (like ``lmlab.generate``)."""
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def resolve(self, config):
+        from lmlab.generation.decode import resolve_config
+
+        return resolve_config(self.model, config, self.tokenizer)
+
+    def check_window(self, prompt_ids: list[int], max_tokens: int, field: str = "max_tokens") -> None:
+        window = self.scheduler.context_window
+        if len(prompt_ids) + max_tokens > window:
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens and {field}={max_tokens}: "
+                                f"{len(prompt_ids) + max_tokens} exceeds the context window of {window} tokens",
+                           field if len(prompt_ids) < window else "prompt", code="context_length_exceeded")
+
+
+# --- running requests ------------------------------------------------------------------------------
+async def _watch_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the ASGI server sends http.disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class ChoiceRun:
+    """The requests of one API call (one per choice), submitted at once, and their events as they come.
+
+    Submitting happens in the constructor, before any response starts, so a full queue is still a
+    429 rather than a broken stream. Leaving ``events()`` early (the client disconnected, the stream was
+    cancelled) cancels whatever is still running, which frees its KV-cache slot.
+    """
+
+    def __init__(self, state: ServerState, prompts: list[list[int]], configs: list):
+        self.scheduler = state.require_ready()
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.handles = []
+        try:
+            for i, (ids, config) in enumerate(zip(prompts, configs)):
+                emit = (lambda event, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, event)))
+                self.handles.append(self.scheduler.submit(ids, config, emit))
+        except QueueFull as exc:
+            self.cancel()
+            raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except Closing as exc:
+            self.cancel()
+            raise ApiError(503, str(exc), type="server_error", headers={"Retry-After": "5"}) from None
+        except LmlabError as exc:
+            self.cancel()
+            raise ApiError(400, str(exc), "prompt") from None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(h.prompt_tokens for h in self.handles)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(h.completion_tokens for h in self.handles)
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            if h.finish_reason is None:
+                self.scheduler.cancel(h)
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) until every choice has ended."""
+        open_choices = len(self.handles)
+        try:
+            while open_choices:
+                i, event = await self.queue.get()
+                if event.kind != "text":
+                    open_choices -= 1
+                yield i, event
+        finally:
+            self.cancel()
+
+    async def collect(self, request: Request) -> tuple[list[str], list[str | None]] | None:
+        """Run every choice to its end -> (texts, finish reasons); None when the client left meanwhile."""
+        texts = [""] * len(self.handles)
+        reasons: list[str | None] = [None] * len(self.handles)
+        errors = []
+
+        async def consume():
+            async for i, event in self.events():
+                if event.kind == "text":
+                    texts[i] += event.text
+                elif event.kind == "done":
+                    reasons[i] = event.finish_reason
+                else:
+                    errors.append(event.error)
+
+        work = asyncio.ensure_future(consume())
+        watcher = asyncio.ensure_future(_watch_disconnect(request))
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        watcher.cancel()
+        if not work.done():  # the client left: cancel the requests and stop waiting
+            self.cancel()
+            work.cancel()
+            return None
+        if errors:
+            raise ApiError(500, f"generation failed: {errors[0]}", type="server_error")
+        return texts, reasons
+
+
+# --- endpoints -------------------------------------------------------------------------------------
+def create_app(settings: ServeSettings, loader: Callable[[], tuple[Any, Any]]) -> Starlette:
+    """The Starlette app. `loader()` returns (model, tokenizer); it runs in a thread after start-up."""
+    state = ServerState(settings, loader)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        threading.Thread(target=state.load, name="lmlab-load", daemon=True).start()
+        yield
+        if state.scheduler is not None:  # uvicorn has drained the HTTP requests; stop the loop
+            await asyncio.to_thread(state.scheduler.close, True)
+
+    def endpoint(fn):
+        async def wrapped(request: Request) -> Response:
+            try:
+                if settings.api_key and request.url.path.startswith("/v1/"):
+                    given = request.headers.get("authorization", "")
+                    if given != f"Bearer {settings.api_key}":
+                        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                       type="authentication_error", code="invalid_api_key")
+                return await fn(request)
+            except ApiError as exc:
+                return exc.response()
+        return wrapped
+
+    async def body_of(request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    async def health(request: Request) -> Response:
+        if state.load_error:
+            return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
+        if not state.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ok", "model": settings.model_name})
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": settings.model_name, "object": "model", "created": state.created, "owned_by": "lmlab"}]})
+
+    def check_model(body: dict) -> None:
+        name = body.get("model")
+        if name is not None and not isinstance(name, str):
+            raise ApiError(400, f"model={name!r} must be a string", "model")
+
+    def choices_count(body: dict) -> int:
+        return _number(body, "n", 1, 1, MAX_N, integer=True)
+
+    async def stream_response(events: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def include_usage(body: dict) -> bool:
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise ApiError(400, f"stream_options={options!r} must be an object", "stream_options")
+        return bool(options.get("include_usage", False))
+
+    # --- completions -------------------------------------------------------------------------------
+    async def completions(request: Request) -> Response:
+        body = await body_of(request)
+        state.require_ready()
+        check_model(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
+        else:
+            raise ApiError(400, f"prompt={prompt!r} must be a string or a non-empty list of strings", "prompt")
+        n = choices_count(body)
+        stream = _bool(body, "stream")
+        configs = [state.resolve(c) for c in _configs_or_400(body, 16, n)]
+        ids = [state.encode(p) for p in prompts]
+        for row in ids:
+            if not row:
+                raise ApiError(400, "prompt is empty: it needs at least one token", "prompt")
+            state.check_window(row, configs[0].max_new_tokens)
+        # choice k = prompt k // n, sample k % n (OpenAI's order)
+        all_ids = [row for row in ids for _ in range(n)]
+        all_configs = [configs[j] for _ in ids for j in range(n)]
+        prompt_tokens = sum(len(r) for r in ids)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(choices, usage=None):
+            out = {"id": rid, "object": "text_completion", "created": created, "model": settings.model_name,
+                   "choices": choices}
+            if usage is not None:
+                out["usage"] = usage
+            return out
+
+        if stream:
+            include_usage(body)  # validated; usage is always sent
+            run = ChoiceRun(state, all_ids, all_configs)
+
+            async def sse():
+                async for i, event in run.events():
+                    if event.kind == "text":
+                        yield _sse(chunk([{"index": i, "text": event.text, "logprobs": None, "finish_reason": None}]))
+                    elif event.kind == "done":
+                        yield _sse(chunk([{"index": i, "text": "", "logprobs": None,
+                                           "finish_reason": event.finish_reason}]))
+                    else:
+                        yield _sse({"error": {"message": event.error, "type": "server_error", "param": None,
+                                              "code": None}})
+                usage = _usage(prompt_tokens, run.completion_tokens)
+                yield _sse(chunk([], usage))  # OpenAI sends it only with include_usage; lmlab always does
+                yield _sse("[DONE]")
+
+            return await stream_response(sse())
+        run = ChoiceRun(state, all_ids, all_configs)
+        result = await run.collect(request)
+        if result is None:
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        texts, reasons = result
+        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        return JSONResponse(chunk(choices, _usage(prompt_tokens, run.completion_tokens)))
+
+    # --- chat --------------------------------------------------------------------------------------
+    def chat_prompt_ids(body: dict) -> list[int]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, f"messages={messages!r} must be a non-empty list of {{role, content}} objects",
+                           "messages")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+                raise ApiError(400, f"messages[{i}] must be an object with role system, user or assistant",
+                               f"messages[{i}].role")
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: keep the text ones
+                if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                    raise ApiError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+                content = "".join(p.get("text", "") for p in content)
+            if not isinstance(content, str):
+                raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
+            role = "system" if m["role"] == "developer" else m["role"]
+            clean.append({"role": role, "content": content})
+        if getattr(state.tokenizer, "chat_template", None) is None:
+            raise ApiError(400, f"model {settings.model_name!r} has no chat template; use /v1/completions", "messages")
+        try:
+            text = state.tokenizer.apply_chat_template(clean, add_generation_prompt=True)
+        except LmlabError as exc:
+            raise ApiError(400, str(exc), "messages") from None
+        return state.encode(text)
+
+    async def chat(request: Request) -> Response:
+        body = await body_of(request)
+        state.require_ready()
+        check_model(body)
+        n = choices_count(body)
+        stream = _bool(body, "stream")
+        ids = chat_prompt_ids(body)
+        window = state.scheduler.context_window
+        default = max(1, min(256, window - len(ids)))
+        configs = [state.resolve(c) for c in _configs_or_400(body, default, n, "max_completion_tokens")]
+        field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        state.check_window(ids, configs[0].max_new_tokens, field)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(choices, usage=None, obj="chat.completion.chunk"):
+            out = {"id": rid, "object": obj, "created": created, "model": settings.model_name, "choices": choices}
+            if usage is not None:
+                out["usage"] = usage
+            return out
+
+        if stream:
+            include_usage(body)  # validated; usage is always sent
+            run = ChoiceRun(state, [ids] * n, configs)
+
+            async def sse():
+                for i in range(n):
+                    yield _sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                       "logprobs": None, "finish_reason": None}]))
+                async for i, event in run.events():
+                    if event.kind == "text":
+                        yield _sse(chunk([{"index": i, "delta": {"content": event.text}, "logprobs": None,
+                                           "finish_reason": None}]))
+                    elif event.kind == "done":
+                        yield _sse(chunk([{"index": i, "delta": {}, "logprobs": None,
+                                           "finish_reason": event.finish_reason}]))
+                    else:
+                        yield _sse({"error": {"message": event.error, "type": "server_error", "param": None,
+                                              "code": None}})
+                yield _sse(chunk([], _usage(len(ids), run.completion_tokens)))
+                yield _sse("[DONE]")
+
+            return await stream_response(sse())
+        run = ChoiceRun(state, [ids] * n, configs)
+        result = await run.collect(request)
+        if result is None:
+            return Response(status_code=499)
+        texts, reasons = result
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        return JSONResponse(chunk(choices, _usage(len(ids), run.completion_tokens),
+                                  obj="chat.completion"))
+
+    # --- summarize ---------------------------------------------------------------------------------
+    def summarize_prompt(dialogue: str, recipe: str, max_tokens: int):
+        """The lab's prompt for `recipe` (built in a worker thread: nearest shots embed with MiniLM)."""
+        from lmlab.prompting import Example, build_prompt, select_shots
+        from lmlab.tasks.summarize.data import load_sample
+        from lmlab.tasks.summarize.experiments import INSTRUCTION
+
+        window = state.scheduler.context_window
+        chat = getattr(state.tokenizer, "chat_template", None) is not None
+        if recipe == "fine-tuned":
+            tuned = settings.finetuned
+            chat = chat if tuned.chat is None else tuned.chat
+            return tuned.prompt(dialogue, state.tokenizer, max_prompt_tokens=window - max_tokens), chat
+        k = SUMMARY_RECIPES[recipe]
+        shots, embedder = [], None
+        if k:
+            pool = [Example(d.dialogue, d.references[0]) for d in load_sample().records if d.references]
+            embedder = state.embedder() if settings.shot_method == "nearest" else None
+            shots = select_shots(dialogue, pool, k, method=settings.shot_method, embedder=embedder)
+        prompt = build_prompt(dialogue, shots, template="instruction", tokenizer=state.tokenizer, chat=chat,
+                              instruction=INSTRUCTION, embedder=embedder, context_window=window,
+                              max_new_tokens=max_tokens)
+        return prompt, chat
+
+    async def summarize(request: Request) -> Response:
+        from lmlab.tasks.summarize.experiments import CHAT_STOP_STRINGS, STOP_STRINGS, clean_summary
+
+        body = await body_of(request)
+        state.require_ready()
+        dialogue = body.get("dialogue")
+        if not isinstance(dialogue, str) or not dialogue.strip():
+            raise ApiError(400, "dialogue must be a non-empty string (#Person1#: ... one turn per line)", "dialogue")
+        recipe = body.get("recipe", "few-shot")
+        if recipe not in SUMMARY_RECIPES:
+            raise ApiError(400, f"recipe={recipe!r} is not valid; choose one of: {', '.join(SUMMARY_RECIPES)}", "recipe")
+        if recipe == "fine-tuned" and settings.finetuned is None:
+            raise ApiError(400, "recipe='fine-tuned' needs a server started with --adapter DIR "
+                                "(a LoRA summarizer from lmlab finetune)", "recipe")
+        stream = _bool(body, "stream")
+        if "temperature" not in body:
+            body = dict(body, temperature=0)  # the lab's recipes are greedy unless asked otherwise
+        config = _configs_or_400(body, 64, 1)[0]
+        try:
+            prompt, chat = await asyncio.to_thread(summarize_prompt, dialogue.strip(), recipe, config.max_new_tokens)
+        except LmlabError as exc:
+            raise ApiError(400, str(exc), "dialogue") from None
+        config = state.resolve(config.replace(stop_strings=config.stop_strings + list(
+            CHAT_STOP_STRINGS if chat else STOP_STRINGS)))
+        ids = state.encode(prompt.text)
+        state.check_window(ids, config.max_new_tokens)
+        info = {"object": "summary", "model": settings.model_name, "recipe": recipe, "shots": len(prompt.shots),
+                "notes": prompt.notes}
+        if stream:
+            run = ChoiceRun(state, [ids], [config])
+
+            async def sse():
+                text, reason = "", None
+                async for _, event in run.events():
+                    if event.kind == "text":
+                        text += event.text
+                        yield _sse({"delta": event.text})
+                    elif event.kind == "done":
+                        reason = event.finish_reason
+                    else:
+                        yield _sse({"error": {"message": event.error, "type": "server_error"}})
+                yield _sse(dict(info, summary=clean_summary(text), finish_reason=reason,
+                                usage=_usage(len(ids), run.completion_tokens)))
+                yield _sse("[DONE]")
+
+            return await stream_response(sse())
+        run = ChoiceRun(state, [ids], [config])
+        result = await run.collect(request)
+        if result is None:
+            return Response(status_code=499)
+        texts, reasons = result
+        return JSONResponse(dict(info, summary=clean_summary(texts[0]), finish_reason=reasons[0],
+                                 usage=_usage(len(ids), run.completion_tokens)))
+
+    async def dialogues(request: Request) -> Response:
+        from lmlab.tasks.summarize.data import load_sample
+
+        recipes = [r for r in SUMMARY_RECIPES if r != "fine-tuned" or settings.finetuned is not None]
+        records = [{"id": d.id, "topic": d.topic, "dialogue": d.dialogue} for d in load_sample().records]
+        return JSONResponse({"recipes": recipes, "default_recipe": "few-shot", "dialogues": records})
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html")
+
+    routes = [
+        Route("/health", endpoint(health)),
+        Route("/metrics", endpoint(metrics)),
+        Route("/v1/models", endpoint(models)),
+        Route("/v1/completions", endpoint(completions), methods=["POST"]),
+        Route("/v1/chat/completions", endpoint(chat), methods=["POST"]),
+        Route("/v1/summarize", endpoint(summarize), methods=["POST"]),
+        Route("/v1/summarize/dialogues", endpoint(dialogues)),
+        Route("/", index),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.lmlab = state
+    return app
+
+
+def _configs_or_400(body: dict, default_max_tokens: int, n: int, max_tokens_field: str = "max_tokens") -> list:
+    """generation_configs, with GenerationConfig's own validation errors as 400s."""
+    try:
+        return generation_configs(body, default_max_tokens, n, max_tokens_field)
+    except LmlabError as exc:
+        name = str(exc).split("=", 1)[0].strip()
+        param = {"max_new_tokens": "max_tokens", "stop_strings": "stop"}.get(name, name)
+        raise ApiError(400, str(exc), param) from None
