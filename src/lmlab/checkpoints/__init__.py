@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lmlab.checkpoints import hf as _hf
+from lmlab.checkpoints import hf as hf_format  # Hugging Face directories: config.json, weights, families
 from lmlab.checkpoints import native, registry
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError
@@ -132,10 +132,10 @@ def load_model(source: str | Path, dtype: torch.dtype | str | None = None):
         from lmlab.checkpoints.gguf import read_gguf
 
         cfg, state, _meta = read_gguf(where.path)
-        return _hf.build_model(cfg, state, dtype, str(where.path))
+        return hf_format.build_model(cfg, state, dtype, str(where.path))
     if where.kind == "lmlab":
         return native.load(where.path, dtype)
-    return _hf.load_hf_dir(where.path, dtype)
+    return hf_format.load_hf_dir(where.path, dtype)
 
 
 def load_config(source: str | Path) -> tuple[ModelConfig, Resolved]:
@@ -144,11 +144,11 @@ def load_config(source: str | Path) -> tuple[ModelConfig, Resolved]:
     if where.kind == "lmlab":
         return native.read_config(where.path), where
     if where.kind == "hf":
-        hf = _hf.read_config(where.path)
+        hf = hf_format.read_config(where.path)
         keys = None
         if hf.get("model_type") == "bert":  # the MLM head's presence is in the weights' key names only
-            keys = _hf.weight_keys(where.path)
-        return _hf.config_from_hf_dict(hf, keys=keys)[0], where
+            keys = hf_format.weight_keys(where.path)
+        return hf_format.config_from_hf_dict(hf, keys=keys)[0], where
     from lmlab.checkpoints import gguf
 
     if hasattr(gguf, "read_gguf_metadata") and hasattr(gguf, "gguf_config"):  # metadata only, no tensor data
@@ -175,8 +175,8 @@ def from_hf_model(hf_model) -> "torch.nn.Module":
     if not hf.get("architectures"):
         hf["architectures"] = [type(hf_model).__name__]
     state = {k: v.detach() for k, v in hf_model.state_dict().items()}
-    cfg, fam = _hf.config_from_hf_dict(hf, keys=state.keys())
-    return _hf.convert_state_to_lmlab(state, cfg, fam, torch.float32, source=type(hf_model).__name__)
+    cfg, family = hf_format.config_from_hf_dict(hf, keys=state.keys())
+    return hf_format.convert_state_to_lmlab(state, cfg, family, torch.float32, source=type(hf_model).__name__)
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -232,9 +232,9 @@ def save_model(model, directory: str | Path, tokenizer=None) -> Path:
 def export_hf(model, directory: str | Path, tokenizer=None) -> Path:
     """Write a Hugging Face directory (config.json + model.safetensors) for the model's family, atomically."""
     cfg = model.config
-    fam = _hf.family_for_config(cfg)
-    hf_config = {**fam.config_to_hf(cfg), "torch_dtype": str(model.dtype).removeprefix("torch.")}
-    state = fam.to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
+    family = hf_format.family_for_config(cfg)
+    hf_config = {**family.config_to_hf(cfg), "torch_dtype": str(model.dtype).removeprefix("torch.")}
+    state = family.to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
@@ -267,7 +267,7 @@ def describe(source: str | Path) -> dict:
     """
     cfg, where = load_config(source)
     try:
-        family = _hf.family_for_config(cfg).MODEL_TYPES[0]
+        family = hf_format.family_for_config(cfg).MODEL_TYPES[0]
     except CheckpointError:
         family = "lmlab"
     if cfg.extra.get("hf_model_type"):

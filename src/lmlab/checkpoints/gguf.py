@@ -17,6 +17,8 @@ Two layout details matter for getting the same logits as the original model:
    rotates the two halves of each head ``(x_i, x_{i+D/2})``. ``unpermute_qk`` undoes the converter.
 
 Only the ``llama`` architecture is supported (LLaMA 1/2/3, Mistral-style dense models, SmolLM, ...).
+
+Shapes: C d_model (a projection's input width), V vocabulary, H heads of a projection, D head_dim.
 """
 
 from __future__ import annotations
@@ -252,17 +254,17 @@ def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     `n_heads` is the number of heads in this projection (n_kv_heads for k).
     """
     out_features, in_features = weight.shape
-    D = out_features // n_heads
-    w = weight.reshape(n_heads, D // 2, 2, in_features)  # (H, D/2, 2, C): row pairs as stored
-    return w.transpose(1, 2).reshape(out_features, in_features)  # (H, 2, D/2, C) -> (H*D, C)
+    head_dim = out_features // n_heads  # D
+    pairs = weight.reshape(n_heads, head_dim // 2, 2, in_features)  # (H, D/2, 2, C): row pairs as stored
+    return pairs.transpose(1, 2).reshape(out_features, in_features)  # (H, 2, D/2, C) -> (H*D, C)
 
 
 def permute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """llama.cpp's converter permutation (the inverse of ``unpermute_qk``); used to write GGUF files."""
     out_features, in_features = weight.shape
-    D = out_features // n_heads
-    w = weight.reshape(n_heads, 2, D // 2, in_features)  # (H, 2, D/2, C): the two rotary halves
-    return w.transpose(1, 2).reshape(out_features, in_features)  # (H, D/2, 2, C) -> (H*D, C)
+    head_dim = out_features // n_heads  # D
+    halves = weight.reshape(n_heads, 2, head_dim // 2, in_features)  # (H, 2, D/2, C): the two rotary halves
+    return halves.transpose(1, 2).reshape(out_features, in_features)  # (H, D/2, 2, C) -> (H*D, C)
 
 
 def dequantize_tensor(tensor, path: str | Path = "") -> np.ndarray:
@@ -337,11 +339,12 @@ def _check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor], path: str | 
     if not cfg.tie_embeddings:
         expected["lm_head.weight"] = (V, C)
     for i in range(cfg.n_layers):
-        p = f"decoder.layers.{i}."
+        prefix = f"decoder.layers.{i}."
         expected.update({
-            p + "attn.q.weight": (q_out, C), p + "attn.k.weight": (kv_out, C), p + "attn.v.weight": (kv_out, C),
-            p + "attn.o.weight": (C, q_out), p + "attn_norm.weight": (C,), p + "ffn_norm.weight": (C,),
-            p + "ffn.gate.weight": (F, C), p + "ffn.up.weight": (F, C), p + "ffn.down.weight": (C, F),
+            prefix + "attn.q.weight": (q_out, C), prefix + "attn.k.weight": (kv_out, C),
+            prefix + "attn.v.weight": (kv_out, C),
+            prefix + "attn.o.weight": (C, q_out), prefix + "attn_norm.weight": (C,), prefix + "ffn_norm.weight": (C,),
+            prefix + "ffn.gate.weight": (F, C), prefix + "ffn.up.weight": (F, C), prefix + "ffn.down.weight": (C, F),
         })
     missing = sorted(set(expected) - set(state))
     if missing:

@@ -53,15 +53,15 @@ def rename_keys(state: dict[str, torch.Tensor], key_map: Iterable[tuple[str, str
     pattern are kept under their own name, so the strict check reports them as unexpected.
     """
     compiled = [(_compile(src), dst) for src, dst in key_map]
-    ignored = [re.compile(p) for p in ignore]
+    ignored = [re.compile(pattern) for pattern in ignore]
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        if any(p.search(key) for p in ignored):
+        if any(pattern.search(key) for pattern in ignored):
             continue
         for regex, dst in compiled:
-            m = regex.match(key)
-            if m:
-                out[dst.replace("{i}", m.group("i")) if "{i}" in dst else dst] = tensor
+            match = regex.match(key)
+            if match:
+                out[dst.replace("{i}", match.group("i")) if "{i}" in dst else dst] = tensor
                 break
         else:
             out[key] = tensor
@@ -116,10 +116,10 @@ def families() -> list[ModuleType]:
 
 
 def family_for_model_type(model_type: str | None, architectures: list[str] | None = None) -> ModuleType:
-    for fam in families():
-        if model_type in fam.MODEL_TYPES:
-            return fam
-    supported = sorted(t for fam in families() for t in fam.MODEL_TYPES)
+    for family in families():
+        if model_type in family.MODEL_TYPES:
+            return family
+    supported = sorted(t for family in families() for t in family.MODEL_TYPES)
     what = f"model_type={model_type!r}" if model_type else f"architectures={architectures!r}"
     raise CheckpointError(f"{what} is not supported; supported model types: {', '.join(supported)}")
 
@@ -129,9 +129,9 @@ def family_for_config(cfg: ModelConfig) -> ModuleType:
     recorded = cfg.extra.get("hf_model_type")
     if recorded:
         return family_for_model_type(recorded)
-    for fam in families():
-        if fam.matches(cfg):
-            return fam
+    for family in families():
+        if family.matches(cfg):
+            return family
     raise CheckpointError(
         f"no Hugging Face family can represent this config (arch={cfg.arch!r}, positional={cfg.positional!r}, "
         f"norm={cfg.norm!r}, norm_position={cfg.norm_position!r}, gated_ffn={cfg.gated_ffn}); "
@@ -160,15 +160,15 @@ def config_from_hf_dict(hf: dict, keys: Iterable[str] | None = None) -> tuple[Mo
             raise CheckpointError(f"config has no model_type and architectures={hf.get('architectures')!r} is not "
                                   f"supported; supported architectures: {', '.join(p + '*' for p in ARCHITECTURE_PREFIXES)}")
         hf = {**hf, "model_type": inferred}
-    fam = family_for_model_type(hf.get("model_type"), hf.get("architectures"))
-    cfg = fam.config_from_hf(hf, keys=keys)
-    return cfg, fam
+    family = family_for_model_type(hf.get("model_type"), hf.get("architectures"))
+    cfg = family.config_from_hf(hf, keys=keys)
+    return cfg, family
 
 
-def convert_state_to_lmlab(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, fam: ModuleType,
+def convert_state_to_lmlab(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, family: ModuleType,
                            dtype: torch.dtype = torch.float32, source: str = "checkpoint"):
     """Build a Transformer for `cfg` and fill it from an HF state dict (strict)."""
-    state = fam.to_lmlab(hf_state, cfg)
+    state = family.to_lmlab(hf_state, cfg)
     head, embed = state.get("lm_head.weight"), state.get("tok_embed.weight")
     if cfg.tie_embeddings and head is not None and embed is not None and not torch.equal(head, embed):
         # a stored head that differs from the embeddings is its own matrix (transformers 5 does the same)
@@ -252,8 +252,8 @@ def load_hf_dir(directory: str | Path, dtype: torch.dtype = torch.float32):
     directory = Path(directory)
     hf = read_config(directory)
     state = read_weights(directory)
-    cfg, fam = config_from_hf_dict(hf, keys=state.keys())
-    return convert_state_to_lmlab(state, cfg, fam, dtype, source=str(directory))
+    cfg, family = config_from_hf_dict(hf, keys=state.keys())
+    return convert_state_to_lmlab(state, cfg, family, dtype, source=str(directory))
 
 
 def weight_keys(directory: str | Path) -> list[str] | None:

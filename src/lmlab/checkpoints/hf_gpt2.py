@@ -45,10 +45,10 @@ def config_from_hf(hf: dict, keys=None) -> ModelConfig:
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if hf.get(flag):
             raise CheckpointError(f"GPT-2 option {flag}=True is not supported")
-    d = hf["n_embd"]
+    d_model = hf["n_embd"]
     return ModelConfig(
-        arch="decoder", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
-        d_ff=hf.get("n_inner") or 4 * d, max_seq_len=hf.get("n_positions", 1024), positional="learned",
+        arch="decoder", vocab_size=hf["vocab_size"], d_model=d_model, n_layers=hf["n_layer"], n_heads=hf["n_head"],
+        d_ff=hf.get("n_inner") or 4 * d_model, max_seq_len=hf.get("n_positions", 1024), positional="learned",
         norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_position="pre",
         activation=activation_from_hf(hf.get("activation_function", "gelu_new")), gated_ffn=False,
         ffn_bias=True, attn_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
@@ -71,17 +71,17 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 def to_lmlab(hf_state: dict[str, torch.Tensor], cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
     state = {}
-    for key, t in hf_state.items():
+    for key, tensor in hf_state.items():
         key = key.removeprefix("transformer.")
         if key.endswith(CONV1D):
-            t = t.t()  # Conv1D (in, out) -> Linear (out, in)
+            tensor = tensor.t()  # Conv1D (in, out) -> Linear (out, in)
         if key.endswith("attn.c_attn.weight") or key.endswith("attn.c_attn.bias"):
             prefix = "decoder.layers." + key.split(".")[1] + ".attn."
             kind = key.rsplit(".", 1)[1]
-            for name, part in zip("qkv", t.chunk(3, dim=0)):  # (3C, C) -> 3 x (C, C)
+            for name, part in zip("qkv", tensor.chunk(3, dim=0)):  # (3C, C) -> 3 x (C, C)
                 state[f"{prefix}{name}.{kind}"] = part.contiguous()
             continue
-        state[key] = t.contiguous()
+        state[key] = tensor.contiguous()
     return rename_keys(state, KEY_MAP, IGNORE)
 
 
@@ -89,9 +89,10 @@ def to_hf(lmlab_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     state = rename_keys(lmlab_state, invert(KEY_MAP))
     out = {}
     for i in range(cfg.n_layers):
-        p = f"decoder.layers.{i}.attn."
+        prefix = f"decoder.layers.{i}.attn."
         for kind in ("weight", "bias"):
-            out[f"h.{i}.attn.c_attn.{kind}"] = torch.cat([state.pop(f"{p}{n}.{kind}") for n in "qkv"], dim=0)
+            out[f"h.{i}.attn.c_attn.{kind}"] = torch.cat([state.pop(f"{prefix}{name}.{kind}") for name in "qkv"],
+                                                         dim=0)
     out.update(state)
     for key in list(out):
         if key.endswith(CONV1D):

@@ -58,16 +58,17 @@ def config_from_hf(hf: dict, keys=None) -> ModelConfig:
     act_name = "gelu_new" if proj == "gated-gelu" else parts[-1]  # HF's backwards-compatible alias
     tie = hf.get("tie_word_embeddings", True) is not False
     scale = hf["scale_decoder_outputs"] if "scale_decoder_outputs" in hf else tie
-    d = hf["d_model"]
+    d_model = hf["d_model"]
     return ModelConfig(
-        arch="encoder_decoder", vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_layers"],
+        arch="encoder_decoder", vocab_size=hf["vocab_size"], d_model=d_model, n_layers=hf["num_layers"],
         n_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"], n_heads=hf["num_heads"],
-        head_dim=hf.get("d_kv", d // hf["num_heads"]), d_ff=hf["d_ff"], max_seq_len=hf.get("n_positions", 512),
+        head_dim=hf.get("d_kv", d_model // hf["num_heads"]), d_ff=hf["d_ff"],
+        max_seq_len=hf.get("n_positions", 512),
         positional="t5_relative", rel_num_buckets=hf.get("relative_attention_num_buckets", 32),
         rel_max_distance=hf.get("relative_attention_max_distance", 128), norm="rmsnorm",
         norm_eps=hf.get("layer_norm_epsilon", 1e-6), norm_position="pre", activation=activation_from_hf(act_name),
         gated_ffn=gated, ffn_bias=False, attn_bias=False, attn_scale=1.0, tie_embeddings=tie,
-        head_input_scale=d ** -0.5 if scale else 1.0, pad_token_id=hf.get("pad_token_id", 0),
+        head_input_scale=d_model ** -0.5 if scale else 1.0, pad_token_id=hf.get("pad_token_id", 0),
         eos_token_id=hf.get("eos_token_id", 1), decoder_start_token_id=hf.get("decoder_start_token_id", hf.get("pad_token_id", 0)),
         name=hf.get("_name_or_path", "") or "", extra={"hf_model_type": "t5"},
     )

@@ -42,13 +42,13 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict
     """save_file, cloning tensors that share memory (safetensors refuses aliased tensors)."""
     from safetensors.torch import save_file
 
-    seen: set[int] = set()
+    seen_storages: set[int] = set()
     out = {}
-    for key, t in state.items():
-        ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        out[key] = t.clone().contiguous() if ptr in seen else t.contiguous()
-        if ptr is not None:
-            seen.add(ptr)
+    for key, tensor in state.items():
+        storage = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        out[key] = tensor.clone().contiguous() if storage in seen_storages else tensor.contiguous()
+        if storage is not None:
+            seen_storages.add(storage)
     save_file(out, str(path), metadata=metadata)
 
 

@@ -131,9 +131,9 @@ def resolve_config(model, config: GenerationConfig | None = None, tokenizer=None
     changes: dict[str, Any] = {}
     if config.eos_token_ids is None:
         eos = list(model.config.eos_token_ids)
-        tok_eos = getattr(tokenizer, "eos_token_id", None)
-        if tok_eos is not None and tok_eos not in eos:
-            eos.append(tok_eos)
+        tokenizer_eos = getattr(tokenizer, "eos_token_id", None)
+        if tokenizer_eos is not None and tokenizer_eos not in eos:
+            eos.append(tokenizer_eos)
         changes["eos_token_ids"] = eos
     if config.pad_token_id is None:
         eos = changes.get("eos_token_ids", config.eos_token_ids)

@@ -97,14 +97,14 @@ class SpanCorruption(Objective):
                 raise ConfigError(f"{int(starts.sum())} noise spans need more than the {len(self.sentinel_ids)} sentinels available")
             sentinel_at = self.sentinel_ids[span_index.clamp(min=0)]
             # input: keep non-noise tokens, put a sentinel at each span start, drop the rest of the span
-            inp = torch.where(starts, sentinel_at, row)[starts | ~noise]
+            kept = torch.where(starts, sentinel_at, row)[starts | ~noise]
             # target: the inverse (sentinel at each span start followed by the span's tokens)
-            tgt_tokens = torch.where(noise, row, torch.full_like(row, -1))
-            tgt = torch.stack([torch.where(starts, sentinel_at, -1), tgt_tokens], dim=1).reshape(-1)  # (2L,)
-            tgt = tgt[tgt >= 0]
+            span_tokens = torch.where(noise, row, torch.full_like(row, -1))
+            target = torch.stack([torch.where(starts, sentinel_at, -1), span_tokens], dim=1).reshape(-1)  # (2L,)
+            target = target[target >= 0]
             eos = torch.tensor([self.eos_token_id])
-            inputs.append(torch.cat([inp, eos]))
-            targets.append(torch.cat([tgt, eos]))
+            inputs.append(torch.cat([kept, eos]))
+            targets.append(torch.cat([target, eos]))
         input_ids = torch.stack(inputs)  # (B, T_enc)
         labels = torch.stack(targets)  # (B, T_dec)
         start = torch.full((B, 1), self.decoder_start_token_id, dtype=labels.dtype)

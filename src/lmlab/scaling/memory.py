@@ -113,15 +113,15 @@ def inference_memory(cfg: ModelConfig, dtype: str = "fp32", batch: int = 1, seq_
     kv_dtype = act_dtype if kv_dtype is None else kv_dtype
     p = DTYPE_BYTES[act_dtype]
     n_f = 2 if cfg.gated_ffn else 1
-    acts = batch * seq_len * p * (2 * cfg.d_model + n_f * cfg.d_ff)
+    activations = batch * seq_len * p * (2 * cfg.d_model + n_f * cfg.d_ff)
     if cfg.head != "none":
-        acts += batch * seq_len * cfg.vocab_size * p
+        activations += batch * seq_len * cfg.vocab_size * p
     if attention == "eager":
-        acts += batch * cfg.n_heads * seq_len ** 2 * p
+        activations += batch * cfg.n_heads * seq_len ** 2 * p
     return InferenceMemory(dtype=dtype, batch=batch, seq_len=seq_len,
                            weights=cfg.num_parameters() * DTYPE_BYTES[dtype],
                            kv_cache=kv_cache_bytes(cfg, batch, seq_len, kv_dtype),
-                           activations=float(acts))
+                           activations=float(activations))
 
 
 # --- training: model states -----------------------------------------------------------------------
@@ -212,17 +212,18 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, precision: str 
     (``p*s*b*h`` in general), and recomputes one block at a time during backward, so one block's full
     activations are added back as working memory.
     """
-    enc_layers = cfg.n_layers if cfg.has_encoder else 0
-    dec_layers = _decoder_layers(cfg)
+    encoder_layers = cfg.n_layers if cfg.has_encoder else 0
+    decoder_layers = _decoder_layers(cfg)
     cross = cfg.arch == "encoder_decoder"
     p = 2.0 if precision != "fp32" else 4.0
-    enc = layer_activation_bytes(cfg, batch, seq_len, precision, attention) if enc_layers else 0.0
-    dec = layer_activation_bytes(cfg, batch, seq_len, precision, attention, cross=cross) if dec_layers else 0.0
+    per_encoder_layer = layer_activation_bytes(cfg, batch, seq_len, precision, attention) if encoder_layers else 0.0
+    per_decoder_layer = (layer_activation_bytes(cfg, batch, seq_len, precision, attention, cross=cross)
+                         if decoder_layers else 0.0)
     if activation_checkpointing:
-        stored = (enc_layers + dec_layers) * p * seq_len * batch * cfg.d_model
-        blocks = stored + max(enc, dec)
+        stored = (encoder_layers + decoder_layers) * p * seq_len * batch * cfg.d_model
+        blocks = stored + max(per_encoder_layer, per_decoder_layer)
     else:
-        blocks = enc_layers * enc + dec_layers * dec
+        blocks = encoder_layers * per_encoder_layer + decoder_layers * per_decoder_layer
     head = batch * seq_len * 2 * cfg.d_model * p
     if cfg.head != "none":
         head += batch * seq_len * cfg.vocab_size * 4
@@ -277,19 +278,21 @@ def training_memory(cfg: ModelConfig, batch: int, seq_len: int, precision: str =
     world_size = check_positive_int("world_size", world_size)
     if strategy == "single" and world_size != 1:
         raise ConfigError(f"world_size={world_size} needs a data-parallel strategy; strategy='single' runs on 1 device")
-    per = state_bytes_per_param(precision, optimizer)
+    per_param = state_bytes_per_param(precision, optimizer)
     n = cfg.num_parameters()
-    shard = {"single": 0, "ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}[strategy]
-    params, grads, opt = n * per["parameters"], n * per["gradients"], n * per["optimizer"]
-    if shard >= 1:
-        opt /= world_size
-    if shard >= 2:
-        grads /= world_size
+    zero_stage = {"single": 0, "ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}[strategy]  # what is sharded
+    parameter_bytes, gradient_bytes = n * per_param["parameters"], n * per_param["gradients"]
+    optimizer_bytes = n * per_param["optimizer"]
+    if zero_stage >= 1:
+        optimizer_bytes /= world_size
+    if zero_stage >= 2:
+        gradient_bytes /= world_size
     gathered = 0.0
-    if shard >= 3:
-        params /= world_size
+    if zero_stage >= 3:
+        parameter_bytes /= world_size
         unit = max(layer_parameters(cfg), non_block_parameters(cfg))  # largest FSDP unit
-        gathered = unit * per["parameters"] if world_size > 1 else 0.0
-    acts = activation_bytes(cfg, batch, seq_len, precision, activation_checkpointing, attention)
-    return TrainingMemory(strategy=strategy, world_size=world_size, parameters=params, gradients=grads,
-                          optimizer=opt, gathered=gathered, activations=acts)
+        gathered = unit * per_param["parameters"] if world_size > 1 else 0.0
+    activations = activation_bytes(cfg, batch, seq_len, precision, activation_checkpointing, attention)
+    return TrainingMemory(strategy=strategy, world_size=world_size, parameters=parameter_bytes,
+                          gradients=gradient_bytes, optimizer=optimizer_bytes, gathered=gathered,
+                          activations=activations)

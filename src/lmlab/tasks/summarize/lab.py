@@ -24,7 +24,7 @@ Interrupted (Ctrl-C), the batches already written stay; ``LabInterrupted`` says 
 
 from __future__ import annotations
 
-import datetime as _dt
+import datetime
 import hashlib
 import json
 import os
@@ -306,7 +306,7 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
         "shots (few-shot K)": settings.shots, "seed": settings.seed, "max_new_tokens": settings.max_new_tokens,
         "batch_size": settings.batch_size, "chat template": chat,
     }
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     _report.write_report_md(out / "report.md", summaries=summaries,
                             examples_md=_report.examples_text(evaluated, done, names, settings.examples, markdown=True),
                             settings=run_settings, aggregations=aggregations, date=date, skipped=data.skipped)

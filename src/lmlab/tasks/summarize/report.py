@@ -72,40 +72,41 @@ def examples_text(records, rows_by_key: dict[tuple[str, str], dict], experiments
     """The first `n` scored examples: the human reference beside each experiment's summary."""
     out: list[str] = []
     shown = 0
-    for rec in records:
+    for record in records:
         if shown >= n:
             break
-        if not any((e, rec.id) in rows_by_key for e in experiments):
+        if not any((experiment, record.id) in rows_by_key for experiment in experiments):
             continue
         shown += 1
-        refs = rec.references or ["(no reference)"]
+        refs = record.references or ["(no reference)"]
         if markdown:
-            out.append(f"### {rec.id} ({rec.topic})\n")
+            out.append(f"### {record.id} ({record.topic})\n")
             out.append("| who | summary | R1 | RL |")
             out.append("|---|---|---:|---:|")
             for i, ref in enumerate(refs):
                 out.append(f"| human{'' if len(refs) == 1 else i + 1} | {_md(ref)} | | |")
-            for e in experiments:
-                row = rows_by_key.get((e, rec.id))
+            for experiment in experiments:
+                row = rows_by_key.get((experiment, record.id))
                 if row is not None:
-                    sc = row["scores"]["best"]
-                    out.append(f"| {e} | {_md(row['summary']) or '(empty)'} | {sc['rouge1'] * 100:.1f} "
-                               f"| {sc['rougeL'] * 100:.1f} |")
+                    best = row["scores"]["best"]
+                    out.append(f"| {experiment} | {_md(row['summary']) or '(empty)'} | {best['rouge1'] * 100:.1f} "
+                               f"| {best['rougeL'] * 100:.1f} |")
             out.append("")
         else:
-            out.append(f"== {rec.id} ({rec.topic})")
-            label_w = max(len("human"), *(len(e) for e in experiments)) + 2
+            out.append(f"== {record.id} ({record.topic})")
+            label_width = max(len("human"), *(len(experiment) for experiment in experiments)) + 2
             wrap = lambda label, text: textwrap.fill(
-                text or "(empty)", width=width, initial_indent=f"{label:<{label_w}}",
-                subsequent_indent=" " * label_w)
+                text or "(empty)", width=width, initial_indent=f"{label:<{label_width}}",
+                subsequent_indent=" " * label_width)
             for i, ref in enumerate(refs):
                 out.append(wrap("human" if len(refs) == 1 else f"human{i + 1}", ref))
-            for e in experiments:
-                row = rows_by_key.get((e, rec.id))
+            for experiment in experiments:
+                row = rows_by_key.get((experiment, record.id))
                 if row is not None:
-                    sc = row["scores"]["best"]
+                    best = row["scores"]["best"]
                     summary = row["summary"] or "(empty)"
-                    out.append(wrap(e, f"{summary}  [R1 {sc['rouge1'] * 100:.0f}, RL {sc['rougeL'] * 100:.0f}]"))
+                    scores = f"[R1 {best['rouge1'] * 100:.0f}, RL {best['rougeL'] * 100:.0f}]"
+                    out.append(wrap(experiment, f"{summary}  {scores}"))
             out.append("")
     return "\n".join(out).rstrip()
 
