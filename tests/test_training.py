@@ -1,6 +1,7 @@
 """The training loop: learning, exact resume, atomic checkpoints, signals, errors, final model, CLI."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -137,10 +138,8 @@ def test_final_model_is_saved_in_lmlab_format(tmp_path, corpus):
     assert "lm_head.weight" not in weights  # tied weights stored once
     assert torch.equal(weights["tok_embed.weight"], _params(tmp_path)["tok_embed.weight"])
     assert (tmp_path / "tokenizer.json").exists() and (tmp_path / "loss.png").stat().st_size > 1000
-    try:
-        from lmlab.checkpoints import load_model
-    except ImportError:
-        return
+    from lmlab.checkpoints import load_model
+
     model = load_model(tmp_path)
     assert torch.equal(model.tok_embed.weight, weights["tok_embed.weight"])
 
@@ -295,12 +294,19 @@ def test_span_objective_adds_missing_sentinels_to_tokenizer_and_model(tmp_path, 
     assert config["vocab_size"] == base + 8 and ids["sentinels"] == list(range(base + 7, base - 1, -1))
 
 
-def test_precision_choices(tmp_path, corpus):
+def test_precision_choices(tmp_path, corpus, monkeypatch):
     from lmlab.training.loop import _precision
 
-    assert _precision("auto", torch.device("cpu")) is None  # fp32 on CPU
     assert _precision("fp32", torch.device("cpu")) is None
+    real, seen = CausalLM.loss, []
+
+    def recording(self, model, batch):  # the autocast state each training/eval loss runs under
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        return real(self, model, batch)
+
+    monkeypatch.setattr(CausalLM, "loss", recording)
     s = pretrain(_cfg(tmp_path, corpus, "train.steps=2", "train.precision=bf16"), show_progress=False)
-    assert s["finished"] and s["train_loss"] == s["train_loss"]  # bf16 autocast on request, finite loss
+    assert s["finished"] and math.isfinite(s["train_loss"]) and math.isfinite(s["val_loss"])
+    assert seen and set(seen) == {torch.bfloat16}  # bf16 autocast on request, for every loss
     with pytest.raises(ConfigError, match="precision='fp16'"):
         pretrain(_cfg(tmp_path / "x", corpus, "train.precision=fp16"), show_progress=False)

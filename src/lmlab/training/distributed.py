@@ -10,7 +10,8 @@
                        ``load_sharded`` write a DCP directory instead (each rank its own shard) for models
                        too large to gather on one rank.
 
-Only rank 0 logs and writes files; every rank calls the collective state-dict functions.
+Only rank 0 logs and writes files; every rank calls the collective state-dict functions and
+``gather_rng_states`` (each rank's random stream, so that a resumed run draws the same dropout masks).
 """
 
 from __future__ import annotations
@@ -84,6 +85,22 @@ def all_reduce_sum(value: float | int, env: DistEnv) -> float:
     t = torch.tensor(float(value), dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.item()
+
+
+def gather_rng_states(env: DistEnv) -> list[dict] | None:
+    """Every rank's RNG state (``checkpoint.rng_state``), in rank order, on rank 0; None on the others.
+
+    Collective: every rank must call it. The states travel between the ranks' own processes
+    (``gather_object``); what reaches the checkpoint file is tensors and plain values only.
+    """
+    from lmlab.training.checkpoint import rng_state
+
+    state = rng_state()
+    if not env.active:
+        return [state]
+    states = [None] * env.world_size if env.is_main else None
+    dist.gather_object(state, states, dst=0)
+    return states
 
 
 def wrap(model: nn.Module, env: DistEnv) -> nn.Module:

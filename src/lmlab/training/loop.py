@@ -29,6 +29,7 @@ import math
 import shutil
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,12 +41,13 @@ from torch import nn
 from lmlab.errors import CheckpointError, ConfigError, LmlabError
 from lmlab.objectives.base import IGNORE_INDEX, Objective
 from lmlab.training import distributed as dist
-from lmlab.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from lmlab.training.metrics import MetricsLog, matmul_params, measure_peak_flops, plot_loss_curve
+from lmlab.training.checkpoint import (CHECKPOINT_FORMAT, load_checkpoint, restore_rank_rng_state, save_checkpoint,
+                                       seed_rank_stream)
+from lmlab.training.metrics import (MetricsLog, matmul_params, measure_peak_flops, model_flops_utilization,
+                                    plot_loss_curve, training_matmul_shapes)
 from lmlab.training.optim import build_optimizer, build_scheduler
 
 PRECISIONS = ("auto", "fp32", "bf16")
-CHECKPOINT_FORMAT = 2
 
 
 class TrainingError(LmlabError):
@@ -110,11 +112,12 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: LoopState
     autocast_dtype: torch.dtype | None
-    peak_flops: float
+    peak_flops: float | None  # measured at the first log, once the micro-batch shape is known
     flop_params: int
     log: MetricsLog | None
     sharded: bool
     last: dict = field(default_factory=dict)  # the latest logged train metrics
+    micro_tokens: int = 0  # input positions in one micro-batch on this rank (for the peak's matmul shapes)
     metrics: dict = field(default_factory=dict)  # the latest evaluation
 
 
@@ -258,15 +261,19 @@ def _setup(job: Job, t, env: dist.DistEnv, out: Path, resume_state: dict | None)
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
     state = LoopState()
     sharded = bool(getattr(t, "sharded_checkpoint", False)) and env.mode == "fsdp"
+    # the weights are initialised alike on every rank; from here on each rank draws its own dropout masks
+    seed_rank_stream(t.seed, env.rank)
     if resume_state is not None:
-        _restore(resume_state, job, wrapped, optimizer, scheduler, state, env, out)
+        _restore(resume_state, job, wrapped, optimizer, scheduler, state, env, out, t.seed)
     dtype = autocast_dtype(t.precision, env.device)
-    peak = measure_peak_flops(env.device, dtype or torch.float32) * env.world_size
     log = MetricsLog(out / "metrics.jsonl", fresh=resume_state is None) if env.is_main else None
-    return _Run(job, t, env, out, wrapped, optimizer, scheduler, state, dtype, peak, flop_params, log, sharded)
+    if log is not None and resume_state is not None:
+        log.truncate(state.step)  # a killed run logged steps after its last checkpoint: they will run again
+    return _Run(job, t, env, out, wrapped, optimizer, scheduler, state, dtype, None, flop_params, log, sharded)
 
 
-def _restore(saved: dict, job: Job, wrapped, optimizer, scheduler, state: LoopState, env, out: Path) -> None:
+def _restore(saved: dict, job: Job, wrapped, optimizer, scheduler, state: LoopState, env, out: Path,
+             seed: int) -> None:
     if "sharded" in saved:
         if env.mode != "fsdp":
             raise CheckpointError(f"{str(out / 'checkpoint.pt')!r} points to a sharded (DCP) checkpoint; resume it "
@@ -280,9 +287,12 @@ def _restore(saved: dict, job: Job, wrapped, optimizer, scheduler, state: LoopSt
         dist.load_optimizer_state(wrapped, optimizer, saved["optimizer"], env)
     scheduler.load_state_dict(saved["scheduler"])
     job.batches.load_state_dict(saved["data"])
-    set_rng_state(saved["rng"])
     for key, value in saved["loop"].items():
         setattr(state, key, value)
+    if not restore_rank_rng_state(saved["rng"], env.rank, env.world_size, seed, state.step) and env.is_main:
+        warnings.warn(f"the checkpoint holds the random states of {len(saved['rng'])} rank(s), this run has "
+                      f"{env.world_size}: each rank starts a fresh stream, so dropout differs from an "
+                      f"uninterrupted run", stacklevel=2)
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -306,6 +316,7 @@ def _train_step(run: _Run) -> tuple[int, float, float, float, float | None]:
     t, env, wrapped, job = run.settings, run.env, run.wrapped, run.job
     start = time.perf_counter()
     micro = job.batches.next_micro_batches(run.state.step, t.grad_accum)
+    run.micro_tokens = int(micro[0]["input_ids"].numel())
     counts = [_counted(b) for b in micro]
     total = dist.all_reduce_sum(sum(counts), env)  # counted tokens in the global batch
     step_loss = torch.zeros((), device=env.device)  # summed on the device: one sync per step
@@ -340,7 +351,12 @@ def _autocast(run: _Run):
 
 # --- logging ---------------------------------------------------------------------------------
 def _log_step(run: _Run, bar, loss: float, lr: float, grad_norm: float | None, tokens_per_s: float) -> None:
-    mfu = min(1.0, 6 * run.flop_params * tokens_per_s / run.peak_flops)  # an estimate; never above the peak
+    if run.peak_flops is None:  # the best of several timed runs, at this run's matmul shapes (metrics.py)
+        shapes = (training_matmul_shapes(run.job.model.config, run.micro_tokens)
+                  if hasattr(run.job.model, "config") else ())
+        run.peak_flops = measure_peak_flops(run.env.device, run.autocast_dtype or torch.float32,
+                                            shapes) * run.env.world_size
+    mfu = model_flops_utilization(run.flop_params, tokens_per_s, run.peak_flops)  # an estimate, at most 1.0
     run.last = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu}
     if run.log is not None:
         run.log.write(kind="train", step=run.state.step, loss=loss, lr=lr, tokens=run.state.tokens_seen,
@@ -403,7 +419,7 @@ def _checkpoint(run: _Run) -> None:
     """Full (or trainable-only) state in checkpoint.pt; or, sharded, a DCP directory that checkpoint.pt names."""
     env, job, out = run.env, run.job, run.out
     payload = {"format": CHECKPOINT_FORMAT, "loop": asdict(run.state), "scheduler": run.scheduler.state_dict(),
-               "data": job.batches.state_dict(), "rng": rng_state(), "identity": job.identity,
+               "data": job.batches.state_dict(), "rng": dist.gather_rng_states(env), "identity": job.identity,
                "world_size": env.world_size}
     dcp_root = out / "checkpoint_dcp"
     if run.sharded:

@@ -4,19 +4,24 @@ MFU = achieved model FLOP/s / peak FLOP/s. Achieved FLOP/s is the standard 6·N�
 (forward 2N + backward 4N multiply-adds per token, attention scores ignored), with N the parameters
 that take part in matrix multiplies (embedding tables that are only looked up are excluded; a tied
 output head counts once, as the head). For encoder-decoder models `tokens` counts encoder input
-positions, so the figure is an approximation there. Peak FLOP/s is measured once per process by a
-short square matmul in the training dtype on the training device (not a datasheet number), so on a
-CPU it reflects the threads actually in use.
+positions, so the figure is an approximation there. Peak FLOP/s is measured once per process on the
+training device, in the training dtype, with the threads in use (not a datasheet number): the best
+rate over several timed runs of a square matmul and of the training's own matmul shapes.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from lmlab.errors import DataError
 
 _PEAK_CACHE: dict[tuple, float] = {}
 
@@ -36,39 +41,86 @@ def matmul_params(model: nn.Module) -> int:
     return n
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int | None = None,
-                       seconds: float = 0.5) -> float:
-    """Sustained FLOP/s of a square matmul on `device` (cached per device/dtype/size)."""
-    size = size or (4096 if device.type == "cuda" else 1024)
-    key = (str(device), dtype, size, torch.get_num_threads())
+def training_matmul_shapes(config, tokens: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of a training step's big matmuls for `tokens` positions per micro-batch on one rank:
+    the FFN in and out projections and the output head (the attention projections are d_model x d_model,
+    smaller than these)."""
+    d_model, d_ff, vocab = config.d_model, config.d_ff, config.vocab_size
+    return [(tokens, d_model, d_ff), (tokens, d_ff, d_model), (tokens, d_model, vocab)]
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
+                       shapes: Sequence[tuple[int, int, int]] | None = None, repeats: int = 5,
+                       seconds: float = 0.6) -> float:
+    """Peak matmul FLOP/s on `device` in `dtype` with the current thread count (cached per process).
+
+    Each (M, K, N) in `shapes` plus a square one (1024 on CPU, 4096 on CUDA) is timed `repeats` times
+    for about ``seconds / (shapes * repeats)`` each, and the best rate of all wins. The best and not the
+    mean, because everything that disturbs a timing (another process on a shared CPU, a clock still
+    ramping up, a page fault) only slows it: the fastest run is the closest to what the hardware does,
+    and a peak that reads low would push MFU over 100%. Including the training's own shapes matters
+    because MKL's rate depends on the shape; a small model's matmuls can beat a square one.
+    """
+    square = 4096 if device.type == "cuda" else 1024
+    all_shapes = [(square, square, square), *(tuple(int(d) for d in s) for s in shapes or ())]
+    key = (str(device), dtype, tuple(all_shapes), torch.get_num_threads(), repeats)
     if key in _PEAK_CACHE:
         return _PEAK_CACHE[key]
     g = torch.Generator(device=device).manual_seed(0)  # own generator: never touch the training RNG
-    a = torch.randn(size, size, device=device, dtype=dtype, generator=g)
-    b = torch.randn(size, size, device=device, dtype=dtype, generator=g)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(3):  # warm-up (allocator, kernel selection, clocks)
-        a @ b
-    sync()
-    n, start = 0, time.perf_counter()
-    while True:
-        a @ b
-        n += 1
-        if n % 4 == 0:
+    per_run = seconds / (len(all_shapes) * repeats)
+    best = 0.0
+    for m, k, n in all_shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype, generator=g)
+        b = torch.randn(k, n, device=device, dtype=dtype, generator=g)
+        for _ in range(2):  # warm-up (allocator, kernel selection, clocks)
+            a @ b
+        sync()
+        best = max(best, best_rate(lambda: a @ b, 2 * m * k * n, repeats, per_run, sync))
+    _PEAK_CACHE[key] = best
+    return best
+
+
+def best_rate(run: Callable[[], object], flops_per_call: float, repeats: int, seconds: float,
+              sync: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.perf_counter) -> float:
+    """The highest FLOP/s over `repeats` timed runs, each calling `run` until `seconds` have passed."""
+    best = 0.0
+    for _ in range(repeats):
+        calls, start = 0, clock()
+        while True:
+            run()
+            calls += 1
             sync()
-            if time.perf_counter() - start > seconds:
+            elapsed = clock() - start
+            if elapsed >= seconds:
                 break
-    elapsed = time.perf_counter() - start
-    _PEAK_CACHE[key] = 2 * size**3 * n / elapsed
-    return _PEAK_CACHE[key]
+        best = max(best, flops_per_call * calls / elapsed)
+    return best
+
+
+def model_flops_utilization(flop_params: int, tokens_per_s: float, peak_flops: float) -> float:
+    """6·N·tokens/s as a fraction of the measured peak, never above 1.0.
+
+    The ratio is an estimate, and it can come out above 1 although no run beats the hardware: 6·N
+    counts every matmul parameter for every input token, which overcounts an encoder-decoder (its
+    decoder sees fewer positions than the encoder), while the peak is measured on a few shapes at one
+    moment and a busy machine or an untimed shape can make it read below what the training kernels
+    reach. A value above 1 says nothing true, so it is reported as 1.0 (100%).
+    """
+    return min(1.0, 6 * flop_params * tokens_per_s / peak_flops)
 
 
 class MetricsLog:
-    """Append-only JSONL metrics (one object per line: step, kind, values)."""
+    """Append-only JSONL metrics (one object per line: step, kind, values).
+
+    A run killed in the middle of a write can leave a torn last line: ``read`` skips it. A run resumed
+    from a checkpoint at step S calls ``truncate(S)`` first, so the steps logged after that checkpoint
+    by the killed run are not in the log twice.
+    """
 
     def __init__(self, path: str | Path, fresh: bool):
         self.path = Path(path)
@@ -81,9 +133,43 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict]:
+        """Every record; a last line that is not valid JSON (torn by a kill) is skipped."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = self.path.read_text().splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines):
+                    break  # the write of this record never finished
+                raise DataError(f"{str(self.path)!r} line {number} is not JSON: {line[:60]!r}") from None
+        return records
+
+    def truncate(self, step: int) -> int:
+        """Keep only records with step <= `step` (and a torn last line dropped) -> how many were dropped.
+
+        The file is rewritten atomically (temporary file + os.replace): a kill during the rewrite
+        leaves the old log, never a half-written one.
+        """
+        if not self.path.exists():
+            return 0
+        records = self.read()
+        kept = [r for r in records if r.get("step", 0) <= step]
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return len(records) - len(kept)
 
 
 def plot_loss_curve(records: list[dict], path: str | Path, title: str = "") -> Path | None:
