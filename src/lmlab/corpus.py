@@ -80,9 +80,10 @@ def tokenizer_hash(tokenizer_path: str | Path) -> str:
 
 def _sources_fingerprint(sources: Sequence[str | Path], field: str) -> list:
     out = []
-    for s in sources:
-        p = Path(str(s))
-        out.append([str(s), field, p.stat().st_size if p.exists() else None, p.stat().st_mtime_ns if p.exists() else None])
+    for source in sources:
+        path = Path(str(source))
+        out.append([str(source), field, path.stat().st_size if path.exists() else None,
+                    path.stat().st_mtime_ns if path.exists() else None])
     return out
 
 
@@ -106,12 +107,12 @@ def tokenize_corpus(sources: Sequence[str | Path], tokenizer_path: str | Path, o
         tokenizer_path = tokenizer_path / "tokenizer.json"
     if not tokenizer_path.exists():
         raise DataError(f"tokenizer file {str(tokenizer_path)!r} does not exist")
-    for s in sources:
-        if not str(s).startswith("hf:") and not Path(str(s)).exists():
-            raise DataError(f"data file {str(s)!r} does not exist")
+    for source in sources:
+        if not str(source).startswith("hf:") and not Path(str(source)).exists():
+            raise DataError(f"data file {str(source)!r} does not exist")
     out = Path(out_dir)
-    tok = Tokenizer.from_file(str(tokenizer_path))
-    vocab_size = tok.get_vocab_size()
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    vocab_size = tokenizer.get_vocab_size()
     identity = {"format": FORMAT, "tokenizer_sha256": tokenizer_hash(tokenizer_path),
                 "sources": _sources_fingerprint(sources, field), "eos_token_id": eos_token_id}
     manifest_path = out / MANIFEST
@@ -144,8 +145,8 @@ def tokenize_corpus(sources: Sequence[str | Path], tokenizer_path: str | Path, o
         chunk = [d for _, d in zip(range(batch_docs), docs)]
         if not chunk:
             break
-        for enc in tok.encode_batch(chunk, add_special_tokens=False):
-            ids = enc.ids + ([eos_token_id] if eos_token_id is not None else [])
+        for encoding in tokenizer.encode_batch(chunk, add_special_tokens=False):
+            ids = encoding.ids + ([eos_token_id] if eos_token_id is not None else [])
             buffer.append(np.asarray(ids, dtype=np.int64))
             buffered += len(ids)
             n_tokens += len(ids)
@@ -175,9 +176,9 @@ class TokenStore:
             raise DataError(f"no {MANIFEST} in {str(self.dir)!r}; tokenize the corpus first")
         self.manifest = json.loads(path.read_text())
         dtype = np.dtype(self.manifest["dtype"])
-        self.shards = [np.memmap(self.dir / s["file"], dtype=dtype, mode="r", shape=(s["n_tokens"],))
-                       for s in self.manifest["shards"]]
-        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # start of each shard in the stream
+        self.shards = [np.memmap(self.dir / shard["file"], dtype=dtype, mode="r", shape=(shard["n_tokens"],))
+                       for shard in self.manifest["shards"]]
+        self.offsets = np.cumsum([0] + [len(shard) for shard in self.shards])  # start of each shard in the stream
         self.n_tokens = int(self.offsets[-1])
 
     def read(self, start: int, end: int) -> np.ndarray:

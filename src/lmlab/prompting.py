@@ -177,13 +177,13 @@ def build_prompt(query: str, shots: Sequence[Example] = (), template: str = "ins
     # 1. drop shots, least similar to the query first (the last ones without an embedder)
     if shots:
         if embedder is not None:
-            vecs = embedder.embed([query] + [s.input for s in shots])  # (1 + k, D) unit vectors
-            sims = (vecs[1:] @ vecs[0]).tolist()
-            drop_order = sorted(range(len(shots)), key=lambda i: sims[i])
-            how = "least similar to the query first"
+            vectors = embedder.embed([query] + [s.input for s in shots])  # (1 + k, D) unit vectors
+            similarity = (vectors[1:] @ vectors[0]).tolist()  # (k,) cosine similarity to the query
+            drop_order = sorted(range(len(shots)), key=lambda i: similarity[i])
+            drop_rule = "least similar to the query first"
         else:
             drop_order = list(range(len(shots) - 1, -1, -1))
-            how = "from the end"
+            drop_rule = "from the end"
         dropped: set[int] = set()
         for i in drop_order:
             dropped.add(i)
@@ -194,7 +194,7 @@ def build_prompt(query: str, shots: Sequence[Example] = (), template: str = "ins
                 break
         prompt.shots = [s for j, s in enumerate(shots) if j not in dropped]
         prompt.dropped_shots = [s for j, s in enumerate(shots) if j in dropped]
-        prompt.notes.append(f"dropped {len(dropped)} of {len(shots)} shots ({how}) to fit "
+        prompt.notes.append(f"dropped {len(dropped)} of {len(shots)} shots ({drop_rule}) to fit "
                             f"max_prompt_tokens={max_prompt_tokens}")
         prompt.text, prompt.n_tokens = text, n
         if n <= max_prompt_tokens:
@@ -262,9 +262,9 @@ def select_shots(query: str, pool: Sequence[Example], k: int, method: str = "ran
         return [pool[i] for i in random.Random(seed).sample(candidates, k)]
     if embedder is None:
         raise ConfigError("method='nearest' needs an embedder (e.g. SentenceEmbedder())")
-    vecs = embedder.embed([query] + [pool[i].input for i in candidates])  # (1 + N, D) unit vectors
-    sims = vecs[1:] @ vecs[0]  # (N,) cosine similarities
-    order = sims.argsort(descending=True, stable=True)[:k].tolist()
+    vectors = embedder.embed([query] + [pool[i].input for i in candidates])  # (1 + N, D) unit vectors
+    similarity = vectors[1:] @ vectors[0]  # (N,) cosine similarity to the query
+    order = similarity.argsort(descending=True, stable=True)[:k].tolist()
     return [pool[candidates[j]] for j in order]
 
 
