@@ -6,6 +6,7 @@ import torch
 from lmlab.config import PRESETS, ModelConfig
 from lmlab.errors import ConfigError
 from lmlab.model import Transformer
+from parity import fp32_bound
 
 TINY = ["tiny-decoder", "tiny-encoder", "tiny-encoder-decoder"]
 
@@ -49,7 +50,8 @@ def test_cached_decoding_equals_full_recompute_decoder(name):
         full = model(ids)
         cache = model.new_cache(2, 16)
         parts = [model(ids[:, :5], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(5, 12)]
-    assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
+    # cached and full decoding round their sums in another order: an fp32 error bound, not a fixed 1e-5
+    assert (torch.cat(parts, 1) - full).abs().max() <= fp32_bound(full, cfg, seq_len=12)
 
 
 def test_cached_decoding_equals_full_recompute_encoder_decoder():
@@ -63,7 +65,7 @@ def test_cached_decoding_equals_full_recompute_encoder_decoder():
         enc = model.encode(src, mask)
         cache = model.new_cache(2, 8)
         steps = [model.decode(tgt[:, i:i + 1], encoder_out=enc, encoder_mask=mask, cache=cache) for i in range(6)]
-    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+    assert (torch.cat(steps, 1) - full).abs().max() <= fp32_bound(full, cfg, seq_len=9)
 
 
 def test_padding_does_not_change_unpadded_rows():
@@ -76,7 +78,7 @@ def test_padding_does_not_change_unpadded_rows():
     with torch.no_grad():
         a = model(ids)
         b = model(padded, attention_mask=mask, position_ids=pos)[:, 3:]
-    assert (a - b).abs().max() < 1e-5
+    assert (a - b).abs().max() <= fp32_bound(a, cfg, seq_len=9)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -159,5 +161,6 @@ def test_model_level_error_reaches_the_cli_as_one_line_and_exit_2(tmp_path, caps
     model = Transformer(ModelConfig.from_name("tiny-decoder", vocab_size=16))
     save_model(model, tmp_path / "m", tokenizer)
     assert main(["generate", str(tmp_path / "m"), "w3 w20", "--max-new-tokens", "2"]) == 2
-    err = capsys.readouterr().err
-    assert err == "error: token id 20 is outside the vocabulary [0, 16)\n"
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "error: token id 20 is outside the vocabulary [0, 16)"  # after the "precision: ..." line
+    assert not any("Traceback" in line for line in err)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from parity import TOL, max_diff, perturb
+from parity import fp32_bound, max_diff, perturb
 from lmlab.checkpoints import export_hf, from_hf_model, load_model
 from lmlab.config import ModelConfig
 from lmlab.model import Transformer
@@ -47,7 +47,7 @@ def test_from_hf_model_mlm_logits_match(hf_model, padded):
         mask = torch.ones_like(ids)
     ref = hf_model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
     out = model(ids, attention_mask=mask, token_type_ids=types)
-    assert max_diff(out, ref, mask) <= TOL
+    assert max_diff(out, ref, mask) <= fp32_bound(ref, model.config)
 
 
 @torch.no_grad()
@@ -58,7 +58,7 @@ def test_bert_model_without_head_gives_hidden_states(hf_model, tmp_path):
     assert model.config.head == "none"
     ids, mask, types = _batch(model.config.vocab_size)
     ref = hf_model.bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
-    assert max_diff(model(ids, attention_mask=mask, token_type_ids=types), ref, mask) <= TOL
+    assert max_diff(model(ids, attention_mask=mask, token_type_ids=types), ref, mask) <= fp32_bound(ref, model.config)
 
 
 @torch.no_grad()
@@ -70,7 +70,7 @@ def test_minilm_real_weights(minilm_path):
     model = load_model("all-minilm-l6-v2")
     assert model.config.head == "none" and model.config.n_layers == 6
     out = model(batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])
-    assert max_diff(out, ref, batch["attention_mask"]) <= TOL
+    assert max_diff(out, ref, batch["attention_mask"]) <= fp32_bound(ref, model.config)
 
 
 @torch.no_grad()
@@ -84,4 +84,4 @@ def test_export_round_trip(tmp_path, head):
     ids, mask, types = _batch(cfg.vocab_size)
     out = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
     ref = out.logits if head == "mlm" else out.last_hidden_state
-    assert max_diff(model(ids, attention_mask=mask, token_type_ids=types), ref, mask) <= TOL
+    assert max_diff(model(ids, attention_mask=mask, token_type_ids=types), ref, mask) <= fp32_bound(ref, model.config)

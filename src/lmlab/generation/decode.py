@@ -20,10 +20,11 @@ decoder from ``decoder_start_token_id``):
    so they stop costing compute. The loop ends when every row has finished (checked with the one
    host sync per step) or after ``max_new_tokens``.
 
-On the CPU in fp32, batched generation (B * beams >= 4 rows by default) multiplies through weights pre-packed
-once for that many rows (``lmlab.nn.packed.maybe_packed_linears``; rows that leave the batch are
-zero-padded back, not re-packed): MKL's sgemm otherwise re-packs each weight on every skinny
-decode-step call. Tokens can differ from the unpacked path only by float rounding;
+On the CPU in fp32, batched generation (B * beams >= 4 rows) multiplies through weights pre-packed for
+that many rows where a one-off, cached calibration measured that faster on this machine
+(``lmlab.nn.packed.maybe_packed_linears``; the packed copies stay on the model for the next call; rows
+that leave the batch are zero-padded back, not re-packed): MKL's sgemm otherwise re-packs each weight
+on every skinny decode-step call. Tokens can differ from the unpacked path only by float rounding;
 ``LMLAB_PACKED_GEMM=0`` switches it off, ``=1`` forces it on even for one row.
 
 Beam search follows Hugging Face's vectorised algorithm step for step (same candidate count,
@@ -412,7 +413,7 @@ def generate_tokens(model, input_ids, attention_mask=None, config: GenerationCon
     model.eval()
     rows = input_ids.shape[0] * config.num_beams  # rows of each decode step (fewer once rows finish)
     try:
-        # batched CPU fp32 steps: weights pre-packed once for `rows` (lmlab.nn.packed; LMLAB_PACKED_GEMM=0 disables)
+        # batched CPU fp32 steps: weights pre-packed for `rows` where that measured faster (lmlab.nn.packed)
         with maybe_packed_linears(model, rows):
             if config.num_beams > 1:
                 return _beam_search(model, input_ids, attention_mask, config, tokenizer)
