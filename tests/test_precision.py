@@ -108,3 +108,17 @@ def test_generate_takes_the_precision_flag_and_says_which_path(native, tmp_path,
         assert f"precision: {expected}" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "m"), "w3", "--precision", "fp16"]) == 2
     assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_lab_says_which_precision_and_keeps_bf16_rows_apart(native, tiny_model_dir, tmp_path):
+    from lmlab.tasks.summarize.lab import LabSettings, run_lab
+
+    native(False)
+    lines: list[str] = []
+    settings = LabSettings(model=str(tiny_model_dir), experiments="zero-shot-bare", limit=2, max_new_tokens=3,
+                           out=tmp_path / "out", examples=0, precision="bf16")
+    run_lab(settings, echo=lines.append, progress=False)
+    assert any(line.startswith("precision: bf16 (requested; this CPU has no native bf16") for line in lines)
+    settings.precision = "fp32"  # rows generated in bf16 are not resumed as fp32 rows
+    with pytest.raises(ConfigError, match="precision"):
+        run_lab(settings, echo=lines.append, progress=False)

@@ -64,6 +64,7 @@ class LabSettings:
     examples: int = 3  # human-vs-model examples printed and written to report.md
     max_prompt_tokens: int | None = None  # None: the model's context minus max_new_tokens
     max_rows: int | None = None  # testing knob: stop (as if Ctrl-C) once this many new rows are written
+    precision: str = "auto"  # lmlab.precision: auto (bf16 where native, else fp32), fp32 or bf16
 
 
 class LabInterrupted(KeyboardInterrupt):
@@ -126,6 +127,12 @@ def _signature(settings: LabSettings, data: DialogueSet, pool_desc: str, chat: b
     }
     if settings.shots_from:
         sig["shots_from_fingerprint"] = load_dialogues(settings.shots_from).fingerprint
+    import torch
+
+    from lmlab.precision import resolve_precision
+
+    if resolve_precision(settings.precision) != torch.float32:  # bf16 rounds differently: its rows are others
+        sig["precision"] = "bf16"
     return sig
 
 
@@ -281,6 +288,9 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
     new_rows = 0
     if todo:
         model = load_model(settings.model)
+        from lmlab.precision import apply_precision
+
+        echo(f"precision: {apply_precision(model, settings.precision)}")
         max_prompt = settings.max_prompt_tokens
         if max_prompt is None:
             max_prompt = max(16, model.config.max_seq_len - settings.max_new_tokens)
