@@ -250,6 +250,10 @@ def main() -> None:
         raise SystemExit("gpu_check needs a CUDA device (or --device cpu for a dry run)")
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {name}")
+    from lmlab.precision import describe_precision
+
+    RESULTS["precision_auto"] = {"ok": True, "chosen": describe_precision("auto", DEVICE)}
+    print(f"precision auto on this device: {RESULTS['precision_auto']['chosen']} (the speed section runs both)")
     chosen = [s for s in args.only.split(",") if s] or ["parity", "generation", "training", "speed"]
     for name in chosen:
         {"parity": parity, "generation": generation, "training": training, "speed": speed}[name]()
