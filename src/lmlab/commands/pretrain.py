@@ -38,7 +38,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 on capable CUDA, else fp32")
     parser.add_argument("--distributed", choices=["none", "ddp", "fsdp"], help="data parallelism (launch with torchrun)")
     parser.add_argument("--device", help="auto | cpu | cuda")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=int, help="train.seed: the model's initial weights, data order, masks and "
+                                                 "dropout; the same config and seed give the same model")
     parser.add_argument("--stop-after", type=int, help="stop with a checkpoint after this many steps (resume later)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
