@@ -93,12 +93,40 @@ def test_an_old_pickled_checkpoint_is_refused_without_running_it(tmp_path, corpu
     assert not marker.exists()
 
 
-def test_no_unpickling_or_eval_of_file_contents_in_src():
-    pattern = re.compile(r"weights_only\s*=\s*False|pickle\.loads?\(|(?<![.\w])eval\(|Unpickler\(")
-    hits = [f"{path.relative_to(REPO)}:{n}: {line.strip()}"
-            for path in sorted((REPO / "src").rglob("*.py"))
-            for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+def test_a_sharded_checkpoint_index_is_read_without_running_code(tmp_path):
+    import pickle
+
+    from lmlab.training import distributed as dist
+
+    torch.manual_seed(0)
+    model, fresh = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    dist.save_sharded(model, optimizer, tmp_path / "dcp")  # one process: DCP runs without a process group
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
+    dist.load_sharded(fresh, fresh_optimizer, tmp_path / "dcp")  # through the restricted index reader
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+    assert torch.equal(fresh_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    marker = tmp_path / "payload-ran"
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError, match=r"names posix\.system.*refusing"):
+        dist.load_sharded(fresh, fresh_optimizer, tmp_path / "dcp")
+    assert not marker.exists()
+
+
+def test_no_unrestricted_unpickling_or_eval_of_file_contents_in_src():
+    pattern = re.compile(r"weights_only\s*=\s*False|pickle\.loads?\(|(?<![.\w])eval\(|pickle\.Unpickler\(")
+    hits, unpicklers = [], []
+    for path in sorted((REPO / "src").rglob("*.py")):
+        text = path.read_text()
+        hits += [f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+                 for n, line in enumerate(text.splitlines(), 1) if pattern.search(line)]
+        unpicklers += [(path.name, m.group(1), text) for m in re.finditer(r"class (\w+)\(pickle\.Unpickler\)", text)]
     assert hits == []
+    # the one unpickler (DCP's index) restricts the classes it may build
+    assert [(name, cls) for name, cls, _ in unpicklers] == [("distributed.py", "_DCPMetadataUnpickler")]
+    assert "def find_class" in unpicklers[0][2]
 
 
 # --- 2. per-rank random streams ----------------------------------------------------------------

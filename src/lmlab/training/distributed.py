@@ -17,6 +17,7 @@ Only rank 0 logs and writes files; every rank calls the collective state-dict fu
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmlab.errors import ConfigError, choices_error
+from lmlab.errors import CheckpointError, ConfigError, choices_error
 
 MODES = ("none", "ddp", "fsdp")
 
@@ -179,11 +180,74 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
 
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path) -> None:
-    """Load a DCP directory written by ``save_sharded`` into the (sharded) model and optimizer in place."""
+    """Load a DCP directory written by ``save_sharded`` into the (sharded) model and optimizer in place.
+
+    The directory's index (``.metadata``) is read by ``read_dcp_metadata``, not by DCP's own reader,
+    which unpickles it without restriction; the shards themselves hold raw tensor bytes.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    index = Path(directory) / ".metadata"
+    if index.exists():
+        read_dcp_metadata(index)  # a refused index fails here, clearly: dcp.load would catch the error and go on
     model_sd, optim_sd = get_state_dict(unwrap(model), optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(directory))
+    dcp.load(state, storage_reader=_restricted_reader(directory))
     set_state_dict(unwrap(model), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+# --- reading a DCP index without running code from it --------------------------------------------
+# Everything a DCP ``.metadata`` pickle names (torch 2.6-2.13): torch's own metadata records and a few
+# value types. Building these from a file runs no code of the file's choosing.
+_DCP_METADATA_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP index, refusing every class or function outside ``_DCP_METADATA_GLOBALS``
+    (the "restricting globals" recipe of the ``pickle`` documentation)."""
+
+    def find_class(self, module: str, name: str):
+        torch_value = isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+        if (module, name) in _DCP_METADATA_GLOBALS or (module == "torch" and torch_value):
+            return super().find_class(module, name)
+        raise CheckpointError(f"the DCP index names {module}.{name}, which a DCP checkpoint never holds; "
+                              f"refusing to load it (it could run code)")
+
+
+def read_dcp_metadata(path: str | Path):
+    """A DCP checkpoint's ``.metadata`` (a ``Metadata``), unpickled with only DCP's own classes allowed."""
+    with open(path, "rb") as f:
+        try:
+            return _DCPMetadataUnpickler(f).load()
+        except CheckpointError as exc:
+            raise CheckpointError(f"{str(path)!r}: {exc}") from None
+        except Exception as exc:
+            raise CheckpointError(f"{str(path)!r} cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def _restricted_reader(directory: str | Path):
+    """DCP's ``FileSystemReader`` for `directory`, with the index read by ``read_dcp_metadata``.
+
+    The class is made on first use: importing ``torch.distributed.checkpoint`` takes seconds, and only
+    sharded runs need it.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class RestrictedFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata = read_dcp_metadata(self._get_metadata_path(kwargs.get("rank")))
+            if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return RestrictedFileSystemReader(str(directory))
