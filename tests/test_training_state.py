@@ -191,6 +191,25 @@ def test_peak_is_the_best_of_several_runs():
     assert best_rate(lambda: None, flops_per_call=100.0, repeats=4, seconds=0.5, clock=lambda: next(ticks)) == 100.0
 
 
+def test_peak_covers_the_training_shapes_and_takes_the_best(monkeypatch):
+    from lmlab.config import ModelConfig
+    from lmlab.training import metrics
+
+    shapes = metrics.training_matmul_shapes(ModelConfig.from_name("gpt2-124m"), tokens=12 * 1024)
+    assert shapes == [(2048, 768, 2048), (2048, 2048, 768), (2048, 768, 2048)]  # capped: cheap to time
+    timed = []
+
+    def fake_best_rate(run, flops_per_call, repeats, seconds, sync):  # pretend rate = FLOPs of one call
+        timed.append(flops_per_call)
+        return flops_per_call
+
+    monkeypatch.setattr(metrics, "best_rate", fake_best_rate)
+    monkeypatch.setattr(metrics, "_PEAK_CACHE", {})
+    small = [(8, 16, 32), (64, 32, 16)]
+    peak = metrics.measure_peak_flops(torch.device("cpu"), torch.float32, small, repeats=2, seconds=0.01)
+    assert timed == [2 * 1024**3, 2 * 8 * 16 * 32, 2 * 64 * 32 * 16] and peak == 2 * 1024**3  # square + each shape
+
+
 def test_mfu_is_never_above_one_even_when_the_peak_reads_low(tmp_path, corpus, monkeypatch):
     assert model_flops_utilization(1000, 10.0, peak_flops=1e9) == pytest.approx(6e4 / 1e9)
     assert model_flops_utilization(1000, 10.0, peak_flops=1.0) == 1.0
