@@ -9,8 +9,9 @@ import torch
 from lmlab.config import ModelConfig
 from lmlab.errors import ConfigError, DataError
 from lmlab.generation import GenerationConfig, build_processors, generate, generate_tokens, stream
-from lmlab.generation import decode as decode_mod
-from lmlab.generation.decode import _DecoderOnlyRun, _EncoderDecoderRun, trim_stop_strings
+from lmlab.generation import streaming as streaming_mod
+from lmlab.generation.driver import DecoderOnlyRun, EncoderDecoderRun
+from lmlab.generation.stopping import trim_stop_strings
 from lmlab.generation.processors import MinNewTokens, MinP, NoRepeatNGram, RepetitionPenalty, Temperature, TopK, TopP
 from lmlab.model import Transformer
 from parity import fp32_bound
@@ -244,7 +245,7 @@ def test_cached_generation_equals_full_recompute_decoder(name):
     ids = torch.tensor([prompts[0], [0, 0, 0] + prompts[1]])
     mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
     with torch.inference_mode():
-        run = _DecoderOnlyRun(model, ids, mask, 10)
+        run = DecoderOnlyRun(model, ids, mask, 10)
         steps = [run.prefill()] + [run.step(torch.tensor([new[0][i], new[1][i]])) for i in range(9)]
     full_ids = torch.cat([ids, torch.tensor(new)[:, :9]], 1)
     full = _full_logits(model, full_ids, torch.cat([mask, torch.ones(2, 9, dtype=torch.long)], 1))
@@ -261,7 +262,7 @@ def test_cached_generation_equals_full_recompute_encoder_decoder():
     mask[1, :4] = 0
     new = generate_tokens(model, src, mask, max_new_tokens=8, eos_token_ids=[])
     with torch.inference_mode():
-        run = _EncoderDecoderRun(model, src, mask, 8, start_token_id=0)
+        run = EncoderDecoderRun(model, src, mask, 8, start_token_id=0)
         steps = [run.prefill()] + [run.step(torch.tensor([new[0][i], new[1][i]])) for i in range(7)]
         dec = torch.cat([torch.zeros(2, 1, dtype=torch.long), torch.tensor(new)[:, :7]], 1)
         full = model(src, attention_mask=mask, decoder_input_ids=dec)
@@ -335,7 +336,7 @@ def test_finished_rows_leave_the_batch_and_results_do_not_change(name, monkeypat
     alone = [generate_tokens(model, [p], max_new_tokens=12, eos_token_ids=eos)[0] for p in prompts]
     assert len({len(r) for r in alone}) > 1  # rows really finish at different times
     reorders = []
-    run_cls = _EncoderDecoderRun if name == "tiny-encoder-decoder" else _DecoderOnlyRun
+    run_cls = EncoderDecoderRun if name == "tiny-encoder-decoder" else DecoderOnlyRun
     original = run_cls.reorder
     monkeypatch.setattr(run_cls, "reorder", lambda self, index: (reorders.append(index.tolist()), original(self, index)))
     batched = generate_tokens(model, prompts, max_new_tokens=12, eos_token_ids=eos)
@@ -395,7 +396,7 @@ def test_generate_str_in_str_out_list_in_list_out():
 
 @pytest.mark.parametrize("stops", [[], ["zz"]])
 def test_stream_deltas_concatenate_to_generate(monkeypatch, stops):
-    monkeypatch.setattr(decode_mod, "_incremental_decoder", ByteIncrementalDecoder)
+    monkeypatch.setattr(streaming_mod, "_incremental_decoder", ByteIncrementalDecoder)
     model, tok = tiny(vocab_size=131), ByteTokenizer()
     free = generate(model, tok, "ab", max_new_tokens=24, eos_token_ids=[])
     if stops:

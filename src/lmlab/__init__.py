@@ -21,7 +21,7 @@ _EXPORTS = {
     "GenerationConfig": "lmlab.generation.config",
     "generate": "lmlab.generation.decode",
     "generate_tokens": "lmlab.generation.decode",
-    "stream": "lmlab.generation.decode",
+    "stream": "lmlab.generation.streaming",
     "LmlabError": "lmlab.errors",
     "ConfigError": "lmlab.errors",
     "CheckpointError": "lmlab.errors",
