@@ -10,6 +10,7 @@ from lmlab.checkpoints import save_model
 from lmlab.cli import main
 from lmlab.config import ModelConfig
 from lmlab.model import Transformer
+from parity import fp32_bound
 
 
 @pytest.fixture
@@ -68,7 +69,8 @@ def test_export_writes_loadable_hf_directory(tiny_ckpt, tmp_path, capsys):
     model = load_model(path)
     ids = torch.randint(0, cfg.vocab_size, (2, 7))
     with torch.no_grad():
-        assert (model(ids) - hf(input_ids=ids).logits).abs().max() <= 1e-4
+        ref = hf(input_ids=ids).logits
+        assert (model(ids) - ref).abs().max() <= fp32_bound(ref, model.config)  # rounding only (tests/parity.py)
 
 
 def test_export_bad_source_exits_non_zero(tmp_path, capsys):
