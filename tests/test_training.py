@@ -260,6 +260,9 @@ def test_every_preset_loads_from_its_one_yaml_file():
     preset_dir = REPO / "src" / "lmlab" / "training" / "presets"
     names = sorted(p.stem for p in preset_dir.glob("*.yaml"))
     assert names == sorted(TRAIN_PRESETS) and {"tiny", "decoder-10m", "encoder-decoder-10m"} <= set(names)
+    from lmlab.commands.pretrain import _preset_names
+
+    assert _preset_names().split(", ") == names  # `lmlab pretrain --help` lists them from the same files
     for name in names:
         cfg = load_config(name)  # validates every section and the model preset
         assert TRAIN_PRESETS[name] == yaml.safe_load((preset_dir / f"{name}.yaml").read_text()), name

@@ -7,6 +7,7 @@ their own flags, which are applied after --set.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 # flag -> config key it overrides
 _FLAGS = {
@@ -18,10 +19,14 @@ _FLAGS = {
 }
 
 
+def _preset_names() -> str:
+    """The training presets, listed from their YAML files (without importing torch for --help)."""
+    presets = Path(__file__).resolve().parents[1] / "training" / "presets"
+    return ", ".join(sorted(p.stem for p in presets.glob("*.yaml")))
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", default=None,
-                        help="YAML/JSON run config, or a preset: tiny, decoder-10m, encoder-10m, encoder-decoder-10m, "
-                             "gpt2-124m, bert-base, t5-small")
+    parser.add_argument("--config", default=None, help=f"YAML/JSON run config, or a preset: {_preset_names()}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set train.lr=3e-4 --set model.dropout=0.1 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
