@@ -28,7 +28,7 @@ def fp32_bound(reference: torch.Tensor, config, seq_len: int = 0, headroom: floa
     """
     layers = (config.n_layers or 0) + (getattr(config, "n_decoder_layers", 0) or 0)
     depth = max(config.d_model, config.d_ff or 0, seq_len)
-    scale = float(reference.abs().max()) if scale is None else scale
+    scale = float(reference.detach().abs().max()) if scale is None else scale
     return headroom * EPS32 * math.sqrt(2 * layers * depth) * scale
 
 

@@ -31,11 +31,11 @@ the largest R, and smaller R are zero-padded up to it. Padding stops paying once
 R=2 107 vs 72), so generation passes ``min_rows = M // 2 + 1`` and smaller R use ``F.linear`` again.
 
 Memory: every packed Linear holds a second copy of its weight in MKL's layout, for as long as the model
-keeps it (``packed_bytes(model)`` reports the size of MKL's buffers: an upper bound, see below). For SmolLM2-135M at M=8 (513 MiB of fp32 Linear
-weights) the process's resident memory grows by ~0.54 GB, about one more copy of the weights; the
-buffers MKL asks for are larger (2.6 GB of address space in all, 223 MiB for the 108 MiB head), but
-only the part MKL writes becomes resident. Tied weights work: the packed copy belongs to the Linear,
-the shared ``Parameter`` is only read.
+keeps it (``packed_bytes(model)`` reports the size of MKL's buffers: an upper bound, see below). For
+SmolLM2-135M at M=8 (513 MiB of fp32 Linear weights) the process's resident memory grows by ~0.54 GB,
+about one more copy of the weights; the buffers MKL asks for are larger (2.6 GB of address space in
+all, 223 MiB for the 108 MiB head), but only the part MKL writes becomes resident. Tied weights work:
+the packed copy belongs to the Linear, the shared ``Parameter`` is only read.
 
 No-op (the context manager changes nothing) when the MKL ops are missing (non-MKL builds, e.g. ARM),
 when any Linear weight is not an fp32 CPU tensor (CUDA, bf16), or when the model is training.
