@@ -39,7 +39,10 @@ import torch
 
 from lmlab.errors import ConfigError, DataError, LmlabError
 from lmlab.generation.config import GenerationConfig
-from lmlab.generation.decode import _held_back, trim_stop_strings
+try:  # generation/ is being split into modules; stopping.py holds these once it lands
+    from lmlab.generation.stopping import held_back_length, trim_stop_strings
+except ImportError:
+    from lmlab.generation.decode import _held_back as held_back_length, trim_stop_strings
 from lmlab.generation.processors import build_processors
 from lmlab.nn.packed import maybe_packed_linears
 from lmlab.nn.slot_cache import SlotCache
@@ -146,6 +149,7 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._closing = False
         self.steps = 0  # decode steps run (tests and benchmarks read it)
+        self.peak_running = 0  # the most requests ever decoded together
         self._thread = threading.Thread(target=self._run, name="lmlab-model-loop", daemon=True)
         self._thread.start()
 
@@ -207,25 +211,32 @@ class Scheduler:
     def _run(self) -> None:
         # batched CPU fp32 steps: weights pre-packed for max_batch rows (lmlab.nn.packed; LMLAB_PACKED_GEMM=0 off)
         with torch.inference_mode(), maybe_packed_linears(self.model, self.max_batch):
-            while True:
-                with self._cv:
-                    while not (self._waiting or self.running or self._closing):
-                        self._cv.wait()
-                    if self._closing and not self._waiting and not self.running:
-                        return
-                    self._expire_waiting()
-                    admitted = []
-                    while self._waiting and len(self.running) + len(admitted) < self.max_batch:
-                        admitted.append(self._waiting.popleft())
-                    with self.metrics.lock:
-                        self.metrics.queued = len(self._waiting)
-                self._expire_running()
-                for req in admitted:
-                    self._prefill(req)
-                if self.running:
-                    self._decode_step()
-                with self.metrics.lock:
-                    self.metrics.running = len(self.running)
+            while self._iteration():
+                pass
+
+    def _iteration(self) -> bool:
+        """Housekeeping, admission + prefill, one decode step -> False once closed and drained.
+        (A method of its own so that nothing of a finished request outlives the iteration in a local.)"""
+        with self._cv:
+            while not (self._waiting or self.running or self._closing):
+                self._cv.wait()
+            if self._closing and not self._waiting and not self.running:
+                return False
+            self._expire_waiting()
+            admitted = []
+            while self._waiting and len(self.running) + len(admitted) < self.max_batch:
+                admitted.append(self._waiting.popleft())
+            with self.metrics.lock:
+                self.metrics.queued = len(self._waiting)
+        self._expire_running()
+        for req in admitted:
+            self._prefill(req)
+        self.peak_running = max(self.peak_running, len(self.running))
+        if self.running:
+            self._decode_step()
+        with self.metrics.lock:
+            self.metrics.running = len(self.running)
+        return True
 
     def _expire_waiting(self) -> None:
         """Drop cancelled or timed-out requests that never got a slot (called holding the lock)."""
@@ -287,7 +298,6 @@ class Scheduler:
                 if self._accept(req, state, token):
                     finished.append(row)
             except Exception as exc:
-                req.finish_reason = "error"
                 finished.append(row)
                 self._end(req, "error", f"{type(exc).__name__}: {exc}")
         for row in reversed(finished):  # descending, so each swap moves a row that stays
@@ -333,7 +343,7 @@ class Scheduler:
             cut = trim_stop_strings(text, stops)
             if len(cut) < len(text):
                 text, reason = cut, "stop"
-        safe = len(text) if (reason or not stops) else len(text) - _held_back(text, stops)
+        safe = len(text) if (reason or not stops) else len(text) - held_back_length(text, stops)
         if safe > state.sent:
             req.text = text[:safe]
             req.emit(Event("text", text[state.sent:safe]))
