@@ -1,0 +1,211 @@
+// lmlab playground: plain JavaScript, no build step, no CDN. Talks to the same server's /v1 API and
+// reads its Server-Sent Events with fetch() (EventSource cannot POST).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+// POST `body` to `path` with stream: true; call onEvent(json) for every `data:` event until [DONE].
+async function streamPost(path, body, onEvent, signal) {
+  const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
+  if (!response.ok) {
+    let message = response.status + " " + response.statusText;
+    try { message = (await response.json()).error.message; } catch (_) { /* not JSON */ }
+    throw new Error(message);
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {       // one SSE event per blank-line-terminated block
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      for (const line of block.split("\n")) {
+        if (!line.startsWith("data: ")) continue;
+        const data = line.slice(6);
+        if (data === "[DONE]") return;
+        const event = JSON.parse(data);
+        if (event.error) throw new Error(event.error.message);
+        onEvent(event);
+      }
+    }
+  }
+}
+
+function numberField(id, integer) {
+  const value = integer ? parseInt($(id).value, 10) : parseFloat($(id).value);
+  if (Number.isNaN(value)) throw new Error($(id).closest("label").firstChild.textContent.trim() + " is not a number");
+  return value;
+}
+
+function knobs(prefix) {
+  return {
+    temperature: numberField(prefix + "-temperature", false),
+    top_k: numberField(prefix + "-top-k", true),
+    top_p: numberField(prefix + "-top-p", false),
+    max_tokens: numberField(prefix + "-max-tokens", true),
+  };
+}
+
+// tokens/s from the first token on (prefill time is the time to first token, shown separately)
+function rate(tokens, firstAt, endAt) {
+  const seconds = (endAt - firstAt) / 1000;
+  return tokens > 1 && seconds > 0 ? ((tokens - 1) / seconds).toFixed(1) : "–";
+}
+
+// --- tabs ---------------------------------------------------------------------------------------------
+for (const tab of document.querySelectorAll(".tab")) {
+  tab.addEventListener("click", () => {
+    for (const other of document.querySelectorAll(".tab")) {
+      other.classList.toggle("active", other === tab);
+      other.setAttribute("aria-selected", String(other === tab));
+      $(other.dataset.panel).hidden = other !== tab;
+    }
+  });
+}
+
+// --- start-up: model, health, bundled dialogues --------------------------------------------------------
+let dialogues = [];
+
+async function init() {
+  const info = $("model-info");
+  for (;;) {
+    const health = await fetch("/health").then((r) => r.json()).catch(() => ({ status: "unreachable" }));
+    if (health.status === "ok") { info.textContent = health.model; info.className = "ready"; break; }
+    info.textContent = "model " + health.status + "…"; info.className = "loading";
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+  try {
+    const listing = await fetch("/v1/summarize/dialogues", { headers: headers() }).then((r) => r.json());
+    dialogues = listing.dialogues || [];
+    for (const d of dialogues) {
+      const option = document.createElement("option");
+      option.value = d.id;
+      option.textContent = d.id + (d.topic ? " — " + d.topic : "");
+      $("dialogue-pick").appendChild(option);
+    }
+    for (const recipe of listing.recipes || []) {
+      const option = document.createElement("option");
+      option.value = recipe;
+      option.textContent = recipe;
+      option.selected = recipe === listing.default_recipe;
+      $("recipe").appendChild(option);
+    }
+  } catch (err) {
+    $("sum-stats").innerHTML = '<span class="error">' + err.message + "</span>";
+  }
+}
+
+$("dialogue-pick").addEventListener("change", () => {
+  const chosen = dialogues.find((d) => d.id === $("dialogue-pick").value);
+  if (chosen) $("dialogue").value = chosen.dialogue;
+});
+
+// --- summarize ----------------------------------------------------------------------------------------
+$("summarize").addEventListener("click", async () => {
+  const out = $("summary"), stats = $("sum-stats"), button = $("summarize");
+  out.textContent = "";
+  stats.textContent = "";
+  let body;
+  try {
+    body = Object.assign({ dialogue: $("dialogue").value, recipe: $("recipe").value, stream: true }, knobs("sum"));
+  } catch (err) { stats.innerHTML = '<span class="error">' + err.message + "</span>"; return; }
+  button.disabled = true;
+  out.classList.add("streaming");
+  const started = performance.now();
+  let firstAt = null, chunks = 0;
+  try {
+    await streamPost("/v1/summarize", body, (event) => {
+      const now = performance.now();
+      if (event.delta !== undefined) {
+        if (firstAt === null) firstAt = now;
+        chunks += 1;
+        out.textContent += event.delta;
+        stats.innerHTML = "<b>" + chunks + "</b> tokens · " + rate(chunks, firstAt, now) + " tokens/s";
+      } else if (event.summary !== undefined) {   // the final event: cleaned summary and exact usage
+        out.textContent = event.summary;
+        const u = event.usage;
+        stats.innerHTML = "prompt <b>" + u.prompt_tokens + "</b> tokens · generated <b>" + u.completion_tokens +
+          "</b> tokens · <b>" + rate(u.completion_tokens, firstAt ?? now, now) + "</b> tokens/s · first token " +
+          ((firstAt ?? now) - started).toFixed(0) + " ms · " + event.recipe + " (" + event.shots + " shots) · " +
+          event.finish_reason;
+      }
+    });
+  } catch (err) {
+    stats.innerHTML = '<span class="error">' + err.message + "</span>";
+  } finally {
+    out.classList.remove("streaming");
+    button.disabled = false;
+  }
+});
+
+// --- chat ---------------------------------------------------------------------------------------------
+const history = [];
+
+function bubble(role, text) {
+  const div = document.createElement("div");
+  div.className = "msg " + role;
+  div.textContent = text;
+  $("messages").appendChild(div);
+  $("messages").scrollTop = $("messages").scrollHeight;
+  return div;
+}
+
+async function send() {
+  const text = $("chat-input").value.trim();
+  const stats = $("chat-stats");
+  if (!text) return;
+  let settings;
+  try { settings = knobs("chat"); } catch (err) { stats.innerHTML = '<span class="error">' + err.message + "</span>"; return; }
+  $("chat-input").value = "";
+  history.push({ role: "user", content: text });
+  bubble("user", text);
+  const reply = bubble("assistant", "");
+  reply.classList.add("streaming");
+  $("send").disabled = true;
+  const started = performance.now();
+  let firstAt = null, answer = "";
+  try {
+    await streamPost("/v1/chat/completions", Object.assign({ messages: history, stream: true }, settings), (event) => {
+      const now = performance.now();
+      if (event.choices && event.choices.length && event.choices[0].delta.content) {
+        if (firstAt === null) firstAt = now;
+        answer += event.choices[0].delta.content;
+        reply.textContent = answer;
+        $("messages").scrollTop = $("messages").scrollHeight;
+      }
+      if (event.usage) {
+        const u = event.usage;
+        stats.innerHTML = "prompt <b>" + u.prompt_tokens + "</b> tokens · generated <b>" + u.completion_tokens +
+          "</b> tokens · <b>" + rate(u.completion_tokens, firstAt ?? now, now) + "</b> tokens/s · first token " +
+          ((firstAt ?? now) - started).toFixed(0) + " ms";
+      }
+    });
+    history.push({ role: "assistant", content: answer });
+  } catch (err) {
+    history.pop();
+    reply.remove();
+    stats.innerHTML = '<span class="error">' + err.message + "</span>";
+  } finally {
+    reply.classList.remove("streaming");
+    $("send").disabled = false;
+  }
+}
+
+$("send").addEventListener("click", send);
+$("chat-input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); }
+});
+$("clear").addEventListener("click", () => { history.length = 0; $("messages").textContent = ""; $("chat-stats").textContent = ""; });
+
+init();

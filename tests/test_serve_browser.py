@@ -1,0 +1,132 @@
+"""The playground in a real headless Chromium (Debian's chromium + chromium-driver, driven by selenium).
+
+The test types into the page, presses the buttons and checks that streamed text arrives, in both tabs.
+Where the browser cannot be installed (no apt-get, or not root and no sudo) it skips and says why;
+where `scripts/setup.sh` would have installed it, a missing browser is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from lmlab.generation import GenerationConfig, generate
+from serving import running_server, slow_down, tiny_model, tiny_tokenizer
+
+DIALOGUE = ("#Person1#: Did you book the train tickets for Saturday?\n"
+            "#Person2#: Yes, two seats at nine in the morning.\n"
+            "#Person1#: Great, I will bring the sandwiches.")
+
+
+def _browser_paths() -> tuple[str | None, str | None]:
+    chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    return chromium, shutil.which("chromedriver")
+
+
+def _setup_can_install() -> bool:
+    """What scripts/setup.sh checks before it installs the browser."""
+    if shutil.which("apt-get") is None:
+        return False
+    if os.geteuid() == 0:
+        return True
+    import subprocess
+
+    return shutil.which("sudo") is not None and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def browser():
+    chromium, driver_path = _browser_paths()
+    if not (chromium and driver_path):
+        if _setup_can_install():
+            pytest.fail("chromium and chromedriver are missing; bash scripts/setup.sh installs them "
+                        "(apt-get install chromium chromium-driver)")
+        pytest.skip("no headless Chromium: this machine has no apt-get (or no root/sudo) for scripts/setup.sh "
+                    "to install chromium + chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager try to download a browser
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_playground_streams_summaries_and_chat(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size, max_seq_len=2048)
+    with running_server(lambda: (model, tok), shot_method="random") as (url, _):
+        hook = slow_down(model, 0.03)  # ~30 ms a token: the page sees the text grow
+        try:
+            browser.get(url + "/")
+            wait = WebDriverWait(browser, 60, poll_frequency=0.01)
+            wait.until(lambda d: "ready" in d.find_element(By.ID, "model-info").get_attribute("class"))
+            assert browser.find_element(By.ID, "model-info").text == "tiny"
+            wait.until(lambda d: len(Select(d.find_element(By.ID, "dialogue-pick")).options) == 29)
+            recipes = [o.text for o in Select(browser.find_element(By.ID, "recipe")).options]
+            assert recipes == ["zero-shot", "one-shot", "few-shot"]
+
+            # --- summarize: type a dialogue, press the button, watch the summary stream in ----------
+            box = browser.find_element(By.ID, "dialogue")
+            box.clear()
+            box.send_keys(DIALOGUE)
+            Select(browser.find_element(By.ID, "recipe")).select_by_visible_text("zero-shot")
+            max_tokens = browser.find_element(By.ID, "sum-max-tokens")
+            max_tokens.clear()
+            max_tokens.send_keys("24")
+            browser.find_element(By.ID, "summarize").click()
+            summary = browser.find_element(By.ID, "summary")
+            # streamed: text is on the page while the request is still running
+            wait.until(lambda d: summary.text and "streaming" in summary.get_attribute("class"))
+            partial = summary.text
+            wait.until(lambda d: "streaming" not in summary.get_attribute("class"))
+            stats = browser.find_element(By.ID, "sum-stats").text
+            final = summary.text
+            assert "tokens/s" in stats and "generated" in stats and "zero-shot (0 shots)" in stats, stats
+            assert final and len(final) >= len(partial)
+
+            # the page shows what the API returns for the same request
+            import httpx
+
+            api = httpx.post(f"{url}/v1/summarize", timeout=60,
+                             json={"dialogue": DIALOGUE, "recipe": "zero-shot", "max_tokens": 24, "temperature": 0,
+                                   "top_k": 0, "top_p": 1}).json()
+            assert final.split() == api["summary"].split()
+            assert f"generated {api['usage']['completion_tokens']} tokens" in stats
+
+            # --- chat: switch tabs, type, press Enter, watch the reply stream in -------------------
+            browser.find_element(By.ID, "tab-chat").click()
+            assert browser.find_element(By.ID, "panel-summarize").get_attribute("hidden") is not None
+            temperature = browser.find_element(By.ID, "chat-temperature")
+            temperature.clear()
+            temperature.send_keys("0")
+            chat_tokens = browser.find_element(By.ID, "chat-max-tokens")
+            chat_tokens.clear()
+            chat_tokens.send_keys("32")
+            browser.find_element(By.ID, "chat-input").send_keys("Where is the station?", Keys.ENTER)
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+                       and d.find_element(By.CSS_SELECTOR, ".msg.assistant").text)
+            reply = browser.find_element(By.CSS_SELECTOR, ".msg.assistant")
+            wait.until(lambda d: "streaming" not in reply.get_attribute("class"))
+            assert browser.find_element(By.CSS_SELECTOR, ".msg.user").text == "Where is the station?"
+            messages = [{"role": "user", "content": "Where is the station?"}]
+            want = generate(model, tok, tok.apply_chat_template(messages), GenerationConfig(max_new_tokens=32))
+            assert reply.text.split() == want.split()  # the DOM's text collapses runs of whitespace
+            assert "tokens/s" in browser.find_element(By.ID, "chat-stats").text
+            browser.save_screenshot(str(tmp_path / "playground.png"))
+        finally:
+            hook.remove()
+    assert (tmp_path / "playground.png").stat().st_size > 10_000
