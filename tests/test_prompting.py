@@ -154,6 +154,16 @@ def test_budget_fits_everything_untouched():
     assert p.shots == SHOTS and p.notes == [] and p.n_tokens == len(p.text.split())
 
 
+def test_budget_counts_the_special_tokens_the_prompt_will_carry():
+    """Generation encodes prompts with the tokenizer's special tokens (e.g. LLaMA's BOS): the budget counts them."""
+
+    class WithBos(WordTokenizer):
+        def encode(self, text, add_special_tokens=False):
+            return [1] * add_special_tokens + super().encode(text)
+
+    p = build_prompt("a b c", tokenizer=WithBos())
+    assert p.n_tokens == len(p.text.split()) + 1
+
 def test_budget_drops_shots_from_the_end_without_embedder():
     tok = WordTokenizer()
     shots = [Example("x " * 10, "y"), Example("z " * 10, "w"), Example("v " * 10, "u")]
