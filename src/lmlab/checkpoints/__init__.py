@@ -2,7 +2,7 @@
 
 Public API (names are stable):
 
-* ``load_model(source, dtype=None)``   -> Transformer in eval mode (fp32 by default)
+* ``load_model(source, dtype=None, adapter=None)``  -> Transformer in eval mode (fp32 by default), a LoRA adapter attached
 * ``load_tokenizer(source)``           -> lmlab.Tokenizer for the same sources
 * ``save_model(model, directory, tokenizer=None)``  lmlab's own format, written atomically
 * ``export_hf(model, directory, tokenizer=None)``   config.json + model.safetensors that transformers loads
@@ -124,18 +124,29 @@ def _default_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return dtype
 
 
-def load_model(source: str | Path, dtype: torch.dtype | str | None = None):
-    """Load a Transformer (eval mode) from any supported source; see the module docstring."""
+def load_model(source: str | Path, dtype: torch.dtype | str | None = None, adapter: str | Path | None = None):
+    """Load a Transformer (eval mode) from any supported source; see the module docstring.
+
+    ``adapter``: a LoRA adapter directory in PEFT's format (``lmlab finetune`` writes them, and so does
+    ``peft``) attached to the loaded model; ``lmlab.adapt.merge_lora`` folds it into the weights.
+    """
     dtype = _default_dtype(dtype)
     where = resolve(source)
     if where.kind == "gguf":
         from lmlab.checkpoints.gguf import read_gguf
 
         cfg, state, _meta = read_gguf(where.path)
-        return hf_format.build_model(cfg, state, dtype, str(where.path))
-    if where.kind == "lmlab":
-        return native.load(where.path, dtype)
-    return hf_format.load_hf_dir(where.path, dtype)
+        model = hf_format.build_model(cfg, state, dtype, str(where.path))
+    elif where.kind == "lmlab":
+        model = native.load(where.path, dtype)
+    else:
+        model = hf_format.load_hf_dir(where.path, dtype)
+    if adapter is not None:
+        from lmlab.adapt.peft import load_adapter
+
+        load_adapter(model, adapter)
+        model.eval()
+    return model
 
 
 def load_config(source: str | Path) -> tuple[ModelConfig, Resolved]:

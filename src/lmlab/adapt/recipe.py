@@ -1,0 +1,56 @@
+"""The prompt recipe a fine-tuned model was trained with, and the adapters that ship inside lmlab.
+
+A fine-tune writes ``lmlab_recipe.json`` beside its weights (PEFT ignores the extra file): the prompt
+template, instruction and chat setting it trained on. The lab's ``finetuned`` experiment and
+``lmlab summarize`` read it back, so inference builds exactly the prompt the model learned from.
+
+``shipped_adapter(model)`` finds the adapter packaged with lmlab for a registry model: today the
+DialogSum summarizer for SmolLM2-135M-Instruct (``lmlab/adapters/``, CC BY-NC-SA 4.0 like its data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+RECIPE_FILE = "lmlab_recipe.json"
+ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "adapters"
+# registry model name -> the adapter directory shipped for it
+SHIPPED_ADAPTERS = {"smollm2-135m-instruct": "smollm2-135m-instruct-dialogsum-lora"}
+
+
+@dataclass
+class Recipe:
+    """How a prompt is written for this fine-tune: stored beside the weights so inference repeats it."""
+
+    template: str
+    instruction: str | None
+    chat: bool
+    prompt_field: str
+    response_field: str
+    max_new_tokens: int = 64
+
+    def prompt(self, text: str, tokenizer, max_prompt_tokens: int | None = None):
+        """The lmlab.prompting Prompt for one input (cut in the middle to fit `max_prompt_tokens`)."""
+        from lmlab.prompting import build_prompt
+
+        return build_prompt(text, [], template=self.template, tokenizer=tokenizer, chat=self.chat,
+                            instruction=self.instruction, max_prompt_tokens=max_prompt_tokens)
+
+    def save(self, directory: Path) -> None:
+        (directory / RECIPE_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Recipe | None":
+        path = Path(directory) / RECIPE_FILE
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
+
+
+def shipped_adapter(model: str) -> Path | None:
+    """The adapter lmlab ships for registry model `model`, or None when there is none (or it is not installed)."""
+    name = SHIPPED_ADAPTERS.get(str(model))
+    path = ADAPTERS_DIR / name if name else None
+    return path if path is not None and (path / "adapter_model.safetensors").exists() else None
