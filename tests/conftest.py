@@ -64,3 +64,31 @@ def dialogsum_dev() -> Path:
     if not DIALOGSUM_DEV.exists():
         pytest.skip(f"DialogSum dev split not found at {DIALOGSUM_DEV}")
     return DIALOGSUM_DEV
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny-decoder (lmlab format) with a byte-level BPE tokenizer trained on the bundled dialogues."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from lmlab.checkpoints import save_model
+    from lmlab.config import ModelConfig
+    from lmlab.model import Transformer
+    from lmlab.tasks.summarize.data import load_dialogues
+    from lmlab.tokenizer import Tokenizer
+
+    texts = [d.dialogue + "\n" + d.references[0] for d in load_dialogues().records]
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = Tokenizer(backend, special_tokens={"pad": "<pad>", "eos": "<eos>"})
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("tiny-decoder", vocab_size=backend.get_vocab_size(), max_seq_len=2048,
+                                pad_token_id=0, eos_token_id=1)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    save_model(Transformer(cfg).eval(), path, tokenizer)
+    return path

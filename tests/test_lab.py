@@ -19,34 +19,6 @@ from lmlab.tasks.summarize.rouge import score_example
 FIVE = "zero-shot-bare,zero-shot-instruction,one-shot,few-shot,sample-t0.7"
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A random tiny-decoder with a byte-level BPE tokenizer trained here on the bundled dialogues."""
-    import torch
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from lmlab.checkpoints import save_model
-    from lmlab.config import ModelConfig
-    from lmlab.model import Transformer
-    from lmlab.tokenizer import Tokenizer
-
-    texts = [d.dialogue + "\n" + d.references[0] for d in load_dialogues().records]
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(texts, trainer)
-    tokenizer = Tokenizer(backend, special_tokens={"pad": "<pad>", "eos": "<eos>"})
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_name("tiny-decoder", vocab_size=backend.get_vocab_size(), max_seq_len=2048,
-                                pad_token_id=0, eos_token_id=1)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    save_model(Transformer(cfg).eval(), path, tokenizer)
-    return path
-
-
 @pytest.fixture
 def generate_calls(monkeypatch) -> list[list[str]]:
     """Record the prompts of every batched generate call the lab makes."""

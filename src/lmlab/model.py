@@ -187,19 +187,26 @@ class Transformer(nn.Module):
                 decoder_input_ids: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
                 cache: Cache | None = None, logits_to_keep: int = 0,
-                mask_has_padding: bool | None = None) -> torch.Tensor:
-        """Logits for any arch (see the module docstring); ``mask_has_padding`` as in ``decode()``."""
+                mask_has_padding: bool | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Logits for any arch (see the module docstring); ``mask_has_padding`` as in ``decode()``.
+
+        ``return_hidden=True`` returns the last hidden states (B, T, C) instead, for a loss that applies
+        the head to a few positions only (``model.logits(hidden[keep])``, as fine-tuning does).
+        """
         arch = self.config.arch
         if arch == "encoder":
-            return self.logits(self.encode(input_ids, attention_mask, token_type_ids, position_ids))
+            hidden = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
+            return hidden if return_hidden else self.logits(hidden)
         if arch == "decoder":
             return self.decode(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               cache=cache, logits_to_keep=logits_to_keep, mask_has_padding=mask_has_padding)
+                               cache=cache, logits_to_keep=logits_to_keep, mask_has_padding=mask_has_padding,
+                               return_hidden=return_hidden)
         if decoder_input_ids is None:
             raise DataError("an encoder-decoder model needs decoder_input_ids (the shifted target)")
         encoder_out = self.encode(input_ids, attention_mask)
         return self.decode(decoder_input_ids, encoder_out=encoder_out, encoder_mask=attention_mask,
-                           attention_mask=decoder_attention_mask, cache=cache, logits_to_keep=logits_to_keep)
+                           attention_mask=decoder_attention_mask, cache=cache, logits_to_keep=logits_to_keep,
+                           return_hidden=return_hidden)
 
     # --- incremental decoding ----------------------------------------------------------------
     def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None) -> Cache:

@@ -7,13 +7,15 @@ knows which one it runs:
 * ``loss(model, batch) -> (loss, n_tokens)`` mean cross-entropy over the n_tokens positions that count
   (n_tokens a 0-d tensor, so no device sync is forced)
 
-Registry by name: ``clm`` (decoder), ``mlm`` (encoder), ``span`` (encoder-decoder).
+Registry by name: ``clm`` (decoder), ``mlm`` (encoder), ``span`` (encoder-decoder). Fine-tuning's
+``SupervisedFineTuning`` (``sft.py``) collates tokenized (prompt, response) pairs instead of blocks.
 """
 
 from lmlab.objectives.base import OBJECTIVES, Objective, build_objective, token_cross_entropy
 from lmlab.objectives.clm import CausalLM
 from lmlab.objectives.mlm import MaskedLM
+from lmlab.objectives.sft import SupervisedFineTuning
 from lmlab.objectives.span_corruption import SpanCorruption, random_spans_noise_mask
 
 __all__ = ["OBJECTIVES", "Objective", "build_objective", "token_cross_entropy", "CausalLM", "MaskedLM",
-           "SpanCorruption", "random_spans_noise_mask"]
+           "SpanCorruption", "SupervisedFineTuning", "random_spans_noise_mask"]

@@ -396,7 +396,7 @@ def _evaluate(run: _Run, bar) -> None:
     run.metrics = metrics
     if run.log is not None and metrics:
         run.log.write(kind="eval", step=state.step, **metrics)
-    if bar is not None and metrics:
+    if bar is not None and not bar.disable and metrics:
         bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     score = _signed(job.select, metrics)
     if score is not None:
@@ -408,7 +408,7 @@ def _evaluate(run: _Run, bar) -> None:
             state.evals_since_best += 1
             if job.patience is not None and state.evals_since_best >= job.patience:
                 state.stopped_early = True
-                if bar is not None:
+                if bar is not None and not bar.disable:
                     bar.write(f"step {state.step}: no improvement of {job.select.lstrip('-')} in {job.patience} "
                               f"evaluations; stopping early (best at step {state.best_step})")
     _plot(run)

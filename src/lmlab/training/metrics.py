@@ -176,14 +176,18 @@ class MetricsLog:
 
 
 def plot_loss_curve(records: list[dict], path: str | Path, title: str = "") -> Path | None:
-    """Train (and validation) loss against step as a PNG (matplotlib, Agg backend)."""
+    """Train (and validation) loss against step as a PNG (matplotlib, Agg backend).
+
+    When evaluations also measured ROUGE (fine-tuning), ROUGE-1/2/L are drawn on a second axis.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    val = [(r["step"], r["val_loss"]) for r in evals if "val_loss" in r]
     if not train and not val:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
@@ -195,7 +199,17 @@ def plot_loss_curve(records: list[dict], path: str | Path, title: str = "") -> P
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    rouge = {m: [(r["step"], 100 * r[m]) for r in evals if m in r] for m in ("rouge1", "rouge2", "rougeL")}
+    if any(rouge.values()):
+        ax2 = ax.twinx()
+        for (metric, points), style in zip(rouge.items(), ("s--", "^--", "v--")):
+            if points:
+                ax2.plot(*zip(*points), style, label=f"validation {metric}", linewidth=1, markersize=4)
+        ax2.set_ylabel("ROUGE (F1 x 100)")
+        more_handles, more_labels = ax2.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, fontsize=8)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
