@@ -70,6 +70,8 @@ def generation_config(args: argparse.Namespace):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="registry name (e.g. smollm2-135m-instruct), .gguf file, or model directory")
     parser.add_argument("prompt", help="the prompt text; '-' reads it from stdin")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a LoRA adapter directory (PEFT format, e.g. from lmlab finetune) applied to MODEL")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     parser.add_argument("--system", default=None, help="system message (with --chat)")
     add_generation_arguments(parser)
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--system needs --chat (a system message only exists in a chat template)")
     config = generation_config(args)  # validate flags before loading anything
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = lmlab.load_model(args.model), lmlab.load_tokenizer(args.model)
+    model, tokenizer = lmlab.load_model(args.model, adapter=args.adapter), lmlab.load_tokenizer(args.model)
     print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
     if args.chat:
         prompt = chat_prompt(tokenizer, prompt, args.system)

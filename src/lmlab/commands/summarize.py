@@ -13,6 +13,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the dialogue text (#Person1#: ... one turn per line); else --file, else stdin")
     parser.add_argument("--file", default=None, help="read the dialogue from this text file")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="default: smollm2-135m-instruct")
+    adapter = parser.add_mutually_exclusive_group()
+    adapter.add_argument("--adapter", default=None, metavar="DIR",
+                         help="LoRA adapter (PEFT format, e.g. from lmlab finetune); its prompt recipe is used. "
+                              "Default without --shots: the fine-tuned summarizer lmlab ships for the default model")
+    adapter.add_argument("--no-adapter", action="store_true", help="prompt the base model, no fine-tuned adapter")
     parser.add_argument("--shots", type=int, default=0, help="number of examples in the prompt (default 0)")
     parser.add_argument("--shots-from", default=None, metavar="FILE",
                         help="DialogSum JSONL (fields dialogue, summary) to draw the shots from")
@@ -52,12 +57,25 @@ def run(args: argparse.Namespace) -> int:
         from lmlab.tasks.summarize.data import load_dialogues
 
         pool = [Example(d.dialogue, d.references[0]) for d in load_dialogues(args.shots_from).records if d.references]
-    model, tokenizer = lmlab.load_model(args.model), lmlab.load_tokenizer(args.model)
+    adapter = args.adapter
+    if adapter is None and not args.no_adapter and not args.shots:
+        from lmlab.adapt.recipe import shipped_adapter
+
+        adapter = shipped_adapter(args.model)
+    template, chat, instruction = args.template, args.chat, None
+    if adapter is not None:
+        from lmlab.adapt.recipe import Recipe
+
+        recipe = Recipe.load(adapter)
+        if recipe is not None:  # the prompt the adapter was trained on
+            template, chat, instruction = recipe.template, recipe.chat, recipe.instruction
+        print(f"fine-tuned summarizer: adapter {adapter} (--no-adapter prompts the base model)", file=sys.stderr)
+    model, tokenizer = lmlab.load_model(args.model, adapter=adapter), lmlab.load_tokenizer(args.model)
     print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
     embedder = SentenceEmbedder() if args.shots and args.select == "nearest" else None
     summary, prompt = summarize(dialogue.strip(), model, tokenizer, pool, args.shots, method=args.select,
-                                template=args.template, chat=args.chat, config=config, seed=args.shot_seed,
-                                embedder=embedder)
+                                template=template, chat=chat, config=config, seed=args.shot_seed,
+                                embedder=embedder, instruction=instruction)
     if args.show_prompt:
         print(prompt.text, file=sys.stderr)
         print(f"--- {prompt.n_tokens} prompt tokens, {len(prompt.shots)} shots", file=sys.stderr)

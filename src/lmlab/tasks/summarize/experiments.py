@@ -9,6 +9,8 @@ Each experiment is one row of the lab's report. Two families:
     ``one-shot``               instruction + 1 worked example (dialogue -> summary) from the shot pool
     ``few-shot``               instruction + K examples (``--shots K``, default 2), drawn at random
     ``few-shot-nn``            instruction + the K pool dialogues nearest to the query (all-MiniLM-L6-v2)
+    ``finetuned``              no shots, the fine-tuned LoRA adapter switched on, and the prompt recipe
+                               it was trained with (``lmlab_recipe.json`` beside the adapter)
 * decoding variants, all on the ``zero-shot-instruction`` recipe (the cheapest prompt that asks for a
   summary) so they differ from it only in how tokens are chosen; ``greedy`` is that recipe itself,
   named as the baseline of a decoding sweep:
@@ -51,6 +53,7 @@ class Experiment:
     shots: int | None = 0  # number of shots; None: the run's --shots K
     shot_method: str = "random"  # lmlab.prompting.select_shots method: "random" | "nearest"
     generation: dict[str, Any] = field(default_factory=dict)  # GenerationConfig overrides
+    adapter: bool = False  # run with the LoRA adapter on (its own prompt recipe); every other experiment runs without
 
     def n_shots(self, k: int) -> int:
         return k if self.shots is None else self.shots
@@ -73,6 +76,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("few-shot", "instruction + K random examples from the pool", shots=None),
     Experiment("few-shot-nn", "instruction + K nearest pool examples (MiniLM embeddings)", shots=None,
                shot_method="nearest"),
+    Experiment("finetuned", "the fine-tuned summarizer: LoRA adapter (the shipped one or --adapter), its own "
+               "prompt recipe, greedy", adapter=True),
     Experiment("greedy", "zero-shot-instruction recipe, greedy (decoding baseline)"),
     Experiment("sample-t0.7", "zero-shot-instruction recipe, sampling at temperature 0.7",
                generation=dict(_SAMPLE, temperature=0.7)),
@@ -86,17 +91,20 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
 ]}
 
 # Fits the 10-minute budget of `lmlab lab` on the bundled set with the default model on 2 CPU cores.
-DEFAULT_EXPERIMENTS = ("zero-shot-bare", "zero-shot-instruction", "one-shot", "few-shot", "sample-t0.7")
+DEFAULT_EXPERIMENTS = ("zero-shot-bare", "zero-shot-instruction", "one-shot", "few-shot", "sample-t0.7", "finetuned")
 
 
-def spec_hash(experiment: Experiment) -> str:
-    """A short hash of everything an experiment's rows depend on (recipe, instruction text, stop strings).
+def spec_hash(experiment: Experiment, adapter: str | None = None) -> str:
+    """A short hash of everything an experiment's rows depend on (recipe, instruction text, stop strings,
+    and for adapter experiments the adapter's identity, `adapter`).
 
     Stored in every results row, so rows generated before an experiment's definition changed are
     detected on resume instead of being mixed with new ones.
     """
     spec = dict(dataclasses.asdict(experiment), instruction_text=experiment.instruction(),
                 stop_strings=STOP_STRINGS, chat_stop_strings=CHAT_STOP_STRINGS)
+    if experiment.adapter:
+        spec["adapter"] = adapter
     if experiment.samples:  # rows sampled before per-example seeding (one seed per batch) are not reused
         spec["sampling_seed"] = "per example: example_seed(seed, id)"
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:10]

@@ -24,6 +24,7 @@ Interrupted (Ctrl-C), the batches already written stay; ``LabInterrupted`` says 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -65,6 +66,7 @@ class LabSettings:
     max_prompt_tokens: int | None = None  # None: the model's context minus max_new_tokens
     max_rows: int | None = None  # testing knob: stop (as if Ctrl-C) once this many new rows are written
     precision: str = "auto"  # lmlab.precision: auto (bf16 where native, else fp32), fp32 or bf16
+    adapter: str | Path | None = None  # LoRA adapter of the "finetuned" experiment; None: the one lmlab ships
 
 
 class LabInterrupted(KeyboardInterrupt):
@@ -202,12 +204,56 @@ def _generate(model, tokenizer, prompts: list[str], config) -> list[tuple[str, i
             for row in new]
 
 
+def _resolve_adapter(settings: LabSettings, experiments: list[Experiment]) -> tuple[Path | None, str | None]:
+    """The adapter directory of the adapter experiments and a short hash of its weights (None, None if unused)."""
+    if not any(e.adapter for e in experiments):
+        return None, None
+    from lmlab.adapt.peft import WEIGHTS_FILE, read_adapter_config
+    from lmlab.adapt.recipe import shipped_adapter
+
+    names = ", ".join(e.name for e in experiments if e.adapter)
+    from lmlab.adapt.recipe import RECIPE_FILE
+
+    model_dir = Path(str(settings.model))
+    if settings.adapter is None and (model_dir / RECIPE_FILE).exists():
+        # a fully fine-tuned model (lmlab finetune --method full): the model itself is the fine-tuned one
+        return None, "model:" + hashlib.sha256((model_dir / RECIPE_FILE).read_bytes()).hexdigest()[:12]
+    if settings.adapter is not None:
+        path = Path(settings.adapter)
+    else:
+        path = shipped_adapter(settings.model)
+        if path is None:
+            raise ConfigError(f"experiment(s) {names} need a LoRA adapter: lmlab ships one only for "
+                              f"smollm2-135m-instruct, not {settings.model!r}; pass --adapter DIR (from lmlab finetune) "
+                              f"or leave {names} out of --experiments")
+    read_adapter_config(path)  # a clear error now, before any generation
+    weights = path / WEIGHTS_FILE
+    if not weights.exists():
+        raise ConfigError(f"--adapter {str(path)!r} has no {WEIGHTS_FILE}")
+    return path, hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+
+
+def _adapter_recipe(adapter: Path | None, chat: bool):
+    """The prompt recipe saved with the adapter or fine-tuned model (lmlab finetune writes it); the lab's
+    instruction recipe otherwise."""
+    if adapter is None:
+        return None
+    from lmlab.adapt.recipe import Recipe
+    from lmlab.tasks.summarize.experiments import INSTRUCTION
+
+    return Recipe.load(adapter) or Recipe(template="instruction", instruction=INSTRUCTION, chat=chat,
+                                          prompt_field="dialogue", response_field="summary")
+
+
 class _PromptBuilder:
     """Builds an experiment's prompt for one dialogue: shots from the pool, then lmlab.prompting."""
 
-    def __init__(self, pool: list[Dialogue], tokenizer, chat: bool, k: int, seed: int, max_prompt_tokens: int | None):
+    def __init__(self, pool: list[Dialogue], tokenizer, chat: bool, k: int, seed: int, max_prompt_tokens: int | None,
+                 recipe=None):
         from lmlab.prompting import Example
 
+        self.recipe = recipe  # the adapter's prompt recipe, for adapter experiments
+        self.specs: dict[str, str] = {}  # experiment name -> spec hash stored in its rows
         self.pool = [Example(p.dialogue, p.references[0]) for p in pool]
         self.pool_ids = [p.id for p in pool]
         self.tokenizer, self.chat, self.k, self.seed = tokenizer, chat, k, seed
@@ -224,6 +270,8 @@ class _PromptBuilder:
     def __call__(self, experiment: Experiment, record: Dialogue):
         from lmlab.prompting import build_prompt, select_shots
 
+        if experiment.adapter:  # exactly the prompt the adapter was trained on
+            return self.recipe.prompt(record.dialogue, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens)
         k = experiment.n_shots(self.k)
         shots = []
         if k:
@@ -266,15 +314,16 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
         check_shots(experiments, settings.shots, len(pool), pool_desc)
         require_references(pool, f"the shot pool ({pool_desc})")
 
-    # 2. model and tokenizer; the run signature; finished rows
+    # 2. model and tokenizer; the adapter; the run signature; finished rows
     from lmlab.checkpoints import load_model, load_tokenizer
 
+    adapter, adapter_id = _resolve_adapter(settings, experiments)
     tokenizer = load_tokenizer(settings.model)
     chat = _resolve_chat(settings, tokenizer)
     out = Path(settings.out)
     sig = _signature(settings, data, pool_desc, chat)
     done_rows = _check_out_dir(out, sig)
-    specs = {e.name: spec_hash(e) for e in experiments}
+    specs = {e.name: spec_hash(e, adapter_id) for e in experiments}
     for row in done_rows:
         if row["experiment"] in specs and row.get("spec") != specs[row["experiment"]]:
             raise ConfigError(f"{out / RESULTS} holds {row['experiment']!r} rows from an earlier definition of that "
@@ -287,14 +336,19 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
 
     new_rows = 0
     if todo:
-        model = load_model(settings.model)
+        model = load_model(settings.model, adapter=adapter)  # adapters are switched off outside "finetuned"
+        if adapter is not None:
+            echo(f"adapter: {adapter} (used by: {', '.join(e.name for e in experiments if e.adapter)})")
         from lmlab.precision import apply_precision
 
         echo(f"precision: {apply_precision(model, settings.precision)}")
         max_prompt = settings.max_prompt_tokens
         if max_prompt is None:
             max_prompt = max(16, model.config.max_seq_len - settings.max_new_tokens)
-        builder = _PromptBuilder(pool, tokenizer, chat, settings.shots, settings.seed, max_prompt)
+        recipe_dir = adapter if adapter is not None else (Path(str(settings.model)) if adapter_id else None)
+        builder = _PromptBuilder(pool, tokenizer, chat, settings.shots, settings.seed, max_prompt,
+                                 recipe=_adapter_recipe(recipe_dir, chat))
+        builder.specs = specs
         # every prompt is built (shots chosen, budget fitted) before the first token is generated, so a
         # prompt that cannot be built is an error now, not halfway through the run
         todo = [(e, r, builder(e, r)) for e, r in todo]
@@ -316,6 +370,8 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
         "shots (few-shot K)": settings.shots, "seed": settings.seed, "max_new_tokens": settings.max_new_tokens,
         "batch_size": settings.batch_size, "chat template": chat,
     }
+    if adapter is not None:
+        run_settings["adapter (finetuned)"] = f"{adapter} ({adapter_id})"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     _report.write_report_md(out / "report.md", summaries=summaries,
                             examples_md=_report.examples_text(evaluated, done, names, settings.examples, markdown=True),
@@ -341,6 +397,8 @@ def _generate_rows(todo, model, tokenizer, builder: _PromptBuilder, settings: La
     """Generate the pending rows batch by batch, appending each batch to results.jsonl as it finishes."""
     from tqdm.auto import tqdm
 
+    from lmlab.adapt.lora import lora_disabled
+
     written = 0
     bar = tqdm(total=len(todo), desc="lab", unit="summary", disable=not progress)
     try:
@@ -352,17 +410,19 @@ def _generate_rows(todo, model, tokenizer, builder: _PromptBuilder, settings: La
                 for i in range(0, len(items), settings.batch_size):
                     batch = [r for r, _ in items[i:i + settings.batch_size]]
                     prompts = [p for _, p in items[i:i + settings.batch_size]]
-                    config = generation_config(experiment, settings.max_new_tokens, settings.seed, chat,
+                    row_chat = builder.recipe.chat if experiment.adapter else chat
+                    config = generation_config(experiment, settings.max_new_tokens, settings.seed, row_chat,
                                                example_ids=[r.id for r in batch])  # sampled: a seed per row
                     t0 = time.perf_counter()
-                    outputs = _generate(model, tokenizer, [p.text for p in prompts], config)
+                    with contextlib.nullcontext() if experiment.adapter else lora_disabled(model):
+                        outputs = _generate(model, tokenizer, [p.text for p in prompts], config)
                     seconds = time.perf_counter() - t0
                     row_seeds = config.seed if isinstance(config.seed, list) else [config.seed] * len(batch)
                     for record, prompt, (output, n_generated), row_seed in zip(batch, prompts, outputs, row_seeds):
                         summary = clean_summary(output)
                         row = {
                             "experiment": experiment.name, "id": record.id, "run": run_hash,
-                            "spec": spec_hash(experiment),
+                            "spec": builder.specs[experiment.name],
                             "prompt": prompt.text, "output": output, "summary": summary,
                             "references": record.references,
                             "scores": score_example(summary, record.references).to_dict(),
