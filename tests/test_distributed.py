@@ -51,7 +51,8 @@ def _torchrun(out, corpus, mode, *extra, resume=False):
         cmd += ["--set", s]
     if resume:
         cmd.append("--resume")
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+    # a guard against a hung process group, not a speed check: on a shared, busy CPU a tiny run can take minutes
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
