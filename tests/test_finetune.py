@@ -280,3 +280,38 @@ def test_lab_finetuned_needs_an_adapter_for_models_lmlab_ships_none_for(tiny_mod
 
     with pytest.raises(ConfigError, match="pass --adapter DIR"):
         run_lab(LabSettings(model=str(tiny_model_dir), experiments="finetuned", out=tmp_path), echo=lambda t: None)
+
+
+def test_summarize_uses_the_shipped_adapter_by_default(tiny_model_dir, dialogues, tmp_path, monkeypatch, capsys):
+    from lmlab.adapt import recipe as recipe_module
+
+    finetune(_config(tiny_model_dir, dialogues, tmp_path / "run", "train.steps=1", "train.eval_every=0"),
+             show_progress=False)
+    monkeypatch.setattr(recipe_module, "ADAPTERS_DIR", tmp_path / "run")
+    monkeypatch.setitem(recipe_module.SHIPPED_ADAPTERS, str(tiny_model_dir), "final")
+    dialogue = "#Person1#: Where is the station?\n#Person2#: Two blocks north."
+    assert main(["summarize", "--model", str(tiny_model_dir), dialogue, "--max-new-tokens", "3"]) == 0
+    assert f"fine-tuned summarizer: adapter {tmp_path / 'run' / 'final'}" in capsys.readouterr().err
+    assert main(["summarize", "--model", str(tiny_model_dir), dialogue, "--max-new-tokens", "3", "--no-adapter"]) == 0
+    assert "fine-tuned summarizer" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_shipped_adapter_summarizes_real_dialogues(smollm2_path, dialogsum_dev):
+    """The adapter inside the package fits the real SmolLM2 and summarizes held-out dialogues (records 400+)."""
+    from lmlab.adapt.recipe import shipped_adapter
+    from lmlab.generation import GenerationConfig, generate
+    from lmlab.tasks.summarize.rouge import corpus_score, score_example
+
+    adapter = shipped_adapter("smollm2-135m-instruct")
+    assert adapter is not None and (adapter / "README.md").exists()  # the license note travels with it
+    assert (adapter / "adapter_model.safetensors").stat().st_size < 25 * 2**20
+    model = lmlab.load_model("smollm2-135m-instruct", adapter=adapter)
+    tokenizer = lmlab.load_tokenizer("smollm2-135m-instruct")
+    recipe = Recipe.load(adapter)
+    records = [json.loads(line) for line in dialogsum_dev.read_text().splitlines()][400:408]
+    prompts = [recipe.prompt(r["dialogue"], tokenizer).text for r in records]
+    summaries = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=64))
+    assert all(s.strip() and "#Person1#:" not in s for s in summaries)  # no empty or recited summaries
+    rouge1 = corpus_score([score_example(s, r["summary"]) for s, r in zip(summaries, records)])["rouge1"]
+    assert rouge1 > 0.3  # prompting alone scores about 0.2 on these dialogues; the adapter about 0.4
