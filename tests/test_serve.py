@@ -17,7 +17,6 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 import lmlab
 from lmlab.cli import main
@@ -129,6 +128,17 @@ def test_lmlab_knobs_reach_the_processor_chain(client, pair):
     out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, extra_body=extra)
     assert out.choices[0].text == alone(pair, PROMPT, max_new_tokens=10, repetition_penalty=1.3)
     assert out.choices[0].text != alone(pair, PROMPT, max_new_tokens=10)
+
+
+def test_ignore_eos_generates_max_tokens(client, pair):
+    prompt = "#Person2#: Yes."
+    natural = client.completions.create(model="tiny", prompt=prompt, max_tokens=200, temperature=0)
+    assert natural.choices[0].finish_reason == "stop"  # this prompt's greedy text reaches <eos>
+    n = natural.usage.completion_tokens + 5
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == n and out.choices[0].finish_reason == "length"
+    assert out.choices[0].text == alone(pair, prompt, max_new_tokens=n, eos_token_ids=[])
 
 
 def test_stop_sequence_is_trimmed(client, pair):
@@ -409,7 +419,7 @@ def test_cli_serve_drains_on_sigterm(tmp_path):
                              "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, timeout=120)
+        wait_ready(url, timeout=600)  # a cold interpreter on a busy machine can take minutes
         body = {"prompt": PROMPT, "max_tokens": 300, "temperature": 0, "stream": True}
         text, reasons = "", []
         with httpx.stream("POST", f"{url}/v1/completions", json=dict(body), timeout=120) as r:

@@ -27,8 +27,9 @@ from serving import running_server, tiny_model, tiny_tokenizer
 # --- the slot cache ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("positional", ["rope", "learned"])
 def test_slot_cache_rows_match_a_full_recompute(positional):
-    """Rows of different lengths, decoded together, give the logits of each sequence run alone in full;
-    also after a finished row leaves and the last row moves into its slot."""
+    """Rows of different lengths, prefilled together (right-padded) or alone and decoded together, give the
+    logits of each sequence run alone in full; also after a finished row leaves and the last row moves
+    into its slot."""
     cfg = ModelConfig.from_name("tiny-decoder", positional=positional, max_seq_len=64)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
@@ -36,10 +37,19 @@ def test_slot_cache_rows_match_a_full_recompute(positional):
     cache = SlotCache.for_model(model, slots=4, max_capacity=64)
     cache.ensure_capacity(2)  # starts small: growth must keep what was written
     with torch.inference_mode():
-        for seq in seqs:
-            row = cache.add()
-            cache.bind_prefill(row, len(seq))
-            model(torch.tensor([seq]), cache=cache, logits_to_keep=1)
+        # rows 0 and 1 prefilled together (right-padded), row 2 alone
+        cache.add(), cache.add()
+        mask = cache.bind_prefill(0, [len(seqs[0]), len(seqs[1])])  # (2, 11)
+        ids = torch.zeros(2, len(seqs[1]), dtype=torch.long)
+        ids[0, :len(seqs[0])], ids[1] = torch.tensor(seqs[0]), torch.tensor(seqs[1])
+        hidden = model.decode(ids, attention_mask=mask, cache=cache, return_hidden=True, mask_has_padding=True)
+        for i, seq in enumerate(seqs[:2]):  # each prompt's last real position predicts like the prompt alone
+            want = model(torch.tensor([seq]))[0, -1]
+            got = model.logits(hidden[i:i + 1, len(seq) - 1:len(seq)])[0, 0]
+            torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
+        row = cache.add()
+        assert cache.bind_prefill(row, len(seqs[2])) is None
+        model(torch.tensor([seqs[2]]), cache=cache, logits_to_keep=1)
         for step in range(6):
             if step == 3:  # row 0 finishes: row 2 moves into slot 0
                 cache.remove(0)

@@ -7,8 +7,8 @@ position. ``SlotCache`` keeps that bookkeeping and presents the ``Cache`` interf
 ``Stack`` already uses (``layers[i].update(k, v, start)``, ``cross``, ``length``), so the model code
 does not change:
 
-* ``bind_prefill(row)``: the next forward is one new sequence (batch 1) written into `row` from
-  position 0 -- exactly the computation of a lone prompt's prefill.
+* ``bind_prefill(row, lengths)``: the next forward is new sequences written into rows row, row+1, ...
+  from position 0: one prompt alone (exactly a lone prefill), or several as one right-padded batch.
 * ``bind_decode()``: the next forward is one token for each of the `A` active rows (0..A-1). Row i
   writes its key/value at position ``lengths[i]`` and attends to keys ``0..lengths[i]``; the caller
   passes ``decode_inputs()``'s per-row positions and key mask. Keys past a row's own length are
@@ -39,11 +39,11 @@ class SlotLayer:
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``KVCache.update`` contract for the bound mode -> all keys/values the new queries may read."""
         owner = self.owner
-        if owner.mode == "prefill":  # k (1, Hkv, T, D) into one row at start..start+T-1
-            row, end = owner.row, start + k.shape[2]
-            self.k[row, :, start:end] = k[0]
-            self.v[row, :, start:end] = v[0]
-            return self.k[row:row + 1, :, :end], self.v[row:row + 1, :, :end]  # (1, Hkv, end, D)
+        if owner.mode == "prefill":  # k (B, Hkv, T, D) into rows row..row+B-1 at positions start..start+T-1
+            rows, end = slice(owner.row, owner.row + k.shape[0]), start + k.shape[2]
+            self.k[rows, :, start:end] = k
+            self.v[rows, :, start:end] = v
+            return self.k[rows, :, :end], self.v[rows, :, :end]  # (B, Hkv, end, D)
         if owner.mode == "decode":  # k (A, Hkv, 1, D): row i writes at its own position lengths[i]
             A = k.shape[0]
             rows, pos = owner._rows[:A], owner._positions
@@ -130,11 +130,24 @@ class SlotCache:
         self.lengths.pop()
 
     # --- binding the next forward ----------------------------------------------------------------
-    def bind_prefill(self, row: int, n_tokens: int) -> None:
-        """The next forward writes a (1, n_tokens) prompt into `row` from position 0."""
-        self.ensure_capacity(n_tokens)
+    def bind_prefill(self, row: int, n_tokens: int | list[int]) -> torch.Tensor | None:
+        """The next forward writes prompts into rows row, row+1, ... from position 0 -> their key mask or None.
+
+        One prompt (an int length) is the computation of a lone prefill. Several (a list of lengths, for
+        consecutive rows) go as one right-padded (B, T) batch: each row's real tokens keep positions
+        0..T_i-1, so the returned (B, T) mask only has to hide the padding keys at the end of shorter rows;
+        what those padding positions write into the cache lies past the row's length, where the decode
+        mask never looks and the next tokens overwrite it.
+        """
+        lengths = [n_tokens] if isinstance(n_tokens, int) else list(n_tokens)
+        T = max(lengths)
+        self.ensure_capacity(T)
         self.mode, self.row, self.length = "prefill", row, 0
-        self.lengths[row] = n_tokens
+        self.lengths[row:row + len(lengths)] = lengths
+        if min(lengths) == T:
+            return None
+        keys = torch.arange(T, device=self.device)  # (T,)
+        return (keys[None, :] < torch.tensor(lengths, device=self.device)[:, None]).long()  # (B, T)
 
     def bind_decode(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next forward is one token per active row -> (position_ids (A, 1), attention_mask (A, S) or None).

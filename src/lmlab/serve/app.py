@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,6 @@ class ServeSettings:
     timeout: float = 600.0
     shot_method: str = "nearest"  # summarize shots: "nearest" (MiniLM, the lab's best) or "random"
     finetuned: Any = None  # a prompt recipe (lmlab.training.finetune.Recipe) when serving a fine-tuned summarizer
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ApiError(Exception):
@@ -143,7 +142,8 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
 def generation_configs(body: dict, max_tokens_default: int, n: int = 1, max_tokens_field: str = "max_tokens"):
     """The GenerationConfig of each of `n` choices from OpenAI fields plus lmlab's extras.
 
-    ``temperature`` 0 means greedy (OpenAI's default is 1: sampling). With a ``seed``, choice i samples
+    ``temperature`` 0 means greedy (OpenAI's default is 1: sampling). lmlab's extras: ``top_k``, ``min_p``,
+    ``repetition_penalty``, and ``ignore_eos`` (as in vLLM: generate exactly ``max_tokens``). With a ``seed``, choice i samples
     with seed + i, so several choices differ but each is reproducible.
     """
     from lmlab.generation import GenerationConfig
@@ -171,6 +171,7 @@ def generation_configs(body: dict, max_tokens_default: int, n: int = 1, max_toke
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, low_open=True),
         seed=seed,
         stop_strings=_stop(body),
+        eos_token_ids=[] if _bool(body, "ignore_eos") else None,  # vLLM's knob: always max_tokens (benchmarks)
     )
     return [config if seed is None else config.replace(seed=seed + i) for i in range(n)]
 
@@ -373,6 +374,8 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple[Any, Any]]) -
             return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
         if not state.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+        if state.scheduler.error:
+            return JSONResponse({"status": "error", "error": state.scheduler.error}, status_code=500)
         return JSONResponse({"status": "ok", "model": settings.model_name})
 
     async def metrics(request: Request) -> Response:

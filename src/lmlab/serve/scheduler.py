@@ -4,9 +4,12 @@ The loop, one iteration at a time:
 
 1. *housekeeping*: requests that were cancelled (their client left) or ran past their deadline end,
    and their KV-cache slots are freed.
-2. *admission*: waiting requests take free slots (at most ``max_batch`` run at once); each is
-   prefilled alone into its own slot (``SlotCache.bind_prefill``), which also yields its first token.
-   So a new request waits at most one decode step before its prefill, never for a long request to end.
+2. *admission*: waiting requests take free slots (at most ``max_batch`` run at once) and are prefilled
+   into their own slots (``SlotCache.bind_prefill``), which also yields each one's first token. Requests
+   admitted together are prefilled as one right-padded batch (up to ``prefill_tokens`` padded tokens):
+   on a CPU a short prefill is bound by reading the weights, so eight prompts cost little more than one,
+   and the eighth does not wait for seven prefills before its first token. A new request waits at most
+   one decode step before its prefill, never for a long request to end.
 3. *one decode step* for every running request together: each row sits at its own position (RoPE or
    absolute positions per row) and attends only to its own keys (``SlotCache.bind_decode``).
 4. each row's token is chosen with that request's own logits-processor chain
@@ -129,7 +132,7 @@ class Scheduler:
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, timeout: float | None = 600.0,
-                 metrics: Metrics | None = None, max_context: int | None = None):
+                 metrics: Metrics | None = None, max_context: int | None = None, prefill_tokens: int = 4096):
         if model.config.arch != "decoder":
             raise ConfigError(f"lmlab serve runs decoder-only models; this model has arch={model.config.arch!r}")
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
@@ -139,6 +142,7 @@ class Scheduler:
             raise ConfigError(f"timeout={timeout!r} must be > 0 seconds")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.timeout = max_batch, max_queue, timeout
+        self.prefill_tokens = prefill_tokens
         self.context_window = min(max_context or model.config.max_seq_len, model.config.max_seq_len)
         self.metrics = metrics or Metrics()
         self.cache = SlotCache.for_model(model, max_batch, self.context_window)
@@ -150,6 +154,7 @@ class Scheduler:
         self._closing = False
         self.steps = 0  # decode steps run (tests and benchmarks read it)
         self.peak_running = 0  # the most requests ever decoded together
+        self.error: str | None = None  # why the loop stopped, if it ever failed
         self._thread = threading.Thread(target=self._run, name="lmlab-model-loop", daemon=True)
         self._thread.start()
 
@@ -210,9 +215,19 @@ class Scheduler:
     # --- the loop (model thread) -----------------------------------------------------------------
     def _run(self) -> None:
         # batched CPU fp32 steps: weights pre-packed for max_batch rows (lmlab.nn.packed; LMLAB_PACKED_GEMM=0 off)
-        with torch.inference_mode(), maybe_packed_linears(self.model, self.max_batch):
-            while self._iteration():
-                pass
+        try:
+            with torch.inference_mode(), maybe_packed_linears(self.model, self.max_batch):
+                while self._iteration():
+                    pass
+        except BaseException as exc:  # a bug in the loop itself: fail every request rather than hang them
+            self.error = f"{type(exc).__name__}: {exc}"
+            with self._cv:
+                self._closing = True
+                stranded = list(self._waiting) + self.running
+                self._waiting.clear()
+            for req in stranded:
+                self._end(req, "error", f"the model loop stopped: {self.error}")
+            raise
 
     def _iteration(self) -> bool:
         """Housekeeping, admission + prefill, one decode step -> False once closed and drained.
@@ -229,14 +244,29 @@ class Scheduler:
             with self.metrics.lock:
                 self.metrics.queued = len(self._waiting)
         self._expire_running()
-        for req in admitted:
-            self._prefill(req)
+        for group in self._prefill_groups(admitted):
+            self._prefill(group)
         self.peak_running = max(self.peak_running, len(self.running))
         if self.running:
             self._decode_step()
         with self.metrics.lock:
             self.metrics.running = len(self.running)
         return True
+
+    def _prefill_groups(self, admitted: list[Request]) -> list[list[Request]]:
+        """Admitted requests in arrival order, cut into prefill batches of at most ``prefill_tokens`` padded
+        tokens (a batch's cost is its size times its longest prompt)."""
+        groups: list[list[Request]] = []
+        longest = 0
+        for req in admitted:
+            n = len(req.prompt_ids)
+            if groups and max(longest, n) * (len(groups[-1]) + 1) <= self.prefill_tokens:
+                groups[-1].append(req)
+                longest = max(longest, n)
+            else:
+                groups.append([req])
+                longest = n
+        return groups
 
     def _expire_waiting(self) -> None:
         """Drop cancelled or timed-out requests that never got a slot (called holding the lock)."""
@@ -253,26 +283,63 @@ class Scheduler:
                 self._release(row)
                 self._end(req, "cancelled" if req.cancelled else "timeout")
 
-    def _prefill(self, req: Request) -> None:
-        """Claim a slot and run the prompt through the model alone -> the request's first token."""
-        row = None
-        try:
-            state = _Decoding(req, self.tokenizer, self.model.device)
-            row = self.cache.add()
+    def _prefill(self, reqs: list[Request]) -> None:
+        """Claim a slot for each request and run their prompts through the model together (one right-padded
+        batch; a lone prompt goes unpadded) -> each one's first token. If the batch fails, each prompt is
+        retried alone, so a bad one fails only itself."""
+        ready = []
+        for req in reqs:
+            try:
+                ready.append((req, _Decoding(req, self.tokenizer, self.model.device)))
+            except Exception as exc:
+                self._end(req, "error", f"{type(exc).__name__}: {exc}")
+        if not ready:
+            return
+        first = self.cache.active
+        for req, state in ready:
+            self.cache.add()
             self.running.append(req)
             self._state[req.id] = state
-            self.cache.bind_prefill(row, len(req.prompt_ids))
-            ids = state.seq[:, :state.length]  # (1, T)
-            logits = self.model(ids, cache=self.cache, logits_to_keep=1)[:, -1]  # (1, V)
-            with self.metrics.lock:
-                self.metrics.prompt_tokens += len(req.prompt_ids)
-            token = self._choose(state, logits[0])
-            if self._accept(req, state, token):
+        lengths = [state.length for _, state in ready]
+        try:
+            logits = self._prefill_logits(first, [state.seq[0, :state.length] for _, state in ready], lengths)
+        except Exception as exc:
+            for row in range(first + len(ready) - 1, first - 1, -1):
                 self._release(row)
-        except Exception as exc:  # one bad request must not stop the loop
-            if row is not None:
-                self._release(row)
-            self._end(req, "error", f"{type(exc).__name__}: {exc}")
+            if len(ready) > 1:
+                for req, _ in ready:
+                    self._prefill([req])
+            else:
+                self._end(ready[0][0], "error", f"{type(exc).__name__}: {exc}")
+            return
+        with self.metrics.lock:
+            self.metrics.prompt_tokens += sum(lengths)
+        finished = []
+        for i, (req, state) in enumerate(ready):
+            try:
+                if self._accept(req, state, self._choose(state, logits[i])):
+                    finished.append(first + i)
+            except Exception as exc:
+                finished.append(first + i)
+                self._end(req, "error", f"{type(exc).__name__}: {exc}")
+        for row in reversed(finished):
+            self._release(row)
+
+    def _prefill_logits(self, first: int, prompts: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:
+        """Prompts (each (T_i,)) into cache rows first, first+1, ... -> next-token logits (B, V)."""
+        if len(prompts) == 1:  # exactly a lone prefill
+            self.cache.bind_prefill(first, lengths[0])
+            return self.model(prompts[0][None], cache=self.cache, logits_to_keep=1)[:, -1]  # (1, V)
+        mask = self.cache.bind_prefill(first, lengths)  # (B, T) or None
+        T = max(lengths)
+        ids = torch.zeros(len(prompts), T, dtype=torch.long, device=self.model.device)  # (B, T) right-padded
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = p
+        hidden = self.model.decode(ids, attention_mask=mask, cache=self.cache, return_hidden=True,
+                                   mask_has_padding=mask is not None)  # (B, T, C)
+        rows = torch.arange(len(prompts), device=ids.device)
+        last = hidden[rows, torch.tensor(lengths, device=ids.device) - 1]  # (B, C) each prompt's last token
+        return self.model.logits(last[:, None])[:, 0]  # (B, V)
 
     def _decode_step(self) -> None:
         """One token for every running request, in one forward pass over the active cache rows."""
