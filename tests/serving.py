@@ -77,7 +77,7 @@ def running_server(loader, wait: bool = True, **settings):
 
     from lmlab.serve import ServeSettings, create_app
 
-    app = create_app(ServeSettings(model_name="tiny", **settings), loader)
+    app = create_app(ServeSettings(**{"model_name": "tiny", **settings}), loader)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)

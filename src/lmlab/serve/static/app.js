@@ -57,10 +57,13 @@ function knobs(prefix) {
   };
 }
 
-// tokens/s from the first token on (prefill time is the time to first token, shown separately)
-function rate(tokens, firstAt, endAt) {
+// tokens/s from the first token on (prefill time is the time to first token, shown separately); when every
+// token arrived in one network read there is no spread to measure, so fall back to the whole request
+function rate(tokens, firstAt, endAt, started) {
   const seconds = (endAt - firstAt) / 1000;
-  return tokens > 1 && seconds > 0 ? ((tokens - 1) / seconds).toFixed(1) : "–";
+  if (tokens > 1 && seconds > 0.001) return ((tokens - 1) / seconds).toFixed(1);
+  const total = (endAt - started) / 1000;
+  return tokens > 0 && total > 0 ? (tokens / total).toFixed(1) : "–";
 }
 
 // --- tabs ---------------------------------------------------------------------------------------------
@@ -131,12 +134,12 @@ $("summarize").addEventListener("click", async () => {
         if (firstAt === null) firstAt = now;
         chunks += 1;
         out.textContent += event.delta;
-        stats.innerHTML = "<b>" + chunks + "</b> tokens · " + rate(chunks, firstAt, now) + " tokens/s";
+        stats.innerHTML = "<b>" + chunks + "</b> tokens · " + rate(chunks, firstAt, now, started) + " tokens/s";
       } else if (event.summary !== undefined) {   // the final event: cleaned summary and exact usage
         out.textContent = event.summary;
         const u = event.usage;
         stats.innerHTML = "prompt <b>" + u.prompt_tokens + "</b> tokens · generated <b>" + u.completion_tokens +
-          "</b> tokens · <b>" + rate(u.completion_tokens, firstAt ?? now, now) + "</b> tokens/s · first token " +
+          "</b> tokens · <b>" + rate(u.completion_tokens, firstAt ?? now, now, started) + "</b> tokens/s · first token " +
           ((firstAt ?? now) - started).toFixed(0) + " ms · " + event.recipe + " (" + event.shots + " shots) · " +
           event.finish_reason;
       }
@@ -187,7 +190,7 @@ async function send() {
       if (event.usage) {
         const u = event.usage;
         stats.innerHTML = "prompt <b>" + u.prompt_tokens + "</b> tokens · generated <b>" + u.completion_tokens +
-          "</b> tokens · <b>" + rate(u.completion_tokens, firstAt ?? now, now) + "</b> tokens/s · first token " +
+          "</b> tokens · <b>" + rate(u.completion_tokens, firstAt ?? now, now, started) + "</b> tokens/s · first token " +
           ((firstAt ?? now) - started).toFixed(0) + " ms";
       }
     });

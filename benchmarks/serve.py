@@ -1,0 +1,219 @@
+"""Serving benchmark: `lmlab serve` under 1, 8 and 32 concurrent streaming clients, against sequential
+requests and against offline batch generation, all in one run on the same machine.
+
+The server runs as its own process (``lmlab --threads T serve MODEL``, loopback only) so that the
+clients, which run here on one asyncio loop over httpx, do not share its interpreter. Every request
+is a summarization prompt built from a bundled dialogue (chat template), greedy, and generates
+exactly ``--max-tokens`` tokens (``ignore_eos``), so each scenario does the same work per request.
+
+Measured per scenario:
+
+* aggregate tokens/s   all generated tokens / wall time from the first request sent to the last token
+* TTFT p50 / p95       time to first token (request sent -> first streamed token), queueing included
+* ITL p50 / p95        inter-token latency (gaps between consecutive streamed tokens of a request)
+
+Scenarios: ``lone`` (one request, nothing else running: the TTFT reference), ``sequential`` (8 requests,
+one after another), ``concurrent-N`` (N clients at once; N = 1, 8, 32), and ``offline batch-8``
+(``lmlab.generate_tokens`` on 8 prompts as one left-padded batch in this process, with the server
+idle). Targets from the issue, printed as checks: 8 clients >= 4x sequential throughput, >= 0.8x offline
+batch-8 throughput, p95 TTFT <= 2x the lone request's.
+
+    python benchmarks/serve.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation between order statistics."""
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    pos = (len(values) - 1) * q
+    low = int(pos)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (pos - low)
+
+
+def prompts_for(tokenizer, n: int) -> list[str]:
+    """n summarization prompts (chat template when the tokenizer has one) from the bundled dialogues."""
+    from lmlab.tasks.summarize.data import load_sample
+    from lmlab.tasks.summarize.experiments import INSTRUCTION
+
+    records = load_sample().records
+    out = []
+    for i in range(n):
+        text = f"{INSTRUCTION}\n\n{records[i % len(records)].dialogue}\n\nSummary:"
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        out.append(text)
+    return out
+
+
+async def one_request(client, url: str, prompt: str, max_tokens: int) -> dict:
+    """Stream one completion -> {sent, first, last, tokens, gaps}."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+    sent = time.perf_counter()
+    arrivals, tokens = [], None
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                arrivals.append(time.perf_counter())
+            if chunk.get("usage") and not chunk["choices"]:
+                tokens = chunk["usage"]["completion_tokens"]
+    if tokens != max_tokens:
+        raise RuntimeError(f"expected {max_tokens} tokens, got {tokens}")
+    return {"sent": sent, "first": arrivals[0], "last": arrivals[-1], "tokens": tokens,
+            "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])]}
+
+
+async def scenario(url: str, prompts: list[str], max_tokens: int, concurrent: int, total: int | None = None) -> dict:
+    """`total` requests (default: `concurrent`), `concurrent` at a time -> the metrics above."""
+    import httpx
+
+    total = total or concurrent
+    limits = httpx.Limits(max_connections=concurrent + 4)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+        semaphore = asyncio.Semaphore(concurrent)
+
+        async def run(i):
+            async with semaphore:
+                return await one_request(client, url, prompts[i % len(prompts)], max_tokens)
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(run(i) for i in range(total)))
+        end = max(r["last"] for r in results)
+    gaps = [g for r in results for g in r["gaps"]]
+    ttft = [r["first"] - r["sent"] for r in results]
+    return {"tokens_per_s": sum(r["tokens"] for r in results) / (end - start),
+            "ttft_p50": percentile(ttft, 0.5), "ttft_p95": percentile(ttft, 0.95),
+            "itl_p50": percentile(gaps, 0.5), "itl_p95": percentile(gaps, 0.95), "requests": total}
+
+
+def offline_batch(model, tokenizer, prompts: list[str], max_tokens: int, repeats: int) -> float:
+    """lmlab.generate_tokens on the prompts as one batch -> generated tokens/s (best of `repeats`)."""
+    from lmlab.generation import GenerationConfig, generate_tokens
+    from lmlab.generation.decode import encode_prompts
+
+    ids, mask = encode_prompts(tokenizer, prompts)
+    config = GenerationConfig(max_new_tokens=max_tokens, eos_token_ids=[])
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = generate_tokens(model, ids, mask, config, tokenizer=tokenizer)
+        best = min(best, time.perf_counter() - start)
+        assert all(len(row) == max_tokens for row in out)
+    return len(prompts) * max_tokens / best
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "lmlab", "--threads", str(threads), "serve", model, "--port", str(port),
+           "--max-batch", str(max_batch), "--max-queue", "256", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            health = httpx.get(f"{url}/health", timeout=5)
+            if health.status_code == 200:
+                return proc, url
+            if health.status_code != 503:  # 500: the model failed to load
+                proc.kill()
+                raise RuntimeError(f"the server failed: {health.text}")
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not become ready in 10 minutes")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, for the server and offline batch")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    parser.add_argument("--sequential", type=int, default=8, help="requests in the sequential scenario")
+    parser.add_argument("--repeats", type=int, default=2, help="offline batch runs (best counts)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    import torch
+
+    import lmlab
+
+    torch.set_num_threads(args.threads)
+    tokenizer = lmlab.load_tokenizer(args.model)
+    prompts = prompts_for(tokenizer, 32)
+    n_prompt = [len(tokenizer.encode(p, add_special_tokens=True)) for p in prompts]
+    print(f"model {args.model}, {args.threads} torch thread(s), server --max-batch {args.max_batch}, "
+          f"{args.max_tokens} new tokens a request (greedy, ignore_eos), prompts {min(n_prompt)}-{max(n_prompt)} "
+          f"tokens; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+
+    proc, url = start_server(args.model, args.threads, args.max_batch)
+    rows = {}
+    try:
+        run = lambda **kw: asyncio.run(scenario(url, prompts, args.max_tokens, **kw))  # noqa: E731
+        run(concurrent=1)  # warm-up: first-call costs (packing calibration, allocator) out of the numbers
+        rows["lone"] = run(concurrent=1)
+        rows["sequential"] = run(concurrent=1, total=args.sequential)
+        for n in (1, 8, 32):
+            rows[f"concurrent-{n}"] = run(concurrent=n)
+    finally:
+        proc.terminate()
+        proc.wait(120)
+
+    model = lmlab.load_model(args.model)
+    offline = offline_batch(model, tokenizer, prompts[:8], args.max_tokens, args.repeats)
+
+    print()
+    print(f"| scenario | requests | tokens/s | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 |")
+    print(f"|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['ttft_p50'] * 1e3:.0f} ms | "
+              f"{r['ttft_p95'] * 1e3:.0f} ms | {r['itl_p50'] * 1e3:.0f} ms | {r['itl_p95'] * 1e3:.0f} ms |")
+    print(f"| offline batch-8 (generate_tokens) | 8 | {offline:.1f} | | | | |")
+    c8, seq, lone = rows["concurrent-8"], rows["sequential"], rows["lone"]
+    checks = [
+        ("8 clients vs sequential throughput", c8["tokens_per_s"] / seq["tokens_per_s"], ">= 4", 4.0),
+        ("8 clients vs offline batch-8 throughput", c8["tokens_per_s"] / offline, ">= 0.8", 0.8),
+        ("8 clients p95 TTFT vs a lone request's", c8["ttft_p95"] / lone["ttft_p50"], "<= 2", None),
+    ]
+    print()
+    for label, ratio, target, floor in checks:
+        ok = ratio >= floor if floor is not None else ratio <= 2.0
+        print(f"{label}: {ratio:.2f}x (target {target}) {'ok' if ok else 'MISSED'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "offline_batch8": offline, "args": vars(args)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
