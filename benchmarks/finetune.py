@@ -7,8 +7,10 @@ Every side trains SmolLM2-135M-Instruct's shape (``--layers N`` keeps the first 
 weights: speed and memory do not depend on the values) on the same batches of (prompt, response)
 pairs: `--batch` pairs of `--prompt-len` prompt tokens and `--response-len` response tokens, loss on
 the response only, AdamW. LoRA uses the same rank, alpha and targets (q,k,v,o,gate,up,down) on both
-sides. Each side runs in a fresh process, so its peak RSS is its own; sides alternate for --repeats
-rounds and each keeps its best throughput (shared machines are noisy).
+sides. Each side runs in a fresh process; its peak RSS is measured from after the model is loaded
+(VmHWM reset through /proc/self/clear_refs) so it is the training's own: weights, gradients, AdamW
+moments and activations, not the GGUF dequantization's transient peak. Sides alternate for
+--repeats rounds and each keeps its best throughput (shared machines are noisy).
 
 Ratios printed, with the targets of issue 8:
     lmlab LoRA / lmlab full       tokens/s  >= 1.3x      peak RSS <= 0.6x
@@ -100,6 +102,8 @@ def worker(side: str, args) -> dict:
         def loss_fn():
             return sft.loss(model, batch)[0]
     model.train()
+    load_peak = _peak_rss()
+    _reset_peak_rss()  # from here on the peak is the training's own, not the checkpoint loading's
     optimizer = build_optimizer(model, 1e-4, 0.0) if side != "peft-lora" else torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-4)
     tokens = int(batch["input_ids"].numel())
@@ -113,8 +117,35 @@ def worker(side: str, args) -> dict:
         if step:  # the first step warms up the allocator and kernels
             times.append(time.perf_counter() - t0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"side": side, "tokens_per_s": tokens / min(times), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    return {"side": side, "tokens_per_s": tokens / min(times), "peak_rss": _peak_rss(), "load_peak_rss": load_peak,
             "trainable": trainable, "loss": float(loss)}
+
+
+def _peak_rss() -> int:
+    """Peak resident memory of this process in bytes (VmHWM, which _reset_peak_rss can reset; else ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs); a no-op elsewhere."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:  # hand the loader's freed memory back to the OS first (glibc keeps it otherwise, and RSS with it)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def main() -> None:
