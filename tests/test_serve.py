@@ -332,6 +332,25 @@ def test_summarize_uses_the_lab_recipe(server, pair):
         assert r.status_code == 400 and r.json()["error"]["param"] == param
 
 
+def test_fine_tuned_recipe_with_an_adapter(pair):
+    """With --adapter the served model is the fine-tuned summarizer: the recipe appears and uses the prompt
+    the adapter was trained with (here the lab's instruction prompt, what an adapter without a recipe gets)."""
+    from lmlab.serve.app import InstructionRecipe, finetuned_recipe
+    from lmlab.tasks.summarize.data import load_sample
+    from lmlab.tasks.summarize.experiments import CHAT_STOP_STRINGS, clean_summary
+
+    model, tok = pair
+    assert isinstance(finetuned_recipe("/nonexistent-adapter-dir"), InstructionRecipe)
+    with running_server(lambda: (model, tok), finetuned=InstructionRecipe()) as (url, _):
+        assert "fine-tuned" in httpx.get(f"{url}/v1/summarize/dialogues").json()["recipes"]
+        dialogue = load_sample().records[5].dialogue
+        r = httpx.post(f"{url}/v1/summarize", json={"dialogue": dialogue, "recipe": "fine-tuned", "max_tokens": 10},
+                       timeout=60)
+    prompt = InstructionRecipe().prompt(dialogue, tok, max_prompt_tokens=model.config.max_seq_len - 10)
+    want = generate(model, tok, prompt.text, GenerationConfig(max_new_tokens=10, stop_strings=CHAT_STOP_STRINGS))
+    assert r.status_code == 200 and r.json()["summary"] == clean_summary(want) and r.json()["recipe"] == "fine-tuned"
+
+
 # --- the model loop --------------------------------------------------------------------------------
 def collect_events(scheduler, prompt_ids, config):
     import queue
