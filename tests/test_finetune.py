@@ -130,6 +130,26 @@ def test_fit_keeps_the_best_by_the_selected_metric_and_stops_early(tmp_path):
     assert summary["best_score"] == pytest.approx(0.3)
 
 
+def test_an_evaluation_that_draws_random_numbers_leaves_the_training_stream_alone(tmp_path):
+    """Dropout after an evaluation must not depend on what the evaluation drew (exact resume relies on it)."""
+    from lmlab.training.config import TrainSection
+    from lmlab.training.distributed import DistEnv
+
+    def train(evaluate, out):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.from_name("tiny-decoder", dropout=0.2))
+        job = Job(name="t", model=model, objective=SupervisedFineTuning("decoder", 0), batches=_Fixed(),
+                  evaluate=evaluate)
+        env = DistEnv(mode="none", rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        fit(job, TrainSection(steps=4, batch_size=1, eval_every=1, ckpt_every=0, log_every=1, warmup_steps=1),
+            env, out, None, show_progress=False)
+        return model.state_dict()
+
+    quiet = train(lambda m: {"val_loss": 1.0}, tmp_path / "a")
+    noisy = train(lambda m: {"val_loss": float(torch.randn(1000).sum())}, tmp_path / "b")
+    assert all(torch.equal(quiet[k], noisy[k]) for k in quiet)
+
+
 # --- whole runs on a tiny model ----------------------------------------------------------------
 def test_lora_run_learns_saves_peft_adapters_and_resumes_exactly(tiny_model_dir, dialogues, tmp_path):
     s = finetune(_config(tiny_model_dir, dialogues, tmp_path / "a"), show_progress=False)

@@ -58,7 +58,7 @@ def test_generate_sampling_flags_change_the_text(smollm2, monkeypatch, capsys):
     import lmlab
 
     model, tok = smollm2
-    monkeypatch.setattr(lmlab, "load_model", lambda source: model)  # load once, not once per command
+    monkeypatch.setattr(lmlab, "load_model", lambda source, **options: model)  # load once, not once per command
     monkeypatch.setattr(lmlab, "load_tokenizer", lambda source: tok)
 
     def run(*flags: str) -> str:

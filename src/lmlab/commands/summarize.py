@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     adapter = parser.add_mutually_exclusive_group()
     adapter.add_argument("--adapter", default=None, metavar="DIR",
                          help="LoRA adapter (PEFT format, e.g. from lmlab finetune); its prompt recipe is used. "
-                              "Default without --shots: the fine-tuned summarizer lmlab ships for the default model")
+                              "Default without --shots, --template or --chat/--no-chat: the fine-tuned summarizer "
+                              "lmlab ships for the default model")
     adapter.add_argument("--no-adapter", action="store_true", help="prompt the base model, no fine-tuned adapter")
     parser.add_argument("--shots", type=int, default=0, help="number of examples in the prompt (default 0)")
     parser.add_argument("--shots-from", default=None, metavar="FILE",
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--select", choices=["random", "nearest"], default="random",
                         help="random (seeded by --shot-seed) or nearest by MiniLM sentence embeddings")
     parser.add_argument("--shot-seed", type=int, default=0, help="seed of random shot selection")
-    parser.add_argument("--template", choices=["instruction", "flan", "bare"], default="instruction",
+    parser.add_argument("--template", choices=["instruction", "flan", "bare"], default=None,
                         help="prompt wording: an instruction, FLAN's dialogue template, or the dialogue alone")
     parser.add_argument("--chat", dest="chat", action="store_true", default=None,
                         help="use the chat template (default: when the tokenizer has one)")
@@ -58,11 +59,12 @@ def run(args: argparse.Namespace) -> int:
 
         pool = [Example(d.dialogue, d.references[0]) for d in load_dialogues(args.shots_from).records if d.references]
     adapter = args.adapter
-    if adapter is None and not args.no_adapter and not args.shots:
+    prompt_chosen = args.template is not None or args.chat is not None  # the user asked for a prompt style
+    if adapter is None and not args.no_adapter and not args.shots and not prompt_chosen:
         from lmlab.adapt.recipe import shipped_adapter
 
         adapter = shipped_adapter(args.model)
-    template, chat, instruction = args.template, args.chat, None
+    template, chat, instruction = args.template or "instruction", args.chat, None
     if adapter is not None:
         from lmlab.adapt.recipe import Recipe
 

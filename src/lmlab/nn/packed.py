@@ -241,7 +241,8 @@ def _matmul_seconds(model: nn.Module, rows: int, packed: bool, repeats: int = 3)
     the copies on the model, for generation to reuse if packing wins.
     """
     linears = _linears(model)
-    inputs = {m.in_features: torch.randn(rows, m.in_features) for m in linears}  # (R, K) per input width
+    generator = torch.Generator().manual_seed(0)  # never the global RNG: a training run's dropout stream uses it
+    inputs = {m.in_features: torch.randn(rows, m.in_features, generator=generator) for m in linears}  # (R, K)
     context = packed_linears(model, rows, min_rows=rows) if packed else contextlib.nullcontext()
     with torch.inference_mode(), context:
         def one_pass() -> None:

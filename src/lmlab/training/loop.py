@@ -390,7 +390,10 @@ def _evaluate(run: _Run, bar) -> None:
     if job.evaluate is None:
         return
     run.wrapped.eval()
-    with torch.no_grad(), _autocast(run):
+    # the evaluation may draw random numbers (sampling, calibrations): it gets a copy of the RNG state, so the
+    # training's stream continues exactly as if no evaluation had run (exact resume does not depend on it)
+    devices = [run.env.device] if run.env.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), _autocast(run):
         metrics = job.evaluate(run.wrapped)
     run.wrapped.train()
     run.metrics = metrics
