@@ -15,7 +15,7 @@ import torch
 from lmlab.corpus import iter_documents
 from lmlab.tokenizer_train import train_tokenizer
 from lmlab.training import load_config, pretrain
-from lmlab.training.checkpoint import load_checkpoint
+from lmlab.training.state import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "one two three four five six seven eight nine ten red green blue cat dog bird tree house".split()

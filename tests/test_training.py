@@ -17,7 +17,7 @@ from lmlab.errors import CheckpointError, ConfigError, DataError
 from lmlab.objectives import CausalLM
 from lmlab.tokenizer_train import train_tokenizer
 from lmlab.training import TrainingError, load_config, pretrain
-from lmlab.training.checkpoint import load_checkpoint
+from lmlab.training.state import load_checkpoint
 from lmlab.training.optim import lr_factor, param_groups
 from tokenizers import Tokenizer
 

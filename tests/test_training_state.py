@@ -18,7 +18,7 @@ from lmlab.errors import CheckpointError, DataError
 from lmlab.tokenizer_train import train_tokenizer
 from lmlab.training import load_config, pretrain
 from lmlab.training import loop as training_loop
-from lmlab.training.checkpoint import (CHECKPOINT_FORMAT, derived_seed, load_checkpoint, restore_rank_rng_state,
+from lmlab.training.state import (CHECKPOINT_FORMAT, derived_seed, load_checkpoint, restore_rank_rng_state,
                                        rng_state, set_rng_state)
 from lmlab.training.metrics import MetricsLog, best_rate, model_flops_utilization
 

@@ -94,7 +94,7 @@ def gather_rng_states(env: DistEnv) -> list[dict] | None:
     Collective: every rank must call it. The states travel between the ranks' own processes
     (``gather_object``); what reaches the checkpoint file is tensors and plain values only.
     """
-    from lmlab.training.checkpoint import rng_state
+    from lmlab.training.state import rng_state
 
     state = rng_state()
     if not env.active:

@@ -41,7 +41,7 @@ from torch import nn
 from lmlab.errors import CheckpointError, ConfigError, LmlabError
 from lmlab.objectives.base import IGNORE_INDEX, Objective
 from lmlab.training import distributed as dist
-from lmlab.training.checkpoint import (CHECKPOINT_FORMAT, load_checkpoint, restore_rank_rng_state, save_checkpoint,
+from lmlab.training.state import (CHECKPOINT_FORMAT, load_checkpoint, restore_rank_rng_state, save_checkpoint,
                                        seed_rank_stream)
 from lmlab.training.metrics import (MetricsLog, matmul_params, measure_peak_flops, model_flops_utilization,
                                     plot_loss_curve, training_matmul_shapes)

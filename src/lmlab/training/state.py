@@ -1,4 +1,5 @@
-"""Training checkpoints: everything a run needs to continue exactly, written atomically, read without pickle.
+"""Resume state (``lmlab.training.state``; not to be confused with ``lmlab.checkpoints``, the weight formats):
+everything a training run needs to continue exactly, written atomically, read without pickle.
 
 A checkpoint holds the model and optimizer state, the scheduler, every rank's random-number states
 (python, numpy, torch CPU and CUDA), the sampler position, the step and the run's config. It is written
