@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -220,7 +220,7 @@ def lora_disabled(model: nn.Module) -> Iterator[None]:
             m.enabled = s
 
 
-def set_lora_trainable(model: nn.Module, names: Iterable[str] | None = None) -> None:
+def set_lora_trainable(model: nn.Module) -> None:
     """Make exactly the adapters' A and B matrices trainable (after loading an adapter to continue training)."""
     for p in model.parameters():
         p.requires_grad_(False)

@@ -160,20 +160,27 @@ def _looks_numeric(text: str) -> bool:
         return False
 
 
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML (or .json) run config file -> its mapping; a one-line ConfigError when it is not one."""
+    import yaml
+
+    try:
+        data = (json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())) or {}
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot parse config {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {str(path)!r} must hold a mapping, not {type(data).__name__}")
+    return data
+
+
 def load_config(source: str | Path | None, overrides: list[str] | None = None) -> PretrainConfig:
     """A run config from a YAML/JSON file or a TRAIN_PRESETS name, with ``--set`` overrides applied."""
-    import yaml
 
     data: dict[str, Any] = {}
     if source is not None:
         path = Path(source)
         if path.exists():
-            try:
-                data = (json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())) or {}
-            except (json.JSONDecodeError, yaml.YAMLError) as exc:
-                raise ConfigError(f"cannot parse config {str(path)!r}: {str(exc).splitlines()[0]}") from None
-            if not isinstance(data, dict):
-                raise ConfigError(f"config {str(path)!r} must hold a mapping, not {type(data).__name__}")
+            data = read_config_file(path)
         elif str(source) in TRAIN_PRESETS:
             data = {"base": str(source)}
         else:

@@ -51,11 +51,11 @@ from typing import Any
 import torch
 
 from lmlab.errors import ConfigError, DataError, choices_error
-from lmlab.adapt.recipe import RECIPE_FILE, Recipe
+from lmlab.adapt.recipe import Recipe
 from lmlab.jsonl import iter_objects
 from lmlab.objectives.sft import SupervisedFineTuning
 from lmlab.training import distributed as dist
-from lmlab.training.config import TrainSection, _deep_merge, _section, apply_overrides
+from lmlab.training.config import TrainSection, _deep_merge, _section, apply_overrides, read_config_file
 from lmlab.training.loop import Job, check_identity, fit, read_resume_state
 
 METHODS = ("lora", "full")
@@ -137,19 +137,11 @@ class FinetuneConfig:
 
 def load_finetune_config(source: str | Path | None, overrides: list[str] | None = None) -> FinetuneConfig:
     """A FinetuneConfig from a YAML/JSON file with ``--set`` overrides applied."""
-    import yaml
-
     data: dict[str, Any] = {}
     if source is not None:
-        path = Path(source)
-        if not path.exists():
+        if not Path(source).exists():
             raise ConfigError(f"fine-tuning config {str(source)!r} does not exist")
-        try:
-            data = (json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())) or {}
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot parse config {str(path)!r}: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {str(path)!r} must hold a mapping, not {type(data).__name__}")
+        data = read_config_file(Path(source))
     return FinetuneConfig.from_dict(apply_overrides(data, overrides or []))
 
 

@@ -203,9 +203,9 @@ def plot_loss_curve(records: list[dict], path: str | Path, title: str = "") -> P
     rouge = {m: [(r["step"], 100 * r[m]) for r in evals if m in r] for m in ("rouge1", "rouge2", "rougeL")}
     if any(rouge.values()):
         ax2 = ax.twinx()
-        for (metric, points), style in zip(rouge.items(), ("s--", "^--", "v--")):
+        for (metric, points), style, color in zip(rouge.items(), ("s--", "^--", "v--"), ("C2", "C3", "C4")):
             if points:
-                ax2.plot(*zip(*points), style, label=f"validation {metric}", linewidth=1, markersize=4)
+                ax2.plot(*zip(*points), style, color=color, label=f"validation {metric}", linewidth=1, markersize=4)
         ax2.set_ylabel("ROUGE (F1 x 100)")
         more_handles, more_labels = ax2.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
