@@ -156,3 +156,11 @@ def test_adapter_for_another_base_names_the_module_and_shapes(tmp_path):
         load_adapter(deeper, tmp_path / "adapter")
     with pytest.raises(CheckpointError, match="adapter_config.json"):
         load_adapter(other, tmp_path)
+
+
+def test_a_registry_base_is_recorded_by_its_hub_id(tmp_path):
+    model = _tiny_llama()
+    apply_lora(model, LoraConfig(r=2, targets="q"))
+    save_adapter(model, tmp_path / "a", LoraConfig(r=2, targets=("q",)), base_model="smollm2-135m-instruct")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

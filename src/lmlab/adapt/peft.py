@@ -82,6 +82,11 @@ def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig, ba
         tensors[f"{PREFIX}{hf}.lora_A.weight"] = module.lora_A.weight.detach().cpu().contiguous()
         tensors[f"{PREFIX}{hf}.lora_B.weight"] = module.lora_B.weight.detach().cpu().contiguous()
     targets = sorted({mapping[n].rsplit(".", 1)[-1] for n in modules})
+    from lmlab.checkpoints.registry import lookup
+
+    entry = lookup(base_model) if base_model else None
+    if entry is not None:  # a registry name means nothing to peft: record the hub id the weights come from
+        base_model = entry.hub_id
     peft_config = {
         "peft_type": "LORA", "task_type": TASK_TYPES.get(model.config.arch), "base_model_name_or_path": base_model,
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.rslora,
