@@ -42,10 +42,7 @@ import torch
 
 from lmlab.errors import ConfigError, DataError, LmlabError
 from lmlab.generation.config import GenerationConfig
-try:  # generation/ is being split into modules; stopping.py holds these once it lands
-    from lmlab.generation.stopping import held_back_length, trim_stop_strings
-except ImportError:
-    from lmlab.generation.decode import _held_back as held_back_length, trim_stop_strings
+from lmlab.generation.stopping import held_back_length, trim_stop_strings
 from lmlab.generation.processors import build_processors
 from lmlab.nn.packed import maybe_packed_linears
 from lmlab.nn.slot_cache import SlotCache
