@@ -67,3 +67,156 @@ def test_append_refuses_an_invalid_pair(tmp_path):
     with pytest.raises(DataError, match="same text"):
         append_preference(tmp_path / "p.jsonl", PreferencePair("p", "x", "x"))
     assert not (tmp_path / "p.jsonl").exists()
+
+
+# --- lmlab prefs build ---------------------------------------------------------------------------
+from lmlab.align.build import BuildSettings, build_preferences, log_path  # noqa: E402
+from lmlab.cli import main  # noqa: E402
+from lmlab.errors import ConfigError  # noqa: E402
+
+
+@pytest.fixture
+def dialogsum_like(tmp_path):
+    """The bundled dialogues written as a DialogSum JSONL file (fname, dialogue, summary)."""
+    from lmlab.tasks.summarize.data import load_dialogues
+
+    path = tmp_path / "dev.jsonl"
+    records = load_dialogues().records
+    _write(path, [json.dumps({"fname": d.id, "dialogue": d.dialogue, "summary": d.references[0]}) for d in records])
+    return path, records
+
+
+def _settings(model, data, out, **kw):
+    return BuildSettings(out=out, data=str(data), records=kw.pop("records", "0:6"), model=str(model),
+                         max_new_tokens=kw.pop("max_new_tokens", 6), batch_size=kw.pop("batch_size", 4),
+                         precision="fp32", **kw)
+
+
+def test_build_pairs_chosen_is_the_reference_and_drops_follow_the_threshold(tiny_model_dir, dialogsum_like, tmp_path):
+    from lmlab.tasks.summarize.rouge import score_example
+
+    data, records = dialogsum_like
+    out = tmp_path / "pairs.jsonl"
+    # a tiny threshold: every model output sharing any word with the reference is dropped
+    result = build_preferences(_settings(tiny_model_dir, data, out, rouge_threshold=1e-6), echo=lambda s: None,
+                               progress=False)
+    log = [json.loads(line) for line in log_path(out).read_text().splitlines()[1:]]
+    assert [item["id"] for item in log] == [r.id for r in records[:6]]
+    pairs = read_preferences(out) if out.exists() else []
+    by_id = {r.id: r for r in records}
+    kept = [item for item in log if item["kept"]]
+    assert len(pairs) == len(kept) == result.kept
+    for pair, item in zip(pairs, kept):
+        record = by_id[item["id"]]
+        assert pair.prompt == record.dialogue and pair.chosen == record.references[0] and pair.rejected == item["output"]
+        assert pair.source == f"{record.id} human>base@T1"
+        assert score_example(pair.rejected, record.references[0]).best["rouge1"] == 0
+    for item in log:
+        if not item["kept"]:
+            assert item["output"] == "" or item["rouge1"] >= 1e-6
+    assert sum(result.dropped.values()) == len(log) - len(kept)
+
+
+def test_build_resumes_to_the_same_pairs_as_one_run(tiny_model_dir, dialogsum_like, tmp_path):
+    data, _ = dialogsum_like
+    whole, parts = tmp_path / "whole.jsonl", tmp_path / "parts.jsonl"
+    build_preferences(_settings(tiny_model_dir, data, whole, rouge_threshold=1.0), echo=lambda s: None, progress=False)
+    first = build_preferences(_settings(tiny_model_dir, data, parts, rouge_threshold=1.0, max_items=4, batch_size=2),
+                              echo=lambda s: None, progress=False)
+    assert first.new_items == 4
+    second = build_preferences(_settings(tiny_model_dir, data, parts, rouge_threshold=1.0, batch_size=3),
+                               echo=lambda s: None, progress=False)
+    assert second.new_items == 2  # only what the first call left; the batch size is not part of the signature
+    assert log_path(whole).read_text().splitlines()[1:] == log_path(parts).read_text().splitlines()[1:]
+    assert (whole.read_text() if whole.exists() else "") == (parts.read_text() if parts.exists() else "")
+    assert build_preferences(_settings(tiny_model_dir, data, parts, rouge_threshold=1.0), echo=lambda s: None,
+                             progress=False).new_items == 0
+    with pytest.raises(ConfigError, match=r"temperature: 1\.0 -> 0\.7"):
+        build_preferences(_settings(tiny_model_dir, data, parts, rouge_threshold=1.0, temperature=0.7),
+                          echo=lambda s: None, progress=False)
+
+
+def test_build_refuses_held_out_records_unless_asked(tiny_model_dir, dialogsum_like, tmp_path):
+    data = tmp_path / "big.jsonl"
+    src = dialogsum_like[0].read_text().splitlines()
+    _write(data, [json.dumps({**json.loads(src[i % len(src)]), "fname": f"d{i}"}) for i in range(405)])
+    with pytest.raises(ConfigError, match=r"--records 398:403 includes records 400-402, the held-out evaluation"):
+        build_preferences(_settings(tiny_model_dir, data, tmp_path / "p.jsonl", records="398:403"),
+                          echo=lambda s: None, progress=False)
+    result = build_preferences(_settings(tiny_model_dir, data, tmp_path / "p.jsonl", records="400:402", held_out=True,
+                                         rouge_threshold=1.0), echo=lambda s: None, progress=False)
+    assert result.new_items == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--records", "5"], "must look like 'start:stop'"),
+    (["--records", "a:b"], "must look like 'start:stop'"),
+    (["--temperature", "0"], "--temperature 0.0 must be > 0"),
+    (["--rouge-threshold", "1.5"], "--rouge-threshold 1.5 must be in (0, 1]"),
+    (["--policy", "finetuned"], "--policy finetuned needs --adapter DIR"),
+])
+def test_build_bad_flags_are_one_line_errors(tiny_model_dir, dialogsum_like, tmp_path, capsys, argv, message):
+    rc = main(["prefs", "build", "--out", str(tmp_path / "p.jsonl"), "--data", str(dialogsum_like[0]),
+               "--model", str(tiny_model_dir), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1
+
+
+def test_build_will_not_append_to_a_file_it_did_not_start(tiny_model_dir, dialogsum_like, tmp_path):
+    out = tmp_path / "mine.jsonl"
+    append_preference(out, PreferencePair("p", "a", "b"))
+    with pytest.raises(ConfigError, match="has no build log"):
+        build_preferences(_settings(tiny_model_dir, dialogsum_like[0], out), echo=lambda s: None, progress=False)
+
+
+# --- lmlab prefs label ---------------------------------------------------------------------------
+def _candidates(tmp_path):
+    path = tmp_path / "cand.jsonl"
+    for i in range(4):
+        append_preference(path, PreferencePair(f"dialogue {i}", f"human summary {i}", f"model summary {i}", f"dev_{i}"))
+    return path
+
+
+def _shown(text: str) -> list[tuple[str, str]]:
+    """(summary [1], summary [2]) of each pair in the terminal output."""
+    shown = []
+    for block in text.split("=== pair ")[1:]:
+        lines = [line for line in block.splitlines() if line.startswith("[1] ") or line.startswith("[2] ")]
+        shown.append((lines[0][4:], lines[1][4:]))
+    return shown
+
+
+def test_label_from_piped_stdin_appends_the_picked_summary(tmp_path, monkeypatch, capsys):
+    import io
+
+    cand, out = _candidates(tmp_path), tmp_path / "labels.jsonl"
+    monkeypatch.setattr("sys.stdin", io.StringIO("2\nmaybe\n1\ns\nq\n"))
+    assert main(["prefs", "label", str(cand), "--out", str(out), "--seed", "3"]) == 0
+    text = capsys.readouterr().out
+    shown = _shown(text)
+    assert len(shown) == 4  # pair 3 skipped, pair 4 shown and answered q
+    assert "'maybe' is not an answer" in text and "dev_" not in text  # sources are hidden
+    assert {frozenset(s) for s in shown} == {frozenset((f"human summary {i}", f"model summary {i}")) for i in range(4)}
+    labels = read_preferences(out)
+    assert [(p.chosen, p.rejected) for p in labels] == [(shown[0][1], shown[0][0]), (shown[1][0], shown[1][1])]
+    assert labels[0].source == "human label (dev_0)"
+    # both orders occur across pairs for some seed: the order is not always chosen-first
+    orders = set()
+    for seed in range(8):
+        from lmlab.align.label import shown_order
+
+        orders |= {shown_order(p, seed)[0].startswith("human") for p in read_preferences(cand)}
+    assert orders == {True, False}
+
+    # a second session shows only what was not labeled (the skipped pair and the last one)
+    monkeypatch.setattr("sys.stdin", io.StringIO("1\n1\n"))
+    assert main(["prefs", "label", str(cand), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 pair(s) to label (2 already in" in text
+    assert len(read_preferences(out)) == 4
+
+
+def test_label_refuses_to_write_into_its_candidates(tmp_path, capsys):
+    cand = _candidates(tmp_path)
+    assert main(["prefs", "label", str(cand), "--out", str(cand)]) == 2
+    assert "is the candidates file" in capsys.readouterr().err

@@ -25,7 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("lmlab.commands.serve", "serve a model: OpenAI-compatible HTTP API with continuous batching, and a playground"),
     "finetune": ("lmlab.commands.finetune", "fine-tune a model on (prompt, response) pairs: full or LoRA"),
     "merge": ("lmlab.commands.merge", "fold a LoRA adapter into its base model and save the merged weights"),
+    "distill": ("lmlab.commands.distill", "distill a teacher into a smaller student with unlabeled data "
+                "(sequence- or token-level)"),
     "plan": ("lmlab.commands.plan", "estimate memory (training/inference, DDP/ZeRO/FSDP) and plan compute-optimal training"),
+    "prefs": ("lmlab.commands.prefs", "preference pairs: build them from labeled dialogues, or label pairs by hand"),
     "models": ("lmlab.commands.models", "list the registry's models: size, source, and whether each is installed here"),
 }
 
