@@ -47,6 +47,15 @@ class Objective:
         """(mean loss over the counted positions, number of counted positions as a 0-d tensor)."""
         raise NotImplementedError
 
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """What ``loss`` is a mean over, counted (the loop weights micro-batches by it): labelled positions here,
+        pairs for preference objectives."""
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def train_metrics(self) -> dict[str, float]:
+        """Extra training metrics gathered by ``loss`` since the last call, logged beside the loss (none here)."""
+        return {}
+
 
 OBJECTIVES = {"clm": "CausalLM", "mlm": "MaskedLM", "span": "SpanCorruption"}
 ARCH_OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encoder_decoder": "span"}

@@ -44,6 +44,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,8 +289,12 @@ class SFTBatches:
                 self._batches = self._epoch_batches(self.epoch)
             batch = self._batches[self.position][self.rank::self.world] or self._batches[self.position][:1]
             self.position += 1
-            out.append(self.objective.collate([(e.prompt, e.response) for e in batch]))
+            out.append(self.collate_examples(batch))
         return out
+
+    def collate_examples(self, batch: list[Tokenized]) -> dict[str, torch.Tensor]:
+        """One micro-batch of examples -> model inputs (a subclass may add tensors, e.g. distillation's)."""
+        return self.objective.collate([(e.prompt, e.response) for e in batch])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -300,6 +305,11 @@ class SFTBatches:
 
 
 # --- evaluation ------------------------------------------------------------------------------
+def recited(summary: str) -> bool:
+    """A summary holding a dialogue turn ("#Person1#: ..."): the model recited the dialogue instead of summarizing."""
+    return re.search(r"#Person\d+#\s*:", summary) is not None
+
+
 def evaluate_sft(model, objective: SupervisedFineTuning, examples: list[Tokenized], references: dict[str, str],
                  prompts: dict[str, str], tokenizer, cfg: FinetuneConfig, env: dist.DistEnv) -> dict[str, float]:
     """Validation loss over every validation example, and ROUGE of greedy summaries of the first few."""
@@ -327,6 +337,7 @@ def evaluate_sft(model, objective: SupervisedFineTuning, examples: list[Tokenize
         scores = [score_example(s.strip(), references[e.id]) for s, e in zip(summaries, chosen)]
         metrics.update({k: v for k, v in corpus_score(scores).items() if k in ("rouge1", "rouge2", "rougeL")})
         metrics["empty"] = float(sum(not s.strip() for s in summaries))
+        metrics["recited"] = float(sum(recited(s) for s in summaries))
     return metrics
 
 

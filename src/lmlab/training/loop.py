@@ -15,7 +15,9 @@ It reads top to bottom as the steps of a run::
 Per optimizer step the job's batch source yields `grad_accum` micro-batches for this rank (prepared
 with generators seeded from seed/step/micro-step/rank, so no hidden RNG state needs saving). Each
 micro-batch's mean loss is scaled by its share of the step's counted tokens *over all ranks*, so the
-gradient is the token-mean over the whole global batch whatever the accumulation or world size.
+gradient is the token-mean over the whole global batch whatever the accumulation or world size. (What
+counts is the objective's ``count(batch)``: labelled tokens, or pairs for DPO, whose loss is a mean
+over pairs; its ``train_metrics()`` are logged beside the loss.)
 
 A checkpoint (``OUT/checkpoint.pt``) holds the loop's counters, the optimizer, schedule, batch-source
 and RNG states and either the whole model or, for jobs that train only some parameters (LoRA), just
@@ -135,8 +137,10 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
 _precision = autocast_dtype  # the name older tests and notebooks use
 
 
-def _counted(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"] != IGNORE_INDEX).sum())
+def _counted(objective, batch: dict[str, torch.Tensor]) -> int:
+    """What the objective's mean loss averages over in `batch` (labelled tokens; pairs for DPO)."""
+    count = getattr(objective, "count", None)
+    return int(count(batch)) if count is not None else int((batch["labels"] != IGNORE_INDEX).sum())
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -317,7 +321,7 @@ def _train_step(run: _Run) -> tuple[int, float, float, float, float | None]:
     start = time.perf_counter()
     micro = job.batches.next_micro_batches(run.state.step, t.grad_accum)
     run.micro_tokens = int(micro[0]["input_ids"].numel())
-    counts = [_counted(b) for b in micro]
+    counts = [_counted(job.objective, b) for b in micro]
     total = dist.all_reduce_sum(sum(counts), env)  # counted tokens in the global batch
     step_loss = torch.zeros((), device=env.device)  # summed on the device: one sync per step
     for m, (batch, n) in enumerate(zip(micro, counts)):
@@ -358,9 +362,10 @@ def _log_step(run: _Run, bar, loss: float, lr: float, grad_norm: float | None, t
                                             shapes) * run.env.world_size
     mfu = model_flops_utilization(run.flop_params, tokens_per_s, run.peak_flops)  # an estimate, at most 1.0
     run.last = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu}
+    extra = getattr(run.job.objective, "train_metrics", dict)()  # e.g. DPO's reward accuracy (this rank's)
     if run.log is not None:
         run.log.write(kind="train", step=run.state.step, loss=loss, lr=lr, tokens=run.state.tokens_seen,
-                      tokens_per_s=tokens_per_s, mfu=mfu, grad_norm=grad_norm)
+                      tokens_per_s=tokens_per_s, mfu=mfu, grad_norm=grad_norm, **extra)
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
 
 

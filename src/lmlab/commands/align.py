@@ -1,0 +1,82 @@
+"""`lmlab align`: flags -> ``lmlab.training.align.load_align_config`` overrides -> ``align`` (DPO).
+
+Every config field can be set with ``--set section.key=value`` (repeatable); the common ones also have
+their own flags, applied after --set.
+"""
+
+from __future__ import annotations
+
+import json
+
+# flag -> config key it overrides
+_FLAGS = {
+    "method": "method", "base": "base_model", "adapter": "adapter", "prefs": "data.train",
+    "validation": "data.validation", "holdout": "data.holdout", "beta": "beta", "out": "out_dir",
+    "epochs": "train.epochs", "steps": "train.steps", "batch_size": "train.batch_size",
+    "grad_accum": "train.grad_accum", "lr": "train.lr", "rank": "lora.r", "alpha": "lora.alpha",
+    "targets": "lora.targets", "max_seq_len": "data.max_seq_len", "rouge_examples": "eval.rouge_examples",
+    "precision": "train.precision", "device": "train.device", "seed": "train.seed", "stop_after": "train.stop_after",
+}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", default=None, help="YAML/JSON alignment config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field, e.g. --set lora.dropout=0.0 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
+    parser.add_argument("--method", choices=["dpo"], help="Direct Preference Optimization (the default)")
+    parser.add_argument("--base", help="the base model: registry name, .gguf, HF or lmlab directory")
+    parser.add_argument("--adapter", metavar="DIR|shipped",
+                        help="the starting policy's LoRA adapter (folded into the base; it is also the reference): "
+                             "a PEFT directory or 'shipped'; default: the base model itself")
+    parser.add_argument("--prefs", metavar="FILE", help="preference pairs JSONL {prompt, chosen, rejected}")
+    parser.add_argument("--validation", metavar="FILE", help="held-out preference pairs (default: --holdout of --prefs)")
+    parser.add_argument("--holdout", type=int, help="pairs of --prefs held out for evaluation (whole prompts)")
+    parser.add_argument("--rouge-data", metavar="FILE[:START:STOP]",
+                        help="labelled records for ROUGE after training, e.g. dev.jsonl:400:500")
+    parser.add_argument("--rouge-examples", type=int, help="how many --rouge-data records to summarize (0: none)")
+    parser.add_argument("--beta", type=float, help="DPO beta: how far the policy may move from the reference")
+    parser.add_argument("--out", help="run directory (out_dir)")
+    parser.add_argument("--epochs", type=float, help="passes over the pairs (sets the steps)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (when --epochs is not given)")
+    parser.add_argument("--batch-size", type=int, help="pairs per micro-step")
+    parser.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step")
+    parser.add_argument("--lr", type=float, help="peak learning rate")
+    parser.add_argument("--rank", type=int, help="LoRA rank r of the DPO adapter")
+    parser.add_argument("--alpha", type=float, help="LoRA alpha of the DPO adapter")
+    parser.add_argument("--targets", help="LoRA target linears by name, e.g. q,k,v,o,gate,up,down")
+    parser.add_argument("--max-seq-len", type=int, help="prompt + response tokens; longer prompts are cut in the middle")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 where native, else fp32")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train")
+    parser.add_argument("--seed", type=int, help="seed for the adapter init, pair order, holdout and dropout")
+    parser.add_argument("--stop-after", type=int, help="stop with a checkpoint after this many steps (resume later)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from lmlab.commands.finetune import _source
+    from lmlab.training.align import align, load_align_config
+
+    overrides = list(args.set)
+    if args.epochs is None and args.steps is not None:
+        overrides.append("train.epochs=null")  # --steps counts steps, not the default epoch
+    for flag, key in _FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    if args.rouge_data:
+        overrides.append(f"data.rouge={json.dumps(_source(args.rouge_data))}")
+    cfg = load_align_config(args.config, overrides)
+    summary = align(cfg, resume=args.resume, show_progress=not args.no_progress)
+    if summary["rank"] != 0:
+        return 128 + int(summary["interrupted"]) if summary["interrupted"] is not None else 0
+    if summary["interrupted"] is not None:
+        print(f"interrupted at step {summary['step']}; checkpoint saved to {summary['checkpoint']} (continue with --resume)")
+        return 128 + int(summary["interrupted"])
+    if not summary["finished"]:
+        print(f"stopped at step {summary['step']}; checkpoint saved to {summary['checkpoint']} (continue with --resume)")
+        return 0
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in {**summary["metrics"], **summary.get("rouge", {})}.items())
+    print(f"done: {summary['step']} steps, train loss {summary['train_loss']:.4f}"
+          f"{', ' + metrics if metrics else ''}; the policy (one adapter for {cfg.base_model}) in {summary['final_dir']}")
+    return 0
