@@ -1,0 +1,414 @@
+"""A reward model: any lmlab model with a scalar head, trained on preference pairs in the one loop.
+
+``RewardModel(backbone)`` pools the backbone's last hidden states into one vector per sequence and maps
+it to a score with ``head = Linear(C, 1)``. The pooling follows the architecture:
+
+* decoder           the hidden state of the final real token. Under the causal mask it is the only
+                    position that has read the whole prompt and response (every earlier one sees a prefix).
+* encoder           the mean over real tokens (padding masked out): every position sees everything, and
+                    the mean is what sentence encoders such as all-MiniLM-L6-v2 were trained to use.
+* encoder_decoder   the mean of the encoder's output over real tokens (the decoder is not run).
+
+What it reads: the prompt the policy sees, built with ``lmlab.prompting`` from the pair's ``prompt`` (the
+dialogue), then the response and an end token (eos; [SEP] for BERT-style encoders, whose prompt
+encoding already starts with [CLS] and ends with [SEP]). A long dialogue is cut in the middle to fit
+``max_len``, as fine-tuning cuts it. The recipe (template, instruction, chat) is saved with the model so
+scoring writes the input exactly as training did.
+
+``train_reward(RewardSettings)`` runs a ``Job`` through ``lmlab.training.loop.fit`` (AdamW, warm-up +
+cosine, checkpoints, exact resume, progress, metrics.jsonl), optionally through LoRA, evaluating
+pairwise accuracy on held-out pairs and keeping the best. Run directory::
+
+    OUT/best/, OUT/final/   the reward model: reward_config.json, reward_head.safetensors and either
+                            backbone/ (every weight, lmlab format, with its tokenizer) or adapter/ (LoRA)
+    OUT/checkpoint.pt, OUT/metrics.jsonl, OUT/loss.png, OUT/summary.json
+
+``load_reward(DIR)`` reads one back; ``RewardScorer`` scores (prompt, response) texts in batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from lmlab.align.prefs import PreferencePair, read_preferences
+from lmlab.errors import CheckpointError, ConfigError, DataError
+
+CONFIG_FILE, HEAD_FILE = "reward_config.json", "reward_head.safetensors"
+POOLING = {"decoder": "last", "encoder": "mean", "encoder_decoder": "mean"}
+
+
+class RewardModel(nn.Module):
+    """backbone (any lmlab Transformer) -> pooled hidden state (B, C) -> Linear(C, 1) -> scores (B,)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.arch = backbone.config.arch
+        self.pooling = POOLING[self.arch]
+        C = backbone.config.d_model
+        self.head = nn.Linear(C, 1)
+        # small initial scores: std 1/sqrt(C+1) keeps the first margins O(1) whatever the width
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(C + 1))
+        nn.init.zeros_(self.head.bias)
+        self.head.to(dtype=backbone.dtype, device=backbone.device)
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) right-padded ids and mask -> (B, C) one vector per sequence."""
+        if self.pooling == "last":
+            # right padding never reaches a real token under the causal mask, so no mask is passed
+            # (SDPA's fused causal kernel then runs, as in fine-tuning)
+            hidden = self.backbone(input_ids, return_hidden=True)  # (B, T, C)
+            last = attention_mask.sum(1) - 1  # (B,) index of each row's final real token
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, C)
+        hidden = self.backbone.encode(input_ids, attention_mask)  # (B, T, C)
+        weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, C)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled(input_ids, attention_mask)).squeeze(-1).float()  # (B,)
+
+
+# --- the input a reward model reads ------------------------------------------------------------------
+@dataclass
+class RewardConfig:
+    """What a saved reward model needs to rebuild itself and to write its input as it was trained."""
+
+    base: str  # the backbone's source (registry name or path)
+    arch: str
+    pooling: str
+    template: str
+    instruction: str | None
+    chat: bool
+    max_len: int
+    tokenizer: str  # fingerprint of the vocabulary (see tokenizer_fingerprint)
+    lora: dict | None = None  # the LoRA config when the backbone is base + adapter/
+    trained_on: dict = field(default_factory=dict)  # pairs files, counts, held-out accuracy
+
+    def save(self, directory: Path) -> None:
+        (directory / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> "RewardConfig":
+        path = directory / CONFIG_FILE
+        if not path.exists():
+            raise CheckpointError(f"{str(directory)!r} is not a reward model: it has no {CONFIG_FILE} "
+                                  f"(lmlab reward train writes OUT/best and OUT/final)")
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise CheckpointError(f"{path}: not a valid reward config ({exc})") from None
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the vocabulary (token -> id): equal fingerprints mean the same ids for the same text."""
+    vocab = tokenizer.backend.get_vocab() if hasattr(tokenizer, "backend") else {}
+    return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+
+
+def check_same_tokenizer(config: RewardConfig, policy_tokenizer, policy: str) -> None:
+    """Token ids pass from a policy to the reward model only when both read text the same way."""
+    theirs = tokenizer_fingerprint(policy_tokenizer)
+    if theirs != config.tokenizer:
+        raise ConfigError(f"the reward model (base {config.base!r}) uses another tokenizer than the policy {policy!r} "
+                          f"(vocabulary {config.tokenizer} vs {theirs}), so the policy's token ids cannot be scored; "
+                          f"score the decoded text instead, or train the reward model on {policy!r}")
+
+
+def end_token(tokenizer, arch: str) -> int:
+    """The token that closes a response: eos for generative models, [SEP] for BERT-style encoders."""
+    end = tokenizer.eos_token_id if arch != "encoder" else (tokenizer.sep_token_id or tokenizer.eos_token_id)
+    if end is None:
+        raise ConfigError("the tokenizer has neither an end-of-sequence nor a [SEP] token to close a response")
+    return end
+
+
+def encode_example(prompt: str, response: str, tokenizer, config: RewardConfig, where: str = "") -> list[int]:
+    """Prompt (cut in the middle to fit) + response + end token -> one row of ids, at most max_len long."""
+    from lmlab.adapt.recipe import Recipe
+
+    lead = "" if config.chat else " "  # plain templates end at "Summary:"; the response follows a space
+    body = tokenizer.encode(lead + response.strip())[: config.max_len // 2]  # never more than half the budget
+    body = body + [end_token(tokenizer, config.arch)]
+    recipe = Recipe(config.template, config.instruction, config.chat, "prompt", "response")
+    try:
+        text = recipe.prompt(prompt, tokenizer, max_prompt_tokens=config.max_len - len(body)).text
+    except DataError as exc:
+        raise DataError(f"{where or 'example'}: does not fit max_len={config.max_len} even with the prompt cut "
+                        f"({exc}); raise --max-len") from None
+    return tokenizer.encode(text, add_special_tokens=True) + body
+
+
+def default_recipe(arch: str, tokenizer) -> dict[str, Any]:
+    """The prompt the summarization policy is given: the lab's instruction, in the chat template for decoders."""
+    from lmlab.tasks.summarize.experiments import INSTRUCTION
+
+    chat = arch == "decoder" and bool(getattr(tokenizer, "chat_template", None))
+    return {"template": "instruction", "instruction": INSTRUCTION, "chat": chat}
+
+
+# --- saving and loading ------------------------------------------------------------------------------
+def save_reward(model: RewardModel, directory: Path, config: RewardConfig, tokenizer, lora=None) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if lora is not None:
+        from lmlab.adapt.peft import save_adapter
+
+        save_adapter(model.backbone, directory / "adapter", lora, base_model=config.base)
+    else:
+        from lmlab.checkpoints import save_model
+
+        was_training = model.training
+        save_model(model.backbone, directory / "backbone", tokenizer)
+        model.train(was_training)
+    head = {k: v.detach().float().cpu().contiguous() for k, v in model.head.state_dict().items()}
+    save_file(head, str(directory / HEAD_FILE))
+    config.save(directory)
+
+
+def load_reward(directory: str | Path) -> tuple[RewardModel, Any, RewardConfig]:
+    """A saved reward model -> (model in eval mode, its tokenizer, its config)."""
+    from safetensors.torch import load_file
+
+    from lmlab.checkpoints import load_model, load_tokenizer
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"--reward {str(directory)!r} is not a directory (pass OUT/best from lmlab reward train)")
+    config = RewardConfig.load(directory)
+    if config.lora is not None:
+        backbone = load_model(config.base, adapter=directory / "adapter")
+        tokenizer = load_tokenizer(config.base)
+    else:
+        backbone = load_model(directory / "backbone")
+        tokenizer = load_tokenizer(directory / "backbone")
+    model = RewardModel(backbone)
+    head = load_file(str(directory / HEAD_FILE))
+    model.head.load_state_dict({k: v.to(model.head.weight.dtype) for k, v in head.items()})
+    if tokenizer_fingerprint(tokenizer) != config.tokenizer:
+        raise CheckpointError(f"{directory}: the tokenizer found for {config.base!r} is not the one the reward model "
+                              f"was trained with (vocabulary {tokenizer_fingerprint(tokenizer)} vs {config.tokenizer})")
+    return model.eval(), tokenizer, config
+
+
+class RewardScorer:
+    """Scores (prompt, response) texts with a reward model, in batches sorted by length (little padding)."""
+
+    def __init__(self, model: RewardModel, tokenizer, config: RewardConfig, batch_size: int = 8):
+        self.model, self.tokenizer, self.config, self.batch_size = model, tokenizer, config, batch_size
+
+    @classmethod
+    def load(cls, directory: str | Path, batch_size: int = 8) -> "RewardScorer":
+        return cls(*load_reward(directory), batch_size=batch_size)
+
+    @torch.inference_mode()
+    def score_ids(self, rows: Sequence[Sequence[int]]) -> list[float]:
+        from lmlab.objectives.reward import pad_rows
+
+        was_training = self.model.training
+        self.model.eval()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        scores = [0.0] * len(rows)
+        try:
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                ids, mask = pad_rows([rows[i] for i in idx], pad)  # (b, T) each
+                device = self.model.head.weight.device
+                for i, s in zip(idx, self.model(ids.to(device), mask.to(device)).tolist()):
+                    scores[i] = s
+        finally:
+            self.model.train(was_training)
+        return scores
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """One score per (prompt, response); higher is preferred."""
+        if len(prompts) != len(responses):
+            raise DataError(f"{len(prompts)} prompts but {len(responses)} responses to score")
+        rows = [encode_example(p, r, self.tokenizer, self.config, f"example {i + 1}")
+                for i, (p, r) in enumerate(zip(prompts, responses))]
+        return self.score_ids(rows)
+
+    def accuracy(self, pairs: Sequence[PreferencePair]) -> dict[str, float]:
+        """Pairwise accuracy (chosen scored above rejected), the mean margin and the Bradley–Terry loss."""
+        chosen = self.score([p.prompt for p in pairs], [p.chosen for p in pairs])
+        rejected = self.score([p.prompt for p in pairs], [p.rejected for p in pairs])
+        return pair_metrics(torch.tensor(chosen), torch.tensor(rejected))
+
+
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    from lmlab.objectives.reward import bradley_terry_loss
+
+    margin = chosen - rejected
+    return {"accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()),
+            "val_loss": float(bradley_terry_loss(chosen, rejected)), "pairs": int(margin.numel())}
+
+
+# --- training ----------------------------------------------------------------------------------------
+@dataclass
+class RewardSettings:
+    base: str
+    prefs: str
+    out: str = "runs/reward"
+    eval_prefs: str | None = None  # held-out pairs: accuracy at each evaluation; the best is kept
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] | None = None  # None: every attention and feed-forward linear the model has
+    epochs: float = 2.0
+    batch_size: int = 8  # pairs per micro-batch
+    grad_accum: int = 1
+    lr: float = 3e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    max_len: int = 512  # prompt + response tokens (capped at the model's context)
+    eval_every: int = 50
+    ckpt_every: int = 50
+    seed: int = 0
+    precision: str = "fp32"
+    stop_after: int | None = None
+
+
+@dataclass
+class TokenizedPreference:
+    """A pair as rows of ids. ``prompt``/``response`` are the chosen row's parts (SFTBatches sorts by them)."""
+
+    id: str
+    prompt: list[int]
+    response: list[int]
+    rejected: list[int]  # the whole rejected row
+    truncated: bool = False
+
+    @property
+    def chosen(self) -> list[int]:
+        return self.prompt + self.response
+
+
+def tokenize_preferences(pairs: Sequence[PreferencePair], tokenizer, config: RewardConfig, name: str
+                         ) -> list[TokenizedPreference]:
+    out = []
+    for p in pairs:
+        where = f"{name}:{p.line}"
+        chosen = encode_example(p.prompt, p.chosen, tokenizer, config, where)
+        rejected = encode_example(p.prompt, p.rejected, tokenizer, config, where)
+        out.append(TokenizedPreference(where, chosen, [], rejected))
+    return out
+
+
+def _lora_targets(model, requested) -> tuple[str, ...]:
+    from lmlab.adapt.lora import linear_names
+
+    if requested:
+        return tuple(requested)
+    short = set(linear_names(model))  # short name -> full names
+    wanted = [t for t in ("q", "k", "v", "o", "gate", "up", "down") if t in short]
+    return tuple(wanted) or ("q", "v")
+
+
+def train_reward(s: RewardSettings, resume: bool = False, show_progress: bool = True) -> dict:
+    """Train (or resume) a reward model -> summary (steps, held-out accuracy, paths)."""
+    import lmlab
+    from lmlab.objectives.reward import PairwiseReward
+    from lmlab.training import distributed as dist
+    from lmlab.training.config import TrainSection
+    from lmlab.training.finetune import SFTBatches
+    from lmlab.training.loop import Job, check_identity, fit, read_resume_state
+
+    for name in ("batch_size", "grad_accum", "max_len"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(s, name)} must be >= 1")
+    if not s.epochs > 0:
+        raise ConfigError(f"--epochs {s.epochs} must be > 0")
+    out = Path(s.out)
+    saved = read_resume_state(out, resume)
+    identity = {"reward": {k: v for k, v in dataclasses.asdict(s).items() if k not in ("stop_after", "out")}}
+    if saved is not None:
+        check_identity(saved, identity, out / "checkpoint.pt")
+    train_pairs = read_preferences(s.prefs)
+    eval_pairs = read_preferences(s.eval_prefs) if s.eval_prefs else []
+    if not train_pairs:
+        raise DataError(f"--prefs {s.prefs!r} holds no preference pairs")
+
+    env = dist.setup("none", "auto")
+    tokenizer = lmlab.load_tokenizer(s.base)
+    backbone = lmlab.load_model(s.base).to(env.device)
+    arch = backbone.config.arch
+    config = RewardConfig(base=s.base, arch=arch, pooling=POOLING[arch], **default_recipe(arch, tokenizer),
+                          max_len=min(s.max_len, backbone.config.max_seq_len), tokenizer=tokenizer_fingerprint(tokenizer))
+    train = tokenize_preferences(train_pairs, tokenizer, config, str(s.prefs))
+    held_out = tokenize_preferences(eval_pairs, tokenizer, config, str(s.eval_prefs)) if eval_pairs else []
+
+    torch.manual_seed(s.seed)
+    model = RewardModel(backbone)
+    lora = None
+    if s.lora:
+        from lmlab.adapt.lora import LoraConfig, apply_lora
+
+        lora = LoraConfig(r=s.lora_r, alpha=s.lora_alpha, targets=_lora_targets(backbone, s.lora_targets))
+        report = apply_lora(backbone, lora)
+        config.lora = dataclasses.asdict(lora)
+        if show_progress:
+            print(report)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    for p in model.head.parameters():
+        p.requires_grad_(True)
+    model.train()
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    objective = PairwiseReward(pad)
+
+    class PairBatches(SFTBatches):  # SFTBatches' shuffled, length-bucketed, resumable order; pairs per batch
+        def collate_examples(self, batch):
+            return objective.collate([(e.chosen, e.rejected) for e in batch])
+
+    batches = PairBatches([(train, 1.0)], objective, s.batch_size, s.seed, env)
+    steps = max(1, math.ceil(s.epochs * batches.batches_per_epoch / s.grad_accum))
+    t = TrainSection(steps=steps, batch_size=s.batch_size, grad_accum=s.grad_accum, lr=s.lr,
+                     warmup_steps=min(s.warmup_steps, steps // 2), weight_decay=s.weight_decay,
+                     eval_every=s.eval_every if held_out else 0, ckpt_every=s.ckpt_every, log_every=1, seed=s.seed,
+                     precision=s.precision, stop_after=s.stop_after, min_lr_ratio=0.1)
+    if show_progress:
+        print(f"reward model on {s.base} ({arch}, {config.pooling} pooling{', LoRA' if lora else ''}): "
+              f"{len(train)} training pairs, {len(held_out)} held-out pairs, {steps} steps of {s.batch_size} x "
+              f"{s.grad_accum} pairs")
+
+    def evaluate(m) -> dict[str, float]:
+        scorer = RewardScorer(model, tokenizer, config, batch_size=max(8, 2 * s.batch_size))
+        chosen = torch.tensor(scorer.score_ids([e.chosen for e in held_out]))
+        rejected = torch.tensor(scorer.score_ids([e.rejected for e in held_out]))
+        metrics = pair_metrics(chosen, rejected)
+        metrics.pop("pairs")
+        return metrics
+
+    def save(directory: Path, metrics: dict | None = None) -> None:
+        config.trained_on = {"prefs": str(s.prefs), "pairs": len(train), "eval_prefs": s.eval_prefs,
+                             "eval_pairs": len(held_out), **({"held_out": metrics} if metrics else {})}
+        save_reward(model, directory, config, tokenizer, lora)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(s), indent=2, default=str) + "\n")
+    job = Job(name=f"reward · {s.base}", model=model, objective=objective, batches=batches,
+              evaluate=evaluate if held_out else None, select="accuracy" if held_out else None,
+              on_best=lambda step, metrics: save(out / "best", metrics), trainable_only=lora is not None,
+              identity=identity)
+    summary = fit(job, t, env, out, saved, show_progress)
+    summary.pop("wrapped")
+    if summary["finished"]:
+        save(out / "final", summary.get("metrics") or None)
+        if not (out / "best").exists():
+            save(out / "best")
+    summary.update(train_pairs=len(train), eval_pairs=len(held_out), best_dir=str(out / "best"),
+                   final_dir=str(out / "final"))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary

@@ -1,0 +1,200 @@
+"""The reward model: Bradley–Terry loss, pooling per architecture, training in the loop, save/load, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lmlab.align.prefs import PreferencePair, append_preference
+from lmlab.align.reward import (RewardConfig, RewardModel, RewardScorer, RewardSettings, check_same_tokenizer,
+                                encode_example, load_reward, tokenizer_fingerprint, train_reward)
+from lmlab.cli import main
+from lmlab.config import ModelConfig
+from lmlab.errors import CheckpointError, ConfigError, DataError
+from lmlab.model import Transformer
+from lmlab.objectives.reward import PairwiseReward, bradley_terry_loss, pad_rows
+
+
+def test_bradley_terry_loss_matches_hand_computation():
+    chosen, rejected = torch.tensor([1.0, -0.5, 3.0]), torch.tensor([0.0, 0.5, -40.0])
+    # -log sigmoid(d) = log(1 + exp(-d)) for d = 1, -1, 43
+    expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(1.0)) + math.log1p(math.exp(-43.0))) / 3
+    assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected, rel=1e-6)
+    # a huge wrong-way margin stays finite (logsigmoid, not log(sigmoid))
+    assert bradley_terry_loss(torch.tensor([-200.0]), torch.tensor([200.0])).item() == pytest.approx(400.0)
+
+
+def _tiny(arch: str) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.from_name(f"tiny-{arch}", pad_token_id=0)).eval()
+
+
+def test_decoder_pools_the_final_real_token_and_padding_does_not_change_a_score():
+    model = RewardModel(_tiny("decoder")).eval()
+    assert model.pooling == "last"
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    ids, mask = pad_rows(rows, 0)  # (2, 6): the second row right-padded
+    with torch.no_grad():
+        batched = model(ids, mask)
+        for b, row in enumerate(rows):
+            hidden = model.backbone(torch.tensor([row]), return_hidden=True)  # (1, T, C)
+            direct = model.head(hidden[0, -1]).item()
+            # fp32 sums over C=64 features of O(1) values: rounding differences stay far below 1e-4
+            assert batched[b].item() == pytest.approx(direct, abs=1e-4)
+        # the final token decides: changing an earlier token changes the score, appending one changes it too
+        assert model(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)).item() != pytest.approx(
+            model(torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long)).item(), abs=1e-6)
+
+
+def test_encoder_mean_pools_real_tokens_only():
+    model = RewardModel(_tiny("encoder")).eval()
+    assert model.pooling == "mean"
+    rows = [[5, 6, 7, 8, 9], [11, 12]]
+    ids, mask = pad_rows(rows, 0)
+    with torch.no_grad():
+        batched = model(ids, mask)
+        for b, row in enumerate(rows):
+            hidden = model.backbone.encode(torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))
+            direct = model.head(hidden[0].mean(0)).item()
+            assert batched[b].item() == pytest.approx(direct, abs=1e-4)
+
+
+def test_objective_collates_chosen_rows_first_and_counts_pairs():
+    objective = PairwiseReward(pad_token_id=0)
+    batch = objective.collate([([1, 2, 3], [1, 2]), ([4], [5, 6, 7, 8])])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [4, 0, 0, 0], [1, 2, 0, 0], [5, 6, 7, 8]]
+    assert batch["attention_mask"].sum(1).tolist() == [3, 1, 2, 4]
+    assert objective.count(batch) == 2
+    model = RewardModel(_tiny("decoder"))
+    loss, n = objective.loss(model, batch)
+    with torch.no_grad():
+        scores = model(batch["input_ids"], batch["attention_mask"])
+    assert int(n) == 2 and loss.item() == pytest.approx(bradley_terry_loss(scores[:2], scores[2:]).item(), abs=1e-6)
+    assert set(objective.train_metrics()) == {"reward_accuracy", "reward_margin"}
+
+
+# --- training, saving, scoring -----------------------------------------------------------------------
+GOOD = ["#Person1# asks #Person2# about the trip.", "#Person2# helps #Person1# find the station.",
+        "#Person1# and #Person2# plan a dinner.", "#Person2# tells #Person1# about a new job."]
+BAD = ["#Person1#: hello how are you", "the conversation is a humorous example of talking",
+       "#Person2#: I am fine thanks and you", "this dialogue shows how people talk"]
+
+
+def _pairs(path, n, offset=0):
+    for i in range(n):
+        append_preference(path, PreferencePair(f"#Person1#: dialogue {i + offset}\n#Person2#: reply {i}",
+                                               GOOD[(i + offset) % 4], BAD[(i + 2 * offset) % 4], f"t{i}"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reward")
+    train, held = _pairs(tmp / "train.jsonl", 16), _pairs(tmp / "held.jsonl", 8, offset=1)
+    settings = RewardSettings(base=str(tiny_model_dir), prefs=str(train), eval_prefs=str(held), out=str(tmp / "run"),
+                              epochs=6, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=8, ckpt_every=8,
+                              max_len=160)
+    summary = train_reward(settings, show_progress=False)
+    return settings, summary, tmp
+
+
+def test_training_in_the_loop_learns_the_preference(trained):
+    settings, summary, tmp = trained
+    assert summary["finished"] and summary["step"] == 24  # 16 pairs / 4 per batch x 6 epochs
+    # a random head starts near 50%; the held-out pairs (other dialogues) are ranked right after training
+    assert summary["best_score"] == 1.0
+    metrics = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [m for m in metrics if m.get("kind") == "train"]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] and "reward_accuracy" in train_rows[-1]
+    scorer = RewardScorer.load(tmp / "run" / "best")
+    from lmlab.align.prefs import read_preferences
+
+    assert scorer.accuracy(read_preferences(settings.eval_prefs))["accuracy"] == 1.0
+
+
+def test_save_load_round_trip_gives_the_same_scores(trained, tiny_model_dir):
+    settings, _, tmp = trained
+    model, tokenizer, config = load_reward(tmp / "run" / "final")
+    assert config.pooling == "last" and config.arch == "decoder" and config.lora is None
+    assert config.trained_on["pairs"] == 16
+    row = encode_example("#Person1#: hi\n#Person2#: hello", GOOD[0], tokenizer, config)
+    with torch.no_grad():
+        direct = model(torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long)).item()
+    again = RewardScorer.load(tmp / "run" / "final").score(["#Person1#: hi\n#Person2#: hello"], [GOOD[0]])[0]
+    assert again == pytest.approx(direct, abs=1e-5)
+    with pytest.raises(CheckpointError, match="is not a reward model"):
+        load_reward(tiny_model_dir)
+
+
+def test_resume_with_other_settings_is_refused_and_a_finished_run_needs_resume(trained):
+    settings, _, _ = trained
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        train_reward(settings, show_progress=False)
+    import dataclasses
+
+    with pytest.raises(Exception, match="lr"):
+        train_reward(dataclasses.replace(settings, lr=1e-4), resume=True, show_progress=False)
+
+
+def test_lora_reward_model_trains_only_adapters_and_head(tiny_model_dir, tmp_path):
+    train = _pairs(tmp_path / "train.jsonl", 4)
+    summary = train_reward(RewardSettings(base=str(tiny_model_dir), prefs=str(train), out=str(tmp_path / "run"),
+                                          lora=True, lora_r=4, epochs=1, batch_size=2, lr=1e-3, max_len=160),
+                           show_progress=False)
+    assert summary["finished"]
+    model, _, config = load_reward(tmp_path / "run" / "best")
+    assert config.lora["r"] == 4 and (tmp_path / "run" / "best" / "adapter").is_dir()
+    assert not (tmp_path / "run" / "best" / "backbone").exists()
+    # the adapter was trained (lora_B starts at zero, so a nonzero one moved)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_score_cli_single_and_file(trained, tmp_path, capsys):
+    _, _, tmp = trained
+    best = str(tmp / "run" / "best")
+    scorer = RewardScorer.load(best)
+    expected = scorer.score(["#Person1#: hi"], [GOOD[1]])[0]
+    assert main(["reward", "score", "--reward", best, "--prompt", "#Person1#: hi", "--summary", GOOD[1]]) == 0
+    assert float(capsys.readouterr().out.strip()) == pytest.approx(expected, abs=1e-5)
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"dialogue": "#Person1#: hi", "summary": GOOD[1]}) + "\n"
+                    + json.dumps({"prompt": "#Person1#: hi", "summary": BAD[0], "id": 7}) + "\n")
+    assert main(["reward", "score", "--reward", best, "--file", str(path)]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert out[0]["reward"] == pytest.approx(expected, abs=1e-5) and out[1]["id"] == 7
+    assert out[0]["reward"] > out[1]["reward"]
+    assert main(["reward", "eval", "--reward", best, "--prefs", str(tmp / "held.jsonl")]) == 0
+    assert "pairwise accuracy 1.000 on 8 pairs" in capsys.readouterr().out
+    path.write_text(json.dumps({"summary": "x"}) + "\n")
+    assert main(["reward", "score", "--reward", best, "--file", str(path)]) == 2
+    assert "s.jsonl:1: a record to score needs 'prompt'" in capsys.readouterr().err
+    assert main(["reward", "score", "--reward", best, "--summary", "x"]) == 2
+    assert "needs --prompt" in capsys.readouterr().err
+
+
+def test_a_different_policy_tokenizer_is_a_one_line_error(trained, minilm_path):
+    from lmlab.checkpoints import load_tokenizer
+
+    _, _, tmp = trained
+    _, tokenizer, config = load_reward(tmp / "run" / "best")
+    check_same_tokenizer(config, tokenizer, "tiny")  # the same tokenizer passes
+    with pytest.raises(ConfigError, match=r"uses another tokenizer than the policy 'minilm'") as err:
+        check_same_tokenizer(config, load_tokenizer(minilm_path), "minilm")
+    assert "\n" not in str(err.value)
+    assert tokenizer_fingerprint(tokenizer) == config.tokenizer
+
+
+def test_bad_training_input(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="holds no preference pairs"):
+        train_reward(RewardSettings(base=str(tiny_model_dir), prefs=str(empty), out=str(tmp_path / "r")),
+                     show_progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "x", "rejected": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: 'chosen' and 'rejected' are the same"):
+        train_reward(RewardSettings(base=str(tiny_model_dir), prefs=str(bad), out=str(tmp_path / "r")),
+                     show_progress=False)
