@@ -198,3 +198,122 @@ def test_bad_training_input(tiny_model_dir, tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl:1: 'chosen' and 'rejected' are the same"):
         train_reward(RewardSettings(base=str(tiny_model_dir), prefs=str(bad), out=str(tmp_path / "r")),
                      show_progress=False)
+
+
+# --- best-of-n ---------------------------------------------------------------------------------------
+from lmlab.align.best_of_n import best_of_n  # noqa: E402
+from lmlab.generation import GenerationConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_reward(tiny_model_dir, tmp_path_factory):
+    """A reward model on the tiny decoder (random head), saved; it shares the policy's tokenizer."""
+    import lmlab
+    from lmlab.align.reward import default_recipe, save_reward
+
+    tokenizer = lmlab.load_tokenizer(tiny_model_dir)
+    backbone = lmlab.load_model(tiny_model_dir)
+    torch.manual_seed(1)
+    model = RewardModel(backbone)
+    config = RewardConfig(base=str(tiny_model_dir), arch="decoder", pooling="last",
+                          **default_recipe("decoder", tokenizer), max_len=256, tokenizer=tokenizer_fingerprint(tokenizer))
+    path = tmp_path_factory.mktemp("tiny-reward") / "reward"
+    save_reward(model, path, config, tokenizer)
+    return path
+
+
+def test_best_of_n_keeps_the_sample_the_reward_model_prefers(tiny_model_dir, tiny_reward):
+    import lmlab
+
+    policy, tokenizer = lmlab.load_model(tiny_model_dir), lmlab.load_tokenizer(tiny_model_dir)
+    scorer = RewardScorer.load(tiny_reward)
+    config = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.0)
+    dialogue = "#Person1#: Where is the station?\n#Person2#: Two blocks north."
+    prompts = ["Summarize:\n" + dialogue]
+    first = best_of_n(policy, tokenizer, prompts, [dialogue], 4, config, scorer, seeds=[5])[0]
+    assert len(first.candidates) == 4 and len(set(first.candidates)) == 4  # distinct samples of one prompt
+    # set the head so that candidate 2 (not the first: ties keep the first) scores 1 and every other 0:
+    # w solves H w = e_2 for the candidates' pooled states H (4 x 64, full rank), bias 0
+    target = 2
+    rows = [encode_example(dialogue, c, scorer.tokenizer, scorer.config) for c in first.candidates]
+    with torch.no_grad():
+        H = torch.stack([scorer.model.pooled(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))[0]
+                         for r in rows])  # (4, C)
+        w = torch.linalg.pinv(H.double()) @ torch.eye(4, dtype=torch.float64)[target]  # (C,)
+        scorer.model.head.weight.copy_(w.float()[None])
+        scorer.model.head.bias.zero_()
+    again = best_of_n(policy, tokenizer, prompts, [dialogue], 4, config, scorer, seeds=[5])[0]
+    assert again.candidates == first.candidates  # same seeds, same samples
+    assert again.index == target and again.text == first.candidates[target]
+    # fp32 pooled states of norm O(1): H w reproduces e_2 to ~1e-5, far inside the 0.5 gap
+    assert again.scores[target] == pytest.approx(1.0, abs=1e-3) and max(
+        s for k, s in enumerate(again.scores) if k != target) == pytest.approx(0.0, abs=1e-3)
+    # the same prompt in a batch with another: its candidates do not change
+    both = best_of_n(policy, tokenizer, ["Other:\n#Person1#: hi", prompts[0]], ["#Person1#: hi", dialogue], 4, config,
+                     scorer, seeds=[9, 5])
+    assert both[1].candidates == first.candidates and both[1].index == target
+    with pytest.raises(ConfigError, match="--best-of 4 needs sampling"):
+        best_of_n(policy, tokenizer, prompts, [dialogue], 4, GenerationConfig(max_new_tokens=4), scorer)
+
+
+def _tiny_adapter(tiny_model_dir, path):
+    """A LoRA adapter on the tiny decoder with random nonzero weights (the lab's finetuned experiments need one)."""
+    import lmlab
+    from lmlab.adapt.lora import LoraConfig, apply_lora
+    from lmlab.adapt.peft import save_adapter
+
+    model = lmlab.load_model(tiny_model_dir)
+    lora = LoraConfig(r=2, alpha=4, targets=("q", "v"))
+    apply_lora(model, lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    save_adapter(model, path, lora, base_model=str(tiny_model_dir))
+    return path
+
+
+def test_lab_best_of_4_experiment(tiny_model_dir, tiny_reward, tmp_path):
+    from lmlab.tasks.summarize.lab import LabSettings, run_lab
+
+    adapter = _tiny_adapter(tiny_model_dir, tmp_path / "adapter")
+    common = dict(model=str(tiny_model_dir), limit=3, max_new_tokens=5, adapter=adapter, batch_size=2)
+    with pytest.raises(ConfigError, match="finetuned-best-of-4 need a reward model: pass --reward DIR"):
+        run_lab(LabSettings(**common, experiments="finetuned-best-of-4", out=tmp_path / "x"), echo=lambda t: None)
+    texts = []
+    result = run_lab(LabSettings(**common, experiments="finetuned,finetuned-best-of-4", reward=tiny_reward,
+                                 out=tmp_path / "lab"), echo=texts.append, progress=False)
+    scorer = RewardScorer.load(tiny_reward)
+    best_rows = [r for r in result.rows if r["experiment"] == "finetuned-best-of-4"]
+    assert len(best_rows) == 3
+    for row in best_rows:
+        rewards = [c["reward"] for c in row["candidates"]]
+        assert len(rewards) == 4 and row["reward"] == max(rewards)
+        assert row["summary"] == row["candidates"][rewards.index(max(rewards))]["summary"]
+    dialogue = {d.id: d.dialogue for d in __import__("lmlab.tasks.summarize.data", fromlist=["x"]).load_dialogues().records}
+    for row in result.rows:  # every row's reward is the reward model's score of its summary
+        assert row["reward"] == pytest.approx(scorer.score([dialogue[row["id"]]], [row["summary"]])[0], abs=1e-4)
+    assert "mean reward-model score" in texts[-1] and "finetuned-best-of-4" in texts[-1]
+    # the rows of the plain experiments keep their spec hash (the new field does not change it)
+    from lmlab.tasks.summarize.experiments import EXPERIMENTS, spec_hash
+
+    assert spec_hash(EXPERIMENTS["finetuned"], "a") == spec_hash(EXPERIMENTS["finetuned"], "a", reward="other")
+    assert spec_hash(EXPERIMENTS["finetuned-best-of-4"], "a", "r1") != spec_hash(EXPERIMENTS["finetuned-best-of-4"], "a", "r2")
+
+
+def test_summarize_best_of_cli(tiny_model_dir, tiny_reward, capsys):
+    dialogue = "#Person1#: Where is the station?\n#Person2#: Two blocks north."
+    argv = ["summarize", dialogue, "--model", str(tiny_model_dir), "--no-adapter", "--max-new-tokens", "5"]
+    assert main(argv + ["--best-of", "3", "--reward", str(tiny_reward), "--do-sample", "--seed", "2"]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line[2:].startswith("reward ")]
+    assert len(lines) == 3
+    parsed = [(line[0], float(line[2:].split()[1]), line[2:].split(None, 2)[2:]) for line in lines]  # mark, score, text
+    starred = [p for p in parsed if p[0] == "*"]
+    assert len(starred) == 1 and starred[0][1] == max(p[1] for p in parsed)
+    assert captured.out.strip() == (starred[0][2][0].strip() if starred[0][2] else "")
+    for extra, message in [(["--best-of", "3", "--do-sample"], "--best-of 3 needs --reward DIR"),
+                           (["--best-of", "3", "--reward", str(tiny_reward)], "--best-of 3 needs --do-sample"),
+                           (["--reward", str(tiny_reward)], "--reward is used by --best-of N")]:
+        assert main(argv + extra) == 2
+        assert message in capsys.readouterr().err

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, metavar="DIR",
                         help="LoRA adapter (PEFT format, e.g. from lmlab finetune) for the finetuned experiment "
                              "(default: the adapter lmlab ships for smollm2-135m-instruct)")
+    parser.add_argument("--reward", default=None, metavar="DIR",
+                        help="a reward model (lmlab reward train): best-of-n experiments (finetuned-best-of-4) keep "
+                             "the summary it scores highest, and the report gives each experiment's mean reward")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="compute precision; auto: bf16 where the CPU/GPU has native bf16, else fp32 "
                              "(default: auto); the path taken is printed")
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, experiments=args.experiments, shots=args.shots,
         shots_from=args.shots_from, pool_size=args.pool_size, limit=args.limit, seed=args.seed,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=args.chat, out=args.out,
-        examples=args.examples, precision=args.precision, adapter=args.adapter,
+        examples=args.examples, precision=args.precision, adapter=args.adapter, reward=args.reward,
     )
     try:
         run_lab(settings)

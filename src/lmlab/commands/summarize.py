@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use the chat template (default: when the tokenizer has one)")
     parser.add_argument("--no-chat", dest="chat", action="store_false", help="plain-text prompt")
     parser.add_argument("--show-prompt", action="store_true", help="print the prompt (and budget notes) to stderr")
+    parser.add_argument("--best-of", type=int, default=1, metavar="N",
+                        help="sample N summaries (needs --do-sample) and keep the one --reward scores highest")
+    parser.add_argument("--reward", default=None, metavar="DIR", help="the reward model of --best-of (lmlab reward train)")
     add_generation_arguments(parser, max_new_tokens=96)
 
 
@@ -41,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from lmlab.prompting import Example, SentenceEmbedder, summarize
 
     config = generation_config(args)
+    if args.best_of != 1 or args.reward is not None:
+        _check_best_of(args, config)
     if args.dialogue is not None and args.file is not None:
         raise DataError("give the dialogue as an argument or with --file, not both")
     if args.file is not None:
@@ -75,9 +80,13 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = lmlab.load_model(args.model, adapter=adapter), lmlab.load_tokenizer(args.model)
     print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
     embedder = SentenceEmbedder() if args.shots and args.select == "nearest" else None
-    summary, prompt = summarize(dialogue.strip(), model, tokenizer, pool, args.shots, method=args.select,
-                                template=template, chat=chat, config=config, seed=args.shot_seed,
-                                embedder=embedder, instruction=instruction)
+    if args.best_of > 1:
+        summary, prompt = _summarize_best_of(args, dialogue.strip(), model, tokenizer, pool, template, chat, config,
+                                             embedder, instruction)
+    else:
+        summary, prompt = summarize(dialogue.strip(), model, tokenizer, pool, args.shots, method=args.select,
+                                    template=template, chat=chat, config=config, seed=args.shot_seed,
+                                    embedder=embedder, instruction=instruction)
     if args.show_prompt:
         print(prompt.text, file=sys.stderr)
         print(f"--- {prompt.n_tokens} prompt tokens, {len(prompt.shots)} shots", file=sys.stderr)
@@ -88,3 +97,45 @@ def run(args: argparse.Namespace) -> int:
               "try --chat or --template instruction", file=sys.stderr)
     print(summary)
     return 0
+
+
+def _check_best_of(args: argparse.Namespace, config) -> None:
+    """--best-of N needs a reward model and sampling; both are checked before any model is loaded."""
+    from lmlab.errors import ConfigError
+
+    if args.best_of < 1:
+        raise ConfigError(f"--best-of {args.best_of} must be >= 1")
+    if args.best_of > 1 and args.reward is None:
+        raise ConfigError(f"--best-of {args.best_of} needs --reward DIR (a reward model from lmlab reward train)")
+    if args.reward is not None and args.best_of == 1:
+        raise ConfigError("--reward is used by --best-of N (N > 1); add --best-of")
+    if not config.do_sample:
+        raise ConfigError(f"--best-of {args.best_of} needs --do-sample: {args.best_of} greedy runs write the same text")
+
+
+def _summarize_best_of(args, dialogue, model, tokenizer, pool, template, chat, config, embedder, instruction):
+    """The prompt ``lmlab.prompting.summarize`` would build, then n samples and the reward model's pick."""
+    from lmlab.align.best_of_n import best_of_n
+    from lmlab.align.reward import RewardScorer
+    from lmlab.prompting import DIALOGUE_STOP_STRINGS, build_prompt, select_shots
+
+    scorer = RewardScorer.load(args.reward)
+    if chat is None:
+        chat = getattr(tokenizer, "chat_template", None) is not None
+    if not chat and not config.stop_strings:
+        config = config.replace(stop_strings=list(DIALOGUE_STOP_STRINGS))
+    shots = select_shots(dialogue, pool, args.shots, method=args.select, seed=args.shot_seed,
+                         embedder=embedder) if args.shots else []
+    prompt = build_prompt(dialogue, shots, template=template, tokenizer=tokenizer, chat=chat, instruction=instruction,
+                          embedder=embedder, context_window=model.config.max_seq_len,
+                          max_new_tokens=config.max_new_tokens)
+
+    def clean(text: str) -> str:
+        text = text.strip()
+        return text[len("summary:"):].strip() if text.lower().startswith("summary:") else text
+
+    picked = best_of_n(model, tokenizer, [prompt.text], [dialogue], args.best_of, config, scorer, clean=clean)[0]
+    for k, (text, score) in enumerate(zip(picked.candidates, picked.scores)):
+        mark = "*" if k == picked.index else " "
+        print(f"{mark} reward {score:8.4f}  {text}", file=sys.stderr)
+    return picked.text, prompt

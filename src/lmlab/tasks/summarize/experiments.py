@@ -11,6 +11,8 @@ Each experiment is one row of the lab's report. Two families:
     ``few-shot-nn``            instruction + the K pool dialogues nearest to the query (all-MiniLM-L6-v2)
     ``finetuned``              no shots, the fine-tuned LoRA adapter switched on, and the prompt recipe
                                it was trained with (``lmlab_recipe.json`` beside the adapter)
+    ``finetuned-best-of-4``    the same, sampling 4 summaries at T=0.7; the reward model given with
+                               ``--reward DIR`` keeps the one it scores highest (``lmlab.align.best_of_n``)
 * decoding variants, all on the ``zero-shot-instruction`` recipe (the cheapest prompt that asks for a
   summary) so they differ from it only in how tokens are chosen; ``greedy`` is that recipe itself,
   named as the baseline of a decoding sweep:
@@ -54,6 +56,7 @@ class Experiment:
     shot_method: str = "random"  # lmlab.prompting.select_shots method: "random" | "nearest"
     generation: dict[str, Any] = field(default_factory=dict)  # GenerationConfig overrides
     adapter: bool = False  # run with the LoRA adapter on (its own prompt recipe); every other experiment runs without
+    best_of: int = 1  # >1: sample this many summaries and keep the one the reward model (--reward DIR) scores highest
 
     def n_shots(self, k: int) -> int:
         return k if self.shots is None else self.shots
@@ -78,6 +81,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                shot_method="nearest"),
     Experiment("finetuned", "the fine-tuned summarizer: LoRA adapter (the shipped one or --adapter), its own "
                "prompt recipe, greedy", adapter=True),
+    Experiment("finetuned-best-of-4", "the fine-tuned summarizer sampling 4 summaries at T=0.7; the reward model "
+               "(--reward DIR) keeps the best", adapter=True, generation=dict(_SAMPLE, temperature=0.7), best_of=4),
     Experiment("greedy", "zero-shot-instruction recipe, greedy (decoding baseline)"),
     Experiment("sample-t0.7", "zero-shot-instruction recipe, sampling at temperature 0.7",
                generation=dict(_SAMPLE, temperature=0.7)),
@@ -94,7 +99,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
 DEFAULT_EXPERIMENTS = ("zero-shot-bare", "zero-shot-instruction", "one-shot", "few-shot", "sample-t0.7", "finetuned")
 
 
-def spec_hash(experiment: Experiment, adapter: str | None = None) -> str:
+def spec_hash(experiment: Experiment, adapter: str | None = None, reward: str | None = None) -> str:
     """A short hash of everything an experiment's rows depend on (recipe, instruction text, stop strings,
     and for adapter experiments the adapter's identity, `adapter`).
 
@@ -103,6 +108,10 @@ def spec_hash(experiment: Experiment, adapter: str | None = None) -> str:
     """
     spec = dict(dataclasses.asdict(experiment), instruction_text=experiment.instruction(),
                 stop_strings=STOP_STRINGS, chat_stop_strings=CHAT_STOP_STRINGS)
+    if experiment.best_of == 1:  # the field came later: rows of experiments without it keep their hash
+        del spec["best_of"]
+    else:  # which summary is kept depends on the reward model (`reward`: its identity)
+        spec["reward"] = reward
     if experiment.adapter:
         spec["adapter"] = adapter
     if experiment.samples:  # rows sampled before per-example seeding (one seed per batch) are not reused

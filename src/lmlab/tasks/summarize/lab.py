@@ -67,6 +67,7 @@ class LabSettings:
     max_rows: int | None = None  # testing knob: stop (as if Ctrl-C) once this many new rows are written
     precision: str = "auto"  # lmlab.precision: auto (bf16 where native, else fp32), fp32 or bf16
     adapter: str | Path | None = None  # LoRA adapter of the "finetuned" experiment; None: the one lmlab ships
+    reward: str | Path | None = None  # reward model (lmlab reward train): best-of-n experiments need it; every row gets its score
 
 
 class LabInterrupted(KeyboardInterrupt):
@@ -318,12 +319,13 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
     from lmlab.checkpoints import load_model, load_tokenizer
 
     adapter, adapter_id = _resolve_adapter(settings, experiments)
+    reward_id = _resolve_reward(settings, experiments)
     tokenizer = load_tokenizer(settings.model)
     chat = _resolve_chat(settings, tokenizer)
     out = Path(settings.out)
     sig = _signature(settings, data, pool_desc, chat)
     done_rows = _check_out_dir(out, sig)
-    specs = {e.name: spec_hash(e, adapter_id) for e in experiments}
+    specs = {e.name: spec_hash(e, adapter_id, reward_id) for e in experiments}
     for row in done_rows:
         if row["experiment"] in specs and row.get("spec") != specs[row["experiment"]]:
             raise ConfigError(f"{out / RESULTS} holds {row['experiment']!r} rows from an earlier definition of that "
@@ -335,6 +337,11 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
          f"shot pool: {pool_desc}; {len(todo)} to generate, {len(experiments) * len(evaluated) - len(todo)} done")
 
     new_rows = 0
+    scorer = None
+    if settings.reward is not None:
+        from lmlab.align.reward import RewardScorer
+
+        scorer = RewardScorer.load(settings.reward, batch_size=settings.batch_size)
     if todo:
         model = load_model(settings.model, adapter=adapter)  # adapters are switched off outside "finetuned"
         if adapter is not None:
@@ -355,7 +362,7 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(json.dumps(sig, indent=2, sort_keys=True) + "\n")
         new_rows = _generate_rows(todo, model, tokenizer, builder, settings, chat, out, _sig_hash(sig), done,
-                                  progress)
+                                  progress, scorer)
 
     # 3. report from all rows of the selected experiments and evaluated dialogues
     out.mkdir(parents=True, exist_ok=True)
@@ -363,6 +370,7 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
     rows = [done[(e, r.id)] for e in names for r in evaluated if (e, r.id) in done]
     summaries = [_report.summarize_rows([r for r in rows if r["experiment"] == e.name], e.name, e.description)
                  for e in experiments]
+    rewards = _mean_rewards(rows, evaluated, names, scorer) if scorer is not None else {}
     multi_ref = any(len(r.references) > 1 for r in evaluated)
     aggregations = ["best", "mean"] if multi_ref else ["best"]
     run_settings = {
@@ -384,6 +392,11 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
         parts += ["", _report.examples_text(evaluated, done, names, settings.examples)]
     for agg in aggregations:
         parts += ["", f"ROUGE F x100, {_report.AGGREGATION_TEXT[agg]}:", _report.scores_table(summaries, agg)]
+    if rewards:
+        line = f"mean reward-model score ({settings.reward}): " + ", ".join(f"{e} {v:.3f}" for e, v in rewards.items())
+        parts += ["", line]
+        with open(out / "report.md", "a", encoding="utf-8") as f:
+            f.write(f"\n{line}\n")
     parts += ["", f"{new_rows} new row(s) in {elapsed:.1f} s; wrote {out / 'report.md'}, {out / RESULTS}, "
                   f"{out / 'rouge.png'}"]
     text = "\n".join(parts)
@@ -392,9 +405,43 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
                      skipped=data.skipped)
 
 
+def _resolve_reward(settings: LabSettings, experiments: list[Experiment]) -> str | None:
+    """A short hash of the reward model's head and config (None without --reward); best-of-n experiments need one."""
+    names = ", ".join(e.name for e in experiments if e.best_of > 1)
+    if settings.reward is None:
+        if names:
+            raise ConfigError(f"experiment(s) {names} need a reward model: pass --reward DIR (from lmlab reward train)")
+        return None
+    from lmlab.align.reward import CONFIG_FILE, HEAD_FILE, RewardConfig
+
+    path = Path(settings.reward)
+    RewardConfig.load(path)  # a clear error now, before any generation
+    digest = hashlib.sha256((path / CONFIG_FILE).read_bytes() + (path / HEAD_FILE).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _mean_rewards(rows: list[dict], evaluated: list[Dialogue], names: list[str], scorer) -> dict[str, float]:
+    """Mean reward-model score per experiment; rows written without --reward are scored now (not stored)."""
+    dialogues = {r.id: r.dialogue for r in evaluated}
+    missing = [r for r in rows if "reward" not in r]
+    if missing:
+        for r, score in zip(missing, scorer.score([dialogues[r["id"]] for r in missing], [r["summary"] for r in missing])):
+            r["reward"] = score
+    means = {}
+    for name in names:
+        scores = [r["reward"] for r in rows if r["experiment"] == name]
+        if scores:
+            means[name] = sum(scores) / len(scores)
+    return means
+
+
 def _generate_rows(todo, model, tokenizer, builder: _PromptBuilder, settings: LabSettings, chat: bool, out: Path,
-                   run_hash: str, done: dict, progress: bool = True) -> int:
-    """Generate the pending rows batch by batch, appending each batch to results.jsonl as it finishes."""
+                   run_hash: str, done: dict, progress: bool = True, scorer=None) -> int:
+    """Generate the pending rows batch by batch, appending each batch to results.jsonl as it finishes.
+
+    A best-of-n experiment samples n summaries per dialogue and keeps the one `scorer` (the reward
+    model) scores highest; with a scorer every row also stores the reward of its summary.
+    """
     from tqdm.auto import tqdm
 
     from lmlab.adapt.lora import lora_disabled
@@ -414,11 +461,24 @@ def _generate_rows(todo, model, tokenizer, builder: _PromptBuilder, settings: La
                     config = generation_config(experiment, settings.max_new_tokens, settings.seed, row_chat,
                                                example_ids=[r.id for r in batch])  # sampled: a seed per row
                     t0 = time.perf_counter()
+                    picked = None
                     with contextlib.nullcontext() if experiment.adapter else lora_disabled(model):
-                        outputs = _generate(model, tokenizer, [p.text for p in prompts], config)
+                        if experiment.best_of > 1:
+                            from lmlab.align.best_of_n import best_of_n
+
+                            picked = best_of_n(model, tokenizer, [p.text for p in prompts],
+                                               [r.dialogue for r in batch], experiment.best_of, config, scorer,
+                                               seeds=config.seed, clean=clean_summary)
+                            outputs = [(b.text, b.tokens[b.index]) for b in picked]
+                        else:
+                            outputs = _generate(model, tokenizer, [p.text for p in prompts], config)
+                    rewards = ([b.score for b in picked] if picked is not None else
+                               scorer.score([r.dialogue for r in batch], [clean_summary(o) for o, _ in outputs])
+                               if scorer is not None else None)
                     seconds = time.perf_counter() - t0
                     row_seeds = config.seed if isinstance(config.seed, list) else [config.seed] * len(batch)
-                    for record, prompt, (output, n_generated), row_seed in zip(batch, prompts, outputs, row_seeds):
+                    for i, (record, prompt, (output, n_generated), row_seed) in enumerate(
+                            zip(batch, prompts, outputs, row_seeds)):
                         summary = clean_summary(output)
                         row = {
                             "experiment": experiment.name, "id": record.id, "run": run_hash,
@@ -436,6 +496,12 @@ def _generate_rows(todo, model, tokenizer, builder: _PromptBuilder, settings: La
                                               if k in ("do_sample", "temperature", "top_k", "top_p",
                                                        "repetition_penalty")}, "seed": row_seed},
                         }
+                        if rewards is not None:
+                            row["reward"] = rewards[i]
+                        if picked is not None:  # every candidate and its reward; `summary` is the kept one
+                            row["candidates"] = [{"summary": c, "reward": r}
+                                                 for c, r in zip(picked[i].candidates, picked[i].scores)]
+                            row["generated_tokens"] = sum(picked[i].tokens)  # the cost of all n samples
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
                         done[(experiment.name, record.id)] = row
                     f.flush()
