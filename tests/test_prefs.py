@@ -220,3 +220,26 @@ def test_label_refuses_to_write_into_its_candidates(tmp_path, capsys):
     cand = _candidates(tmp_path)
     assert main(["prefs", "label", str(cand), "--out", str(cand)]) == 2
     assert "is the candidates file" in capsys.readouterr().err
+
+
+# --- POST /v1/preferences (the playground's compare tab) -----------------------------------------
+def test_preferences_endpoint_appends_and_rejects_bad_records(tmp_path):
+    import httpx
+    from serving import running_server, tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size)
+    prefs = tmp_path / "prefs.jsonl"
+    with running_server(lambda: (model, tok), prefs_out=str(prefs)) as (url, _):
+        ok = httpx.post(f"{url}/v1/preferences", json={"prompt": "d", "chosen": "a", "rejected": "b", "source": "s"})
+        assert ok.status_code == 200 and ok.json()["records"] == 1
+        for body, param in [({"prompt": "d", "chosen": "a"}, "rejected"), ({"prompt": "d", "chosen": "a", "rejected": "a"},
+                            "rejected"), ({"prompt": " ", "chosen": "a", "rejected": "b"}, "prompt"),
+                            ({"prompt": "d", "chosen": "a", "rejected": "b", "source": 3}, "source")]:
+            bad = httpx.post(f"{url}/v1/preferences", json=body)
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param
+        assert httpx.get(f"{url}/v1/summarize/dialogues").json()["preferences"] is True
+    assert [(p.prompt, p.chosen, p.rejected, p.source) for p in read_preferences(prefs)] == [("d", "a", "b", "s")]
+    with running_server(lambda: (model, tok)) as (url, _):  # no --prefs-out: nothing is written anywhere
+        refused = httpx.post(f"{url}/v1/preferences", json={"prompt": "d", "chosen": "a", "rejected": "b"})
+        assert refused.status_code == 400 and "--prefs-out FILE" in refused.json()["error"]["message"]

@@ -130,3 +130,45 @@ def test_playground_streams_summaries_and_chat(browser, tmp_path):
         finally:
             hook.remove()
     assert (tmp_path / "playground.png").stat().st_size > 10_000
+
+
+def test_compare_tab_records_the_choice(browser, tmp_path):
+    """Compare: two summaries of one dialogue, shown in a random order; clicking one appends the choice."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from lmlab.align.prefs import read_preferences
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size, max_seq_len=2048)
+    prefs = tmp_path / "prefs.jsonl"
+    with running_server(lambda: (model, tok), shot_method="random", prefs_out=str(prefs)) as (url, _):
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 60, poll_frequency=0.01)
+        wait.until(lambda d: "ready" in d.find_element(By.ID, "model-info").get_attribute("class"))
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "cmp-recipe-b")).options) == 3)
+        browser.find_element(By.ID, "tab-compare").click()
+        assert browser.find_element(By.ID, "panel-summarize").get_attribute("hidden") is not None
+        box = browser.find_element(By.ID, "cmp-dialogue")
+        box.clear()
+        box.send_keys(DIALOGUE)
+        for side in ("cmp-recipe-a", "cmp-recipe-b"):  # one recipe twice: two samples at T=1
+            Select(browser.find_element(By.ID, side)).select_by_visible_text("zero-shot")
+        for field, value in (("cmp-temperature", "1"), ("cmp-max-tokens", "12")):
+            element = browser.find_element(By.ID, field)
+            element.clear()
+            element.send_keys(value)
+        browser.find_element(By.ID, "cmp-generate").click()
+        wait.until(lambda d: d.find_element(By.ID, "cmp-choose-2").is_enabled())
+        shown = [browser.find_element(By.ID, f"cmp-{k}").text for k in (1, 2)]
+        assert all(shown) and shown[0] != shown[1]
+        assert "zero-shot" not in browser.find_element(By.ID, "cmp-stats").text  # sources hidden before the choice
+        browser.find_element(By.ID, "cmp-choose-2").click()
+        wait.until(lambda d: "saved" in d.find_element(By.ID, "cmp-stats").text)
+        assert "record 1 of" in browser.find_element(By.ID, "cmp-stats").text
+        assert not browser.find_element(By.ID, "cmp-choose-1").is_enabled()  # one choice per pair
+    records = read_preferences(prefs)
+    assert len(records) == 1
+    # the DOM's text collapses runs of whitespace: compare words
+    assert records[0].chosen.split() == shown[1].split() and records[0].rejected.split() == shown[0].split()
+    assert records[0].prompt == DIALOGUE and records[0].source.startswith("playground compare: recipe zero-shot")

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shots", choices=["nearest", "random"], default="nearest",
                         help="how /v1/summarize picks its one/few-shot examples from the bundled dialogues "
                              "(default nearest: all-MiniLM-L6-v2 neighbours, the lab's best recipe)")
+    parser.add_argument("--prefs-out", default=None, metavar="FILE",
+                        help="the playground's compare tab appends people's choices to this preferences JSONL "
+                             "(default: the tab is read-only)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         finetuned = finetuned_recipe(args.adapter)
     settings = ServeSettings(model_name=args.model, api_key=args.api_key, max_batch=args.max_batch,
                              max_queue=args.max_queue, timeout=args.timeout, shot_method=args.shots,
-                             finetuned=finetuned)
+                             finetuned=finetuned, prefs_out=args.prefs_out)
 
     def loader():
         return lmlab.load_model(args.model, **kwargs), lmlab.load_tokenizer(args.model)

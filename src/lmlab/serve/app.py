@@ -9,6 +9,7 @@ Routes (``create_app(settings, loader)`` builds a Starlette app; uvicorn runs it
     POST /v1/chat/completions    messages through the checkpoint's chat template -> an assistant message
     POST /v1/summarize           a dialogue -> a summary with the lab's recipes (zero/one/few-shot, fine-tuned)
     GET  /v1/summarize/dialogues the bundled dialogues and the recipes available (for the playground)
+    POST /v1/preferences         {prompt, chosen, rejected, source?}: a person's choice, appended to --prefs-out FILE
     GET  /                       the playground (static HTML/CSS/JS from ``serve/static``)
 
 This layer holds no model logic: it validates a request, turns it into prompt token ids and a
@@ -59,6 +60,7 @@ class ServeSettings:
     timeout: float = 600.0
     shot_method: str = "nearest"  # summarize shots: "nearest" (MiniLM, the lab's best) or "random"
     finetuned: Any = None  # a prompt recipe (lmlab.training.finetune.Recipe) when serving a fine-tuned summarizer
+    prefs_out: str | None = None  # the preferences JSONL file the playground's compare tab appends to
 
 
 class ApiError(Exception):
@@ -627,7 +629,40 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple[Any, Any]]) -
 
         recipes = [r for r in SUMMARY_RECIPES if r != "fine-tuned" or settings.finetuned is not None]
         records = [{"id": d.id, "topic": d.topic, "dialogue": d.dialogue} for d in load_sample().records]
-        return JSONResponse({"recipes": recipes, "default_recipe": "few-shot", "dialogues": records})
+        return JSONResponse({"recipes": recipes, "default_recipe": "few-shot", "dialogues": records,
+                             "preferences": settings.prefs_out is not None})
+
+    # --- preferences (the playground's compare tab) ------------------------------------------------
+    prefs_lock = threading.Lock()  # one append at a time, whichever worker thread runs it
+
+    def append_choice(pair) -> int:
+        from lmlab.align.prefs import append_preference
+
+        with prefs_lock:
+            append_preference(settings.prefs_out, pair)
+            with open(settings.prefs_out, encoding="utf-8") as f:
+                return sum(1 for line in f if line.strip())
+
+    async def preferences(request: Request) -> Response:
+        from lmlab.align.prefs import PreferencePair
+
+        body = await body_of(request)
+        if settings.prefs_out is None:
+            raise ApiError(400, "this server records no preferences: start it with lmlab serve --prefs-out FILE")
+        for name in ("prompt", "chosen", "rejected"):
+            if not isinstance(body.get(name), str) or not body[name].strip():
+                raise ApiError(400, f"{name} must be a non-empty string", name)
+        source = body.get("source")
+        if source is not None and not isinstance(source, str):
+            raise ApiError(400, f"source must be a string, got {type(source).__name__}", "source")
+        if body["chosen"] == body["rejected"]:
+            raise ApiError(400, "chosen and rejected are the same text: there is no preference to record", "rejected")
+        pair = PreferencePair(body["prompt"], body["chosen"], body["rejected"], source)
+        try:
+            records = await asyncio.to_thread(append_choice, pair)
+        except (LmlabError, OSError) as exc:
+            raise ApiError(500, f"could not append to {settings.prefs_out}: {exc}", type="server_error") from None
+        return JSONResponse({"object": "preference", "file": str(settings.prefs_out), "records": records})
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
@@ -640,6 +675,7 @@ def create_app(settings: ServeSettings, loader: Callable[[], tuple[Any, Any]]) -
         Route("/v1/chat/completions", endpoint(chat), methods=["POST"]),
         Route("/v1/summarize", endpoint(summarize), methods=["POST"]),
         Route("/v1/summarize/dialogues", endpoint(dialogues)),
+        Route("/v1/preferences", endpoint(preferences), methods=["POST"]),
         Route("/", index),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]

@@ -103,6 +103,13 @@ async function init() {
       option.textContent = recipe;
       option.selected = recipe === listing.default_recipe;
       $("recipe").appendChild(option);
+      for (const side of ["cmp-recipe-a", "cmp-recipe-b"]) $(side).appendChild(option.cloneNode(true));
+    }
+    for (const option of $("dialogue-pick").options) {
+      if (option.value) $("cmp-pick").appendChild(option.cloneNode(true));
+    }
+    if (!listing.preferences) {
+      $("cmp-stats").textContent = "this server records no choices (start it with lmlab serve --prefs-out FILE)";
     }
   } catch (err) {
     $("sum-stats").innerHTML = '<span class="error">' + err.message + "</span>";
@@ -150,6 +157,88 @@ $("summarize").addEventListener("click", async () => {
     out.classList.remove("streaming");
     button.disabled = false;
   }
+});
+
+// --- compare: two summaries of one dialogue, shuffled and unlabeled; the person's choice is appended ------
+let pair = null;   // {dialogue, texts: [shown 1, shown 2], sources: [...]} while a choice is pending
+
+$("cmp-pick").addEventListener("change", () => {
+  const chosen = dialogues.find((d) => d.id === $("cmp-pick").value);
+  if (chosen) $("cmp-dialogue").value = chosen.dialogue;
+});
+
+function setChoosing(on) {
+  for (const id of ["cmp-choose-1", "cmp-choose-2", "cmp-skip"]) $(id).disabled = !on;
+}
+
+async function summarizeOnce(dialogue, recipe, temperature, maxTokens) {
+  const response = await fetch("/v1/summarize", { method: "POST", headers: headers(), body: JSON.stringify(
+    { dialogue, recipe, temperature, max_tokens: maxTokens }) });
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error.message);
+  return body.summary;
+}
+
+$("cmp-generate").addEventListener("click", async () => {
+  const stats = $("cmp-stats"), button = $("cmp-generate");
+  const dialogue = $("cmp-dialogue").value;
+  let temperature, maxTokens;
+  try {
+    temperature = numberField("cmp-temperature", false);
+    maxTokens = numberField("cmp-max-tokens", true);
+  } catch (err) { stats.innerHTML = '<span class="error">' + err.message + "</span>"; return; }
+  const recipes = [$("cmp-recipe-a").value, $("cmp-recipe-b").value];
+  pair = null;
+  setChoosing(false);
+  $("cmp-1").textContent = $("cmp-2").textContent = "";
+  stats.textContent = "generating…";
+  button.disabled = true;
+  try {
+    const texts = await Promise.all(recipes.map((r) => summarizeOnce(dialogue, r, temperature, maxTokens)));
+    const sources = recipes.map((r, i) => "recipe " + r + " (" + "AB"[i] + ") T=" + temperature);
+    if (texts[0] === texts[1]) {
+      stats.textContent = "both summaries are the same text: nothing to choose between (raise the temperature or pick two recipes)";
+      $("cmp-1").textContent = $("cmp-2").textContent = texts[0];
+      return;
+    }
+    const order = Math.random() < 0.5 ? [0, 1] : [1, 0];   // which of A/B is shown first
+    pair = { dialogue, texts: order.map((i) => texts[i]), sources: order.map((i) => sources[i]) };
+    $("cmp-1").textContent = pair.texts[0];
+    $("cmp-2").textContent = pair.texts[1];
+    stats.textContent = "which summary is better?";
+    setChoosing(true);
+  } catch (err) {
+    stats.innerHTML = '<span class="error">' + err.message + "</span>";
+  } finally {
+    button.disabled = false;
+  }
+});
+
+async function choose(k) {   // k: 0 or 1, the shown summary the person prefers
+  const stats = $("cmp-stats");
+  if (!pair) return;
+  setChoosing(false);
+  const record = { prompt: pair.dialogue, chosen: pair.texts[k], rejected: pair.texts[1 - k],
+                   source: "playground compare: " + pair.sources[k] + " > " + pair.sources[1 - k] };
+  try {
+    const response = await fetch("/v1/preferences", { method: "POST", headers: headers(), body: JSON.stringify(record) });
+    const body = await response.json();
+    if (!response.ok) throw new Error(body.error.message);
+    stats.innerHTML = "saved: record <b>" + body.records + "</b> of " + body.file + " · 1 was " + pair.sources[0] +
+      ", 2 was " + pair.sources[1];
+    pair = null;
+  } catch (err) {
+    stats.innerHTML = '<span class="error">' + err.message + "</span>";
+    setChoosing(true);
+  }
+}
+
+$("cmp-choose-1").addEventListener("click", () => choose(0));
+$("cmp-choose-2").addEventListener("click", () => choose(1));
+$("cmp-skip").addEventListener("click", () => {
+  pair = null;
+  setChoosing(false);
+  $("cmp-stats").textContent = "skipped";
 });
 
 // --- chat ---------------------------------------------------------------------------------------------
