@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lmlab.cli import positive_int
 
@@ -59,10 +60,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--timeout {args.timeout} must be > 0 seconds")
     kwargs = load_kwargs(lmlab.load_model, args.adapter, args.quantize)  # before the server starts
     finetuned = None
+    from lmlab.adapt.recipe import RECIPE_FILE
+
     if args.adapter:
         from lmlab.serve.app import finetuned_recipe
 
         finetuned = finetuned_recipe(args.adapter)
+    elif (Path(args.model) / RECIPE_FILE).is_file():  # a fully fine-tuned or distilled model brings its recipe
+        from lmlab.adapt.recipe import Recipe
+
+        finetuned = Recipe.load(args.model)
     settings = ServeSettings(model_name=args.model, api_key=args.api_key, max_batch=args.max_batch,
                              max_queue=args.max_queue, timeout=args.timeout, shot_method=args.shots,
                              finetuned=finetuned, prefs_out=args.prefs_out)

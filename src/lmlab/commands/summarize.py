@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lmlab.commands.generate import add_generation_arguments, generation_config
 
@@ -77,6 +78,12 @@ def run(args: argparse.Namespace) -> int:
         if recipe is not None:  # the prompt the adapter was trained on
             template, chat, instruction = recipe.template, recipe.chat, recipe.instruction
         print(f"fine-tuned summarizer: adapter {adapter} (--no-adapter prompts the base model)", file=sys.stderr)
+    elif not args.shots and not prompt_chosen:
+        from lmlab.adapt.recipe import Recipe
+
+        recipe = Recipe.load(args.model) if Path(args.model).is_dir() else None
+        if recipe is not None:  # a fully fine-tuned or distilled model: the prompt it was trained on
+            template, chat, instruction = recipe.template, recipe.chat, recipe.instruction
     model, tokenizer = lmlab.load_model(args.model, adapter=adapter), lmlab.load_tokenizer(args.model)
     print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
     embedder = SentenceEmbedder() if args.shots and args.select == "nearest" else None

@@ -1,0 +1,538 @@
+"""Knowledge distillation with unlabeled data: a teacher's knowledge into a smaller student, in the one loop.
+
+``distill(config)`` loads the teacher (with its LoRA adapter folded in: by default the DialogSum
+summarizer lmlab ships), builds a student, and hands a ``Job`` to ``loop.fit`` — the same loop,
+schedule, checkpoints, exact resume and metrics as pre-training and fine-tuning. Two methods:
+
+* ``sequence`` (Kim & Rush, 2016): the teacher summarizes every unlabeled input once (greedy, the
+  prompt of its recipe; ``lmlab.training.pseudo_labels`` caches them in ``OUT/pseudo_labels.jsonl``,
+  resumable), and the student is fine-tuned on (input, teacher summary) with the supervised
+  fine-tuning objective. Human labels, if the data has them, are ignored.
+* ``token`` (Hinton et al., 2015): ``lmlab.objectives.distill.TokenDistillation``: on every response
+  token the student matches the teacher's softened distribution (KL at temperature τ, scaled by τ²),
+  mixed with the cross-entropy on human labels where ``data.label_field`` gives them (weight α).
+  Inputs without a label take the teacher's summary as their response (so they need pseudo-labels too).
+
+The student (``student``):
+
+* ``keep_layers: every-other`` (or ``[0, 2, 5]``): the teacher with only those decoder layers,
+  initialised from the teacher's (adapter-merged) weights, as DistilBERT was built from BERT;
+* ``model: SOURCE``: any model ``lmlab.load_model`` reads (its weights), or ``model: PRESET`` /
+  ``model: config.json``: a ``ModelConfig`` initialised at random. ``keep_layers`` applies on top.
+  Either way it uses the teacher's tokenizer; a vocabulary of another size is refused.
+
+Evaluation data stays out of training: ``data.holdout`` (default: DialogSum ``dev.jsonl`` records
+400:500, the lab's evaluation range) is checked against every training source — by index for a file of
+that name, by dialogue text for every file — and an overlap is an error that names the records.
+
+Run directory::
+
+    OUT/pseudo_labels.jsonl   the teacher's summaries (resumable cache)
+    OUT/best/, OUT/final/     the student (lmlab format + the prompt recipe: lmlab lab/summarize/serve use it)
+    OUT/checkpoint.pt, OUT/metrics.jsonl, OUT/loss.png, OUT/run_config.json, OUT/summary.json
+
+Config (YAML or JSON; every field can be overridden with ``--set section.key=value``)::
+
+    teacher: smollm2-135m-instruct
+    teacher_adapter: shipped          # shipped | null (no adapter) | a PEFT adapter directory
+    method: sequence                  # sequence | token
+    student: {keep_layers: every-other, model: null}
+    data:
+      train: [{path: ../shared/data/dialogsum/hiddentest.jsonl}, {path: ../shared/data/dialogsum/dev.jsonl, records: "0:400"}]
+      field: dialogue                 # the input field
+      label_field: null               # token: human labels for the hard-label loss (e.g. summary)
+      holdout: {path: dev.jsonl, records: "400:500"}   # never trained on; null disables the guard
+      validation: null                # {path, records}: val loss + ROUGE on human labels (not the holdout!)
+      max_seq_len: 768
+    token: {temperature: 2.0, alpha: 0.5, positions: response, hard_pseudo_labels: false}
+                                      # positions: all = the KL on the prompt's positions too (decoder-only);
+                                      # hard_pseudo_labels: the CE term on teacher summaries too (Kim & Rush's
+                                      # sequence- plus word-level mix)
+    pseudo: {batch_size: 8, max_new_tokens: 64}
+    eval: {rouge_examples: 24, max_new_tokens: 64, batch_size: 8, select: rouge1, patience: null}
+    train: {epochs: 1, batch_size: 4, grad_accum: 2, lr: 2e-4, ...}   # epochs (default 1) sets the steps; null: train.steps
+    out_dir: runs/distill
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.adapt.recipe import Recipe
+from lmlab.errors import ConfigError, DataError, choices_error
+from lmlab.jsonl import iter_objects
+from lmlab.training import distributed as dist
+from lmlab.training.config import _deep_merge, _section, apply_overrides, read_config_file
+from lmlab.training.finetune import (EvalSection, FinetuneSection, SFTBatches, Tokenized, _record_range, evaluate_sft,
+                                     read_pairs, tokenize_pairs)
+from lmlab.training.loop import Job, check_identity, fit, read_resume_state
+from lmlab.training.pseudo_labels import CACHE_FILE, generate_pseudo_labels, text_key
+
+METHODS = ("sequence", "token")
+DEFAULT_HOLDOUT = {"path": "dev.jsonl", "records": "400:500"}  # the lab's DialogSum evaluation range
+
+
+# --- config ----------------------------------------------------------------------------------
+@dataclass
+class StudentSection:
+    keep_layers: str | list[int] | None = "every-other"  # every-other | [i, j, ...] | "0,2,4" | null (all)
+    model: str | None = None  # null: the teacher; a model source (weights) or a ModelConfig preset / JSON (random)
+
+
+@dataclass
+class DistillData:
+    train: list[dict] = field(default_factory=list)  # [{path, records: "a:b" | null, weight: 1.0}]
+    field: str = "dialogue"
+    label_field: str | None = None  # human labels (token method: the hard-label loss); ignored by sequence
+    holdout: dict | None = dataclasses.field(default_factory=lambda: dict(DEFAULT_HOLDOUT))  # (`field` is taken)
+    validation: dict | None = None  # {path, records}; scored against its label_field (default: summary)
+    max_seq_len: int = 768
+
+
+@dataclass
+class TokenSection:
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the hard-label cross-entropy where human labels exist
+    positions: str = "response"  # response | all: the KL on response tokens only, or on the prompt's too
+    hard_pseudo_labels: bool = False  # the cross-entropy also on the teacher's summaries (sequence-level KD mixed in)
+
+
+@dataclass
+class PseudoSection:
+    batch_size: int = 8
+    max_new_tokens: int = 64
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "smollm2-135m-instruct"
+    teacher_adapter: str | None = "shipped"
+    method: str = "sequence"
+    student: StudentSection = field(default_factory=StudentSection)
+    data: DistillData = field(default_factory=DistillData)
+    token: TokenSection = field(default_factory=TokenSection)
+    pseudo: PseudoSection = field(default_factory=PseudoSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    train: FinetuneSection = field(default_factory=lambda: FinetuneSection(
+        epochs=1, lr=2e-4, warmup_steps=10, weight_decay=0.0, beta2=0.999, eval_every=0, ckpt_every=50,
+        log_every=1, batch_size=4, grad_accum=2, min_lr_ratio=0.1))
+    out_dir: str = "runs/distill"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DistillConfig":
+        default = cls().to_dict()
+        merged = _deep_merge(default, data)
+        unknown = sorted(set(merged) - set(default))
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(default))}")
+        return cls(teacher=str(merged["teacher"]), teacher_adapter=merged["teacher_adapter"], method=merged["method"],
+                   student=_section(StudentSection, merged["student"], "student"),
+                   data=_section(DistillData, merged["data"], "data"),
+                   token=_section(TokenSection, merged["token"], "token"),
+                   pseudo=_section(PseudoSection, merged["pseudo"], "pseudo"),
+                   eval=_section(EvalSection, merged["eval"], "eval"),
+                   train=_section(FinetuneSection, merged["train"], "train"), out_dir=str(merged["out_dir"]))
+
+
+def load_distill_config(source: str | Path | None, overrides: list[str] | None = None) -> DistillConfig:
+    """A DistillConfig from a YAML/JSON file with ``--set`` overrides applied."""
+    data: dict[str, Any] = {}
+    if source is not None:
+        if not Path(source).exists():
+            raise ConfigError(f"distillation config {str(source)!r} does not exist")
+        data = read_config_file(Path(source))
+    return DistillConfig.from_dict(apply_overrides(data, overrides or []))
+
+
+def validate(cfg: DistillConfig) -> None:
+    if cfg.method not in METHODS:
+        raise choices_error("method", cfg.method, METHODS)
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty; give the unlabeled inputs, e.g. --data unlabeled.jsonl")
+    t = cfg.train
+    for name in ("batch_size", "grad_accum", "log_every"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}={getattr(t, name)!r} must be >= 1")
+    if t.lr <= 0 or (t.epochs is not None and t.epochs <= 0):
+        raise ConfigError(f"train.lr={t.lr!r} and train.epochs={t.epochs!r} must be > 0")
+    if cfg.data.max_seq_len < 16:
+        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} is too small (at least 16)")
+    if cfg.pseudo.batch_size < 1 or cfg.pseudo.max_new_tokens < 1:
+        raise ConfigError(f"pseudo.batch_size={cfg.pseudo.batch_size} and pseudo.max_new_tokens="
+                          f"{cfg.pseudo.max_new_tokens} must be >= 1")
+    parse_keep_layers(cfg.student.keep_layers, None)  # syntax only; the range is checked against the model
+
+
+# --- the student -----------------------------------------------------------------------------
+def parse_keep_layers(spec, n_layers: int | None) -> list[int] | None:
+    """``every-other`` | ``"0,2,4"`` | [0, 2, 4] | None -> sorted layer indices (None: keep all).
+
+    ``every-other`` keeps layers 0, 2, 4, ... (DistilBERT's choice): 15 of SmolLM2's 30.
+    """
+    if spec is None or spec == "all":
+        return None
+    if spec == "every-other":
+        return None if n_layers is None else list(range(0, n_layers, 2))
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):  # one layer; --set parses "1" as a number
+        spec = [spec]
+    items = spec.split(",") if isinstance(spec, str) else spec
+    try:
+        indices = [int(i) if isinstance(i, (int, float)) and float(i).is_integer() else int(str(i).strip())
+                   for i in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"student.keep_layers={spec!r} must be every-other or layer indices like 0,2,4") from None
+    if not indices or len(set(indices)) != len(indices):
+        raise ConfigError(f"student.keep_layers={spec!r} must name distinct layers")
+    if n_layers is not None and not all(0 <= i < n_layers for i in indices):
+        raise ConfigError(f"student.keep_layers={spec!r}: the model has layers 0..{n_layers - 1}")
+    return sorted(indices)
+
+
+def keep_layers(model, indices: list[int]):
+    """A new decoder-only Transformer holding only ``indices`` of `model`'s layers, their weights copied.
+
+    Everything outside the stack (embeddings, final norm, head) is copied as is; layer ``indices[j]``
+    becomes layer ``j``. RoPE positions and the KV cache are per layer, so nothing else changes.
+    """
+    from lmlab.model import Transformer
+
+    if model.config.arch != "decoder":
+        raise ConfigError(f"keep_layers builds students of decoder-only models; the teacher has "
+                          f"arch={model.config.arch!r}")
+    student = Transformer(model.config.replace(n_layers=len(indices)))
+    source = model.state_dict()
+    state = {}
+    for key in student.state_dict():
+        if key.startswith("decoder.layers."):
+            j, rest = key[len("decoder.layers."):].split(".", 1)
+            key_in_teacher = f"decoder.layers.{indices[int(j)]}.{rest}"
+        else:
+            key_in_teacher = key
+        state[key] = source[key_in_teacher].detach().clone()
+    student.load_state_dict(state, strict=True)
+    return student.to(model.dtype)
+
+
+def build_student(cfg: StudentSection, teacher, seed: int = 0):
+    """The student model (train mode, every weight trainable); its vocabulary must be the teacher's."""
+    import lmlab
+    from lmlab.model import Transformer
+
+    if cfg.model is None:
+        student = teacher
+    else:
+        from lmlab.config import PRESETS, ModelConfig
+
+        if cfg.model in PRESETS or str(cfg.model).endswith(".json") and not Path(cfg.model).is_dir():
+            config = (ModelConfig.from_name(cfg.model) if cfg.model in PRESETS else ModelConfig.from_json(cfg.model))
+            torch.manual_seed(seed)
+            student = Transformer(config)
+        else:
+            student = lmlab.load_model(cfg.model)
+    check_vocabulary(student.config.vocab_size, teacher.config.vocab_size, cfg.model)
+    indices = parse_keep_layers(cfg.keep_layers, student.config.n_layers)
+    if indices is not None:
+        student = keep_layers(student, indices)
+    elif student is teacher:
+        import copy
+
+        student = copy.deepcopy(teacher)
+    return student.float().train().requires_grad_(True)
+
+
+def check_vocabulary(student_vocab: int, teacher_vocab: int, student_name: str | None = None) -> None:
+    """The student must read and predict the teacher's tokens: same vocabulary size (one-line error otherwise)."""
+    if student_vocab != teacher_vocab:
+        named = f"student {student_name!r}" if student_name else "the student"
+        raise ConfigError(f"{named} has a vocabulary of {student_vocab} tokens, the teacher {teacher_vocab}: "
+                          f"distillation needs a student that shares the teacher's tokenizer")
+
+
+# --- data ------------------------------------------------------------------------------------
+@dataclass
+class Input:
+    id: str
+    text: str
+    label: str | None  # a human label when data.label_field gives one
+
+
+def read_inputs(source: dict, text_field: str, label_field: str | None, where: str) -> list[Input]:
+    """Inputs (and optional labels) from one JSONL source ({path, records}); an empty input is an error."""
+    path = Path(source.get("path", ""))
+    if not path.exists():
+        raise DataError(f"{where}: data file {str(path)!r} does not exist")
+    records = [obj for _, obj in iter_objects(path.read_text(encoding="utf-8").splitlines(), str(path))]
+    out = []
+    for i in _record_range(source.get("records"), len(records), where):
+        obj = records[i]
+        text = obj.get(text_field)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}:{i + 1}: field {text_field!r} is missing or empty")
+        label = obj.get(label_field) if label_field else None
+        label = label.strip() if isinstance(label, str) and label.strip() else None
+        out.append(Input(str(obj.get("fname", obj.get("id", f"{path.name}:{i + 1}"))), text.strip(), label))
+    if not out:
+        raise DataError(f"{where}: {str(path)!r} (records {source.get('records')!r}) holds no records")
+    return out
+
+
+def check_holdout(sources: list[dict], holdout: dict | None, text_field: str) -> None:
+    """Refuse training sources that include held-out evaluation records (one line naming them).
+
+    A training file with the holdout's file name (``dev.jsonl``) must not select records of the
+    holdout range; and where the holdout file can be read (the training file of that name, or the
+    holdout path itself), no training file may contain one of its dialogues, whatever its name.
+    """
+    if not holdout:
+        return
+    name, spec = Path(str(holdout.get("path", ""))).name, holdout.get("records")
+    held_texts: set[str] = set()
+    candidates = [Path(str(holdout.get("path", "")))] + [Path(s.get("path", "")) for s in sources
+                                                        if Path(s.get("path", "")).name == name]
+    for path in candidates:
+        if path.is_file():
+            for i in _record_range(spec, sum(1 for _ in _lines(path)), "data.holdout"):
+                text = _record_text(path, i, text_field)
+                if text:
+                    held_texts.add(text_key(text))
+            break
+    for k, source in enumerate(sources):
+        path = Path(source.get("path", ""))
+        if not path.is_file():
+            continue
+        n = sum(1 for _ in _lines(path))
+        chosen = _record_range(source.get("records"), n, f"data.train[{k}]")
+        if path.name == name:
+            held = _record_range(spec, n, "data.holdout")
+            overlap = sorted(set(chosen) & set(held))
+            if overlap:
+                raise DataError(f"data.train[{k}] {str(path)!r} records {source.get('records') or 'all'} include "
+                                f"{len(overlap)} held-out evaluation records ({overlap[0]}..{overlap[-1]}; data.holdout "
+                                f"{name} {spec}); train on records outside {spec}, e.g. {path}:0:{held.start}, "
+                                f"or set data.holdout to null to train on them anyway")
+        if held_texts:
+            leaked = [i for i in chosen if (t := _record_text(path, i, text_field)) and text_key(t) in held_texts]
+            if leaked:
+                raise DataError(f"data.train[{k}] {str(path)!r} holds {len(leaked)} dialogue(s) of the held-out "
+                                f"evaluation set ({name} records {spec}), e.g. record {leaked[0]}; remove them, or set "
+                                f"data.holdout to null to train on them anyway")
+
+
+_LINE_CACHE: dict[Path, list[dict]] = {}
+
+
+def _lines(path: Path) -> list[dict]:
+    key = path.resolve()
+    if key not in _LINE_CACHE:
+        _LINE_CACHE[key] = [obj for _, obj in iter_objects(path.read_text(encoding="utf-8").splitlines(), str(path))]
+    return _LINE_CACHE[key]
+
+
+def _record_text(path: Path, i: int, text_field: str) -> str | None:
+    value = _lines(path)[i].get(text_field)
+    return value.strip() if isinstance(value, str) else None
+
+
+class DistillBatches(SFTBatches):
+    """SFTBatches whose micro-batches also mark the rows with human labels (for the hard-label loss)."""
+
+    def collate_examples(self, batch):
+        return self.objective.collate_hard([(e.prompt, e.response) for e in batch], [e.hard for e in batch])
+
+
+@dataclass
+class DistillExample(Tokenized):
+    hard: bool = False  # the response is a human label (else the teacher's summary)
+
+
+# --- the job ---------------------------------------------------------------------------------
+def distill(cfg: DistillConfig, resume: bool = False, show_progress: bool = True, pseudo_only: bool = False,
+            pseudo_stop_after: int | None = None) -> dict:
+    """Run (or resume) the distillation job `cfg` -> summary dict (steps, losses, paths, pseudo-label counts).
+
+    ``pseudo_only``: generate (or complete) the teacher's pseudo-labels and stop before training.
+    ``pseudo_stop_after`` (a testing knob): stop generating after that many new labels, as a kill would.
+    """
+    validate(cfg)
+    env = dist.setup(cfg.train.distributed, cfg.train.device)
+    try:
+        return _run(cfg, env, resume, show_progress, pseudo_only, pseudo_stop_after)
+    finally:
+        dist.cleanup(env)
+
+
+def load_teacher(cfg: DistillConfig):
+    """(teacher with its adapter merged, eval mode, frozen; tokenizer; prompt recipe; adapter identity)."""
+    import lmlab
+    from lmlab.adapt.lora import merge_lora
+    from lmlab.adapt.recipe import shipped_adapter
+    from lmlab.tasks.summarize.experiments import INSTRUCTION
+
+    adapter = cfg.teacher_adapter
+    if adapter == "shipped":
+        adapter = shipped_adapter(cfg.teacher)
+        if adapter is None:
+            raise ConfigError(f"teacher_adapter=shipped: lmlab ships no adapter for {cfg.teacher!r}; pass "
+                              f"--teacher-adapter DIR or --no-teacher-adapter")
+    tokenizer = lmlab.load_tokenizer(cfg.teacher)
+    teacher = lmlab.load_model(cfg.teacher, adapter=adapter)
+    adapter_id = None
+    if adapter is not None:
+        merge_lora(teacher)  # W + scale * B A: one matmul per linear when the teacher generates and scores
+        from lmlab.adapt.peft import WEIGHTS_FILE
+
+        adapter_id = hashlib.sha256((Path(adapter) / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
+    teacher.eval().requires_grad_(False)
+    recipe = Recipe.load(adapter) if adapter is not None else None
+    if recipe is None:  # a teacher without a recipe gets the lab's instruction prompt
+        recipe = Recipe(template="instruction", instruction=INSTRUCTION,
+                        chat=getattr(tokenizer, "chat_template", None) is not None,
+                        prompt_field=cfg.data.field, response_field=cfg.data.label_field or "summary")
+    recipe = dataclasses.replace(recipe, max_new_tokens=cfg.pseudo.max_new_tokens)
+    return teacher, tokenizer, recipe, (str(adapter) if adapter is not None else None, adapter_id)
+
+
+def _run(cfg: DistillConfig, env: dist.DistEnv, resume: bool, show_progress: bool, pseudo_only: bool,
+         pseudo_stop_after: int | None) -> dict:
+    from lmlab.objectives.distill import TokenDistillation
+    from lmlab.objectives.sft import SupervisedFineTuning
+
+    t, out = cfg.train, Path(cfg.out_dir)
+    echo = print if (env.is_main and show_progress) else (lambda *_: None)
+    saved = read_resume_state(out, resume)
+    identity = {"distill_config": {k: v for k, v in cfg.to_dict().items() if k != "train"},
+                "train": {k: v for k, v in dataclasses.asdict(t).items() if k not in ("stop_after", "device")}}
+    if saved is not None:
+        check_identity(saved, identity, out / "checkpoint.pt")
+
+    # 1. data first (a bad file or a leak of evaluation records fails before any model is loaded)
+    check_holdout(cfg.data.train, cfg.data.holdout, cfg.data.field)
+    label_field = cfg.data.label_field if cfg.method == "token" else None  # sequence ignores human labels
+    sources = []
+    for i, source in enumerate(cfg.data.train):
+        weight = float(source.get("weight", 1.0))
+        if weight <= 0:
+            raise ConfigError(f"data.train[{i}].weight={weight} must be > 0")
+        sources.append((read_inputs(source, cfg.data.field, label_field, f"data.train[{i}]"), weight))
+
+    # 2. the teacher, and its summaries of every input that has no human label
+    teacher, tokenizer, recipe, (adapter, adapter_id) = load_teacher(cfg)
+    teacher.to(env.device)
+    unlabeled = [(x.id, x.text) for inputs, _ in sources for x in inputs if x.label is None]
+    pseudo: dict[str, str] = {}
+    if unlabeled:
+        signature = {"teacher": cfg.teacher, "adapter": adapter_id, "recipe": dataclasses.asdict(recipe),
+                     "generation": "greedy, the lab's finetuned experiment", "precision": "fp32"}
+        if env.is_main:
+            pseudo = generate_pseudo_labels(teacher, tokenizer, recipe, unlabeled, out / CACHE_FILE, signature,
+                                            cfg.pseudo.batch_size, cfg.pseudo.max_new_tokens, echo=echo,
+                                            progress=show_progress, stop_after=pseudo_stop_after)
+        dist.barrier(env)
+        if not env.is_main:
+            from lmlab.training.pseudo_labels import read_cache
+
+            pseudo = {k: r["summary"] for k, r in read_cache(out / CACHE_FILE, signature).items()}
+    missing = sum(text_key(text) not in pseudo for _, text in unlabeled)
+    if missing or pseudo_only:  # stopped during generation (the testing knob), or asked to stop here
+        return {"finished": False, "pseudo_only": True, "pseudo_labels": len(pseudo), "pseudo_missing": missing,
+                "step": 0, "rank": env.rank, "interrupted": None, "cache": str(out / CACHE_FILE)}
+
+    # 3. (input, response) pairs: the human label (token method) or the teacher's summary
+    train_sources, n_train, n_empty, n_hard, n_hard_rows, n_truncated = [], 0, 0, 0, 0, 0
+    for inputs, weight in sources:
+        pairs, human = [], []
+        for x in inputs:
+            response = x.label if x.label is not None else pseudo[text_key(x.text)]
+            if not response.strip():
+                n_empty += 1  # the teacher said nothing: nothing to learn from this input
+                continue
+            pairs.append((x.id, x.text, response))
+            human.append(x.label is not None)
+        hard = [h or cfg.token.hard_pseudo_labels for h in human]  # rows the cross-entropy term covers
+        examples = tokenize_pairs(pairs, recipe, tokenizer, cfg.data.max_seq_len)
+        examples = [DistillExample(**vars(e), hard=h) for e, h in zip(examples, hard)]
+        n_train += len(examples)
+        n_hard += sum(human)
+        n_hard_rows += sum(hard)
+        n_truncated += sum(e.truncated for e in examples)
+        if examples:
+            train_sources.append((examples, weight))
+    if not n_train:
+        raise DataError("no training pairs: the teacher produced an empty summary for every input")
+
+    # 4. the student, the objective and the batches
+    student = build_student(cfg.student, teacher, seed=t.seed).to(env.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    arch, start_id = student.config.arch, student.config.decoder_start_token_id
+    sft = SupervisedFineTuning(arch, pad, start_id)
+    if cfg.method == "token":
+        objective = TokenDistillation(teacher, arch, pad, cfg.token.temperature, cfg.token.alpha, start_id,
+                                      positions=cfg.token.positions)
+    else:
+        objective = sft
+        del teacher  # the sequence method is done with the teacher: free its memory for training
+    batches = (DistillBatches if cfg.method == "token" else SFTBatches)(train_sources, objective, t.batch_size,
+                                                                        t.seed, env)
+    if t.epochs is not None:
+        t.steps = max(1, math.ceil(t.epochs * batches.batches_per_epoch / t.grad_accum))
+
+    validation, references, prompts = [], {}, {}
+    if cfg.data.validation:
+        check_holdout([cfg.data.validation], cfg.data.holdout, cfg.data.field)
+        val_recipe = dataclasses.replace(recipe, response_field=cfg.data.label_field or "summary")
+        val_pairs = read_pairs(cfg.data.validation, val_recipe, "data.validation")
+        validation = tokenize_pairs(val_pairs, recipe, tokenizer, cfg.data.max_seq_len)
+        references = {pid: answer for pid, _, answer in val_pairs}
+        budget = cfg.data.max_seq_len - cfg.eval.max_new_tokens
+        prompts = {pid: recipe.prompt(text, tokenizer, max_prompt_tokens=budget).text for pid, text, _ in val_pairs}
+
+    n_layers = student.config.n_layers
+    echo(f"distill ({cfg.method}) {cfg.teacher}{' + ' + adapter if adapter else ''} -> student with {n_layers} "
+         f"layers, {student.num_parameters():,} parameters: {n_train} training pairs ({n_hard} human labels, "
+         f"{n_train - n_hard} teacher summaries, {n_empty} empty teacher summaries skipped, {n_truncated} prompts "
+         f"cut), {t.steps} steps of {t.batch_size} x {t.grad_accum}")
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    torch.manual_seed(t.seed)
+
+    def save(directory: Path) -> None:
+        from lmlab.checkpoints import save_model
+
+        was_training = student.training
+        save_model(student, directory, tokenizer)
+        student.train(was_training)
+        dataclasses.replace(recipe, prompt_field=cfg.data.field).save(directory)
+
+    job = Job(name=f"distill {cfg.method} · {n_layers}-layer student", model=student, objective=objective,
+              batches=batches,
+              evaluate=(lambda m: evaluate_sft(m, sft, validation, references, prompts, tokenizer, cfg, env))
+              if validation else None,
+              select=cfg.eval.select if validation else None, on_best=lambda step, metrics: save(out / "best"),
+              patience=cfg.eval.patience, identity=identity)
+    summary = fit(job, t, env, out, saved, show_progress)
+    summary.pop("wrapped")
+    if summary["finished"] and env.is_main:
+        save(out / "final")
+        if not (out / "best").exists():
+            save(out / "best")
+    summary.update(method=cfg.method, student_layers=n_layers, student_parameters=student.num_parameters(),
+                   train_pairs=n_train, human_labels=n_hard, hard_label_rows=n_hard_rows if cfg.method == "token" else 0,
+                   empty_teacher_summaries=n_empty,
+                   truncated_prompts=n_truncated, pseudo_labels=str(out / CACHE_FILE),
+                   best_dir=str(out / "best"), final_dir=str(out / "final"))
+    if env.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    dist.barrier(env)
+    return summary

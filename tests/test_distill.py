@@ -1,0 +1,261 @@
+"""Distillation: the KL loss, layer-subset students, the pseudo-label cache, the guards, a tiny run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmlab
+from lmlab.adapt.recipe import Recipe
+from lmlab.cli import main
+from lmlab.config import ModelConfig
+from lmlab.errors import ConfigError, DataError
+from lmlab.model import Transformer
+from lmlab.objectives.base import IGNORE_INDEX
+from lmlab.objectives.distill import TokenDistillation, distillation_kl
+from lmlab.tasks.summarize.data import load_dialogues
+from lmlab.training import pseudo_labels
+from lmlab.training.distill import (StudentSection, build_student, check_holdout, distill, keep_layers,
+                                    load_distill_config, parse_keep_layers)
+
+
+@pytest.fixture(scope="module")
+def dialogues(tmp_path_factory) -> Path:
+    """The bundled dialogues as DialogSum-style JSONL (28 records)."""
+    path = tmp_path_factory.mktemp("data") / "dialogues.jsonl"
+    records = load_dialogues().records
+    path.write_text("".join(json.dumps({"fname": d.id, "dialogue": d.dialogue, "summary": d.references[0]}) + "\n"
+                            for d in records))
+    return path
+
+
+def _decoder(n_layers: int = 4, vocab: int = 50) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.from_name("tiny-decoder", n_layers=n_layers, vocab_size=vocab)).eval()
+
+
+# --- the KL loss ------------------------------------------------------------------------------
+def test_kl_matches_a_hand_computation_and_scales_by_tau_squared():
+    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    teacher = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    for tau in (1.0, 2.0):
+        expected = []
+        for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+            zs = sum(math.exp(v / tau) for v in s_row)
+            zt = sum(math.exp(v / tau) for v in t_row)
+            p = [math.exp(v / tau) / zt for v in t_row]
+            q = [math.exp(v / tau) / zs for v in s_row]
+            expected.append(tau**2 * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)))
+        got = distillation_kl(student, teacher, tau)
+        # fp32 log-softmax of O(1) logits: each term is exact to ~1e-7 relative
+        assert torch.allclose(got, torch.tensor(expected), atol=1e-6, rtol=1e-5)
+    assert distillation_kl(teacher, teacher, 3.0).abs().max() < 1e-6  # a student equal to its teacher: zero
+
+
+def test_token_loss_counts_response_positions_only_and_mixes_hard_labels():
+    teacher, student = _decoder(2), _decoder(1)
+    objective = TokenDistillation(teacher, "decoder", pad_token_id=0, temperature=2.0, alpha=0.25)
+    pairs = [([5, 6, 7], [8, 9, 1]), ([5, 6], [10, 1])]
+    batch = objective.collate_hard(pairs, hard=[True, False])
+    keep = batch["labels"] != IGNORE_INDEX
+    assert int(keep.sum()) == 5 and int(batch["hard"].sum()) == 3  # 3 + 2 response tokens; row 0 is human
+    loss, n = objective.loss(student, batch)
+    # by hand from the full (B, T, V) logits: padding and prompt positions never enter
+    s_logits, t_logits = student(batch["input_ids"])[keep], teacher(batch["input_ids"])[keep]
+    kl = (F.softmax(t_logits / 2, -1) * (F.log_softmax(t_logits / 2, -1) - F.log_softmax(s_logits / 2, -1))).sum(-1)
+    ce = F.cross_entropy(s_logits, batch["labels"][keep], reduction="none")
+    hard = batch["hard"][keep].float()
+    expected = (0.75 * 4 * kl + 0.25 * hard * ce).sum() / 5
+    assert int(n) == 5
+    assert torch.allclose(loss, expected, atol=1e-6)
+    # the teacher is frozen: only the student gets gradients
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None for p in student.parameters())
+
+
+def test_token_loss_over_all_positions_covers_the_prompt_but_not_the_padding():
+    teacher, student = _decoder(2), _decoder(1)
+    objective = TokenDistillation(teacher, "decoder", pad_token_id=0, temperature=1.0, alpha=0.5, positions="all")
+    pairs = [([5, 6, 7], [8, 9, 1]), ([5, 6], [10, 1])]
+    batch = objective.collate_hard(pairs, hard=[False, True])
+    # row 0: 5 input positions (6 tokens, the last only a target); row 1: 3 real, 2 padding
+    assert batch["kl_mask"].tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+    loss, n = objective.loss(student, batch)
+    scored, keep = batch["kl_mask"], batch["labels"] != IGNORE_INDEX
+    s_all, t_all = student(batch["input_ids"]), teacher(batch["input_ids"])  # (B, T, V)
+    kl = (F.softmax(t_all, -1) * (F.log_softmax(t_all, -1) - F.log_softmax(s_all, -1))).sum(-1)  # (B, T)
+    ce = F.cross_entropy(s_all[keep], batch["labels"][keep], reduction="none")
+    expected = 0.5 * kl[scored].mean() + 0.5 * (batch["hard"][keep].float() * ce).sum() / 5
+    assert int(n) == 5  # the loop still weighs micro-batches by response tokens
+    assert torch.allclose(loss, expected, atol=1e-6)
+    with pytest.raises(ConfigError, match="positions='every'"):
+        TokenDistillation(teacher, "decoder", 0, positions="every")
+
+
+@pytest.mark.parametrize("temperature, alpha", [(0.0, 0.5), (1.0, 1.5)])
+def test_bad_temperature_or_alpha_is_one_line(temperature, alpha):
+    with pytest.raises(ConfigError, match="temperature=0.0|alpha=1.5"):
+        TokenDistillation(_decoder(1), "decoder", 0, temperature, alpha)
+
+
+# --- students ---------------------------------------------------------------------------------
+def test_layer_subset_student_copies_the_teachers_weights():
+    teacher = _decoder(4)
+    assert parse_keep_layers("every-other", 4) == [0, 2]
+    assert parse_keep_layers("3,1", 4) == [1, 3]
+    student = keep_layers(teacher, [1, 3])
+    assert student.config.n_layers == 2 and teacher.config.n_layers == 4
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    for key, value in s_state.items():
+        source = key
+        if key.startswith("decoder.layers."):
+            j, rest = key[len("decoder.layers."):].split(".", 1)
+            source = f"decoder.layers.{[1, 3][int(j)]}.{rest}"
+        assert torch.equal(value, t_state[source]), key
+    assert student.lm_head.weight.data_ptr() == student.tok_embed.weight.data_ptr()  # still tied
+    # a copy, not a view: training the student leaves the teacher alone
+    with torch.no_grad():
+        student.decoder.layers[0].attn.q.weight.add_(1.0)
+    assert not torch.equal(student.decoder.layers[0].attn.q.weight, teacher.decoder.layers[1].attn.q.weight)
+    # keeping every layer gives the teacher's function
+    ids = torch.randint(0, 50, (2, 7))
+    assert torch.equal(keep_layers(teacher, [0, 1, 2, 3])(ids), teacher(ids))
+
+
+@pytest.mark.parametrize("spec", ["0,9", "x", [1, 1]])
+def test_bad_keep_layers_is_one_line(spec):
+    with pytest.raises(ConfigError, match="student.keep_layers"):
+        parse_keep_layers(spec, 4)
+
+
+def test_a_student_with_another_vocabulary_is_refused_naming_both_sizes():
+    with pytest.raises(ConfigError, match=r"'tiny-decoder' has a vocabulary of 256 tokens, the teacher 50"):
+        build_student(StudentSection(keep_layers=None, model="tiny-decoder"), _decoder(2, vocab=50))
+    student = build_student(StudentSection(keep_layers=None, model="tiny-decoder"), _decoder(2, vocab=256))
+    assert student.training and student.config.n_layers == 2
+
+
+# --- the pseudo-label cache -------------------------------------------------------------------
+def test_pseudo_labels_resume_after_a_kill_and_refuse_another_teacher(tiny_model_dir, tmp_path, monkeypatch):
+    model, tokenizer = lmlab.load_model(tiny_model_dir), lmlab.load_tokenizer(tiny_model_dir)
+    recipe = Recipe(template="instruction", instruction=None, chat=False, prompt_field="dialogue",
+                    response_field="summary")
+    inputs = [(d.id, d.dialogue) for d in load_dialogues().records[:5]]
+    sig = {"teacher": "tiny"}
+    whole = pseudo_labels.generate_pseudo_labels(model, tokenizer, recipe, inputs, tmp_path / "whole.jsonl", sig,
+                                                 batch_size=2, max_new_tokens=4, echo=None, progress=False)
+    assert len(whole) == 5
+
+    import lmlab.generation as generation
+
+    calls = []
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda m, t, prompts, c: calls.append(len(prompts)) or real(m, t, prompts, c))
+    path = tmp_path / "cache.jsonl"
+    pseudo_labels.generate_pseudo_labels(model, tokenizer, recipe, inputs, path, sig, batch_size=2, max_new_tokens=4,
+                                         echo=None, progress=False, stop_after=2)
+    assert calls == [2] and len(path.read_text().splitlines()) == 1 + 2  # signature + 2 rows
+    with open(path, "a") as f:  # killed while writing the next row
+        f.write('{"key": "abc", "id": "x", "summ')
+    calls.clear()
+    resumed = pseudo_labels.generate_pseudo_labels(model, tokenizer, recipe, inputs, path, sig, batch_size=2,
+                                                   max_new_tokens=4, echo=None, progress=False)
+    assert sum(calls) == 3  # only the three missing inputs were generated
+    assert resumed == whole  # greedy: the same labels as one uninterrupted run
+    assert len(path.read_text().splitlines()) == 1 + 5
+    with pytest.raises(ConfigError, match="another teacher or prompt .*differs in: teacher"):
+        pseudo_labels.generate_pseudo_labels(model, tokenizer, recipe, inputs, path, {"teacher": "other"},
+                                             echo=None, progress=False)
+
+
+# --- the evaluation-range guard ---------------------------------------------------------------
+def _dev_file(directory: Path, n: int = 12) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "dev.jsonl"
+    path.write_text("".join(json.dumps({"fname": f"dev_{i}", "dialogue": f"#Person1#: line {i}", "summary": "s"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def test_training_on_held_out_records_is_refused(tmp_path):
+    dev = _dev_file(tmp_path / "d")
+    holdout = {"path": "dev.jsonl", "records": "8:12"}
+    check_holdout([{"path": str(dev), "records": "0:8"}], holdout, "dialogue")  # outside the range: fine
+    with pytest.raises(DataError, match=r"records all include 4 held-out evaluation records \(8..11"):
+        check_holdout([{"path": str(dev), "records": None}], holdout, "dialogue")
+    with pytest.raises(DataError, match="records 5:10 include 2 held-out"):
+        check_holdout([{"path": str(dev), "records": "5:10"}], holdout, "dialogue")
+    # the same dialogue copied into a file with another name is caught by its text
+    copy = tmp_path / "mine.jsonl"
+    copy.write_text(dev.read_text().splitlines()[9] + "\n")
+    with pytest.raises(DataError, match="mine.jsonl' holds 1 dialogue\\(s\\) of the held-out"):
+        check_holdout([{"path": str(dev), "records": "0:8"}, {"path": str(copy)}], holdout, "dialogue")
+    check_holdout([{"path": str(dev), "records": None}], None, "dialogue")  # data.holdout: null turns it off
+
+
+def test_the_default_guard_keeps_dialogsum_dev_400_to_500_out(tmp_path):
+    dev = _dev_file(tmp_path / "d", n=500)
+    cfg = load_distill_config(None, [f"data.train=[{{path: {dev}}}]", f"out_dir={tmp_path / 'run'}"])
+    with pytest.raises(DataError, match="include 100 held-out evaluation records \\(400..499"):
+        distill(cfg, show_progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was loaded or written
+
+
+# --- end to end -------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["sequence", "token", "token-all"])
+def test_cli_distills_a_tiny_teacher_into_a_one_layer_student(tiny_model_dir, dialogues, tmp_path, capsys, method):
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", str(tiny_model_dir), "--no-teacher-adapter", "--keep-layers", "1",
+            "--method", method.split("-")[0], "--data", f"{dialogues}:0:6", "--steps", "3", "--batch-size", "2", "--lr", "1e-3",
+            "--out", str(out), "--no-progress", "--device", "cpu", "--set", "pseudo.max_new_tokens=6",
+            "--set", "data.max_seq_len=384"]
+    if method == "token":  # human labels on three records, teacher summaries on three without one
+        unlabeled = tmp_path / "unlabeled.jsonl"
+        unlabeled.write_text("".join(json.dumps({"dialogue": json.loads(line)["dialogue"]}) + "\n"
+                                     for line in dialogues.read_text().splitlines()[10:13]))
+        args += ["--label-field", "summary", "--data", f"{dialogues}:0:3", str(unlabeled)]
+    if method == "token-all":  # KL on every position; the teacher's summaries count as hard labels too
+        args += ["--set", "token.positions=all", "--set", "token.hard_pseudo_labels=true"]
+    assert main(args) == 0, capsys.readouterr()
+    text = capsys.readouterr().out
+    assert "1-layer student" in text
+    student = lmlab.load_model(out / "final")
+    teacher = lmlab.load_model(tiny_model_dir)
+    assert student.config.n_layers == 1 and teacher.config.n_layers == 2
+    assert Recipe.load(out / "final") is not None  # lmlab lab/summarize build the teacher's prompt for it
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["student_layers"] == 1
+    rows = [json.loads(line) for line in (out / "pseudo_labels.jsonl").read_text().splitlines()[1:]]
+    expected = 3 if method == "token" else 6  # token with labels: only the unlabeled records need the teacher
+    assert len(rows) == expected
+    hard_rows = {"sequence": 0, "token": 3, "token-all": 6}[method]  # human labels, or every row when asked
+    assert summary["hard_label_rows"] == hard_rows
+    assert summary["human_labels"] == (3 if method == "token" else 0)
+    # the student was trained: its weights moved away from the teacher's layer 1
+    assert not torch.equal(student.decoder.layers[0].attn.q.weight, teacher.decoder.layers[1].attn.q.weight)
+
+
+def test_summarize_and_serve_prompt_a_distilled_model_with_its_recipe(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_model_dir, student)
+    Recipe(template="instruction", instruction="Condense this chat, please.", chat=False, prompt_field="dialogue",
+           response_field="summary").save(student)
+    assert main(["summarize", "--model", str(student), "#Person1#: Hi.", "--show-prompt", "--max-new-tokens", "2"]) == 0
+    assert "Condense this chat, please." in capsys.readouterr().err
+
+    import lmlab.serve
+
+    seen = {}
+    monkeypatch.setattr(lmlab.serve, "serve", lambda loader, settings, **kw: seen.update(settings=settings))
+    assert main(["serve", str(student), "--port", "8123"]) == 0
+    assert seen["settings"].finetuned.instruction == "Condense this chat, please."
+    assert main(["serve", str(tiny_model_dir), "--port", "8123"]) == 0  # no recipe: no fine-tuned summarizer
+    assert seen["settings"].finetuned is None
