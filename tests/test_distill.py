@@ -259,3 +259,13 @@ def test_summarize_and_serve_prompt_a_distilled_model_with_its_recipe(tiny_model
     assert seen["settings"].finetuned.instruction == "Condense this chat, please."
     assert main(["serve", str(tiny_model_dir), "--port", "8123"]) == 0  # no recipe: no fine-tuned summarizer
     assert seen["settings"].finetuned is None
+
+
+def test_the_shipped_distillation_config_is_valid():
+    from lmlab.training.distill import validate
+
+    cfg = load_distill_config(Path(__file__).resolve().parents[1] / "configs" / "distill-smollm2-dialogsum.yaml")
+    validate(cfg)
+    assert cfg.method == "token" and cfg.student.keep_layers == "every-other"
+    assert cfg.data.holdout == {"path": "dev.jsonl", "records": "400:500"}
+    assert [s.get("records") for s in cfg.data.train] == [None, "0:400"]  # never 400:500
