@@ -243,3 +243,40 @@ def test_preferences_endpoint_appends_and_rejects_bad_records(tmp_path):
     with running_server(lambda: (model, tok)) as (url, _):  # no --prefs-out: nothing is written anywhere
         refused = httpx.post(f"{url}/v1/preferences", json={"prompt": "d", "chosen": "a", "rejected": "b"})
         assert refused.status_code == 400 and "--prefs-out FILE" in refused.json()["error"]["message"]
+
+
+def test_build_finetuned_policy_samples_with_the_adapter_on_and_base_with_it_off(tiny_model_dir, dialogsum_like,
+                                                                                 tmp_path):
+    """Each policy's rejected text is exactly what that model writes from its prompt with its per-item seed."""
+    import lmlab
+    from lmlab.adapt.lora import lora_disabled
+    from lmlab.generation import GenerationConfig
+    from lmlab.prompting import build_prompt
+    from lmlab.tasks.summarize.experiments import INSTRUCTION, clean_summary, example_seed
+    from lmlab.tasks.summarize.lab import _generate
+    from test_reward import _tiny_adapter
+
+    data, records = dialogsum_like
+    adapter = _tiny_adapter(tiny_model_dir, tmp_path / "adapter")
+    out = tmp_path / "p.jsonl"
+    build_preferences(_settings(tiny_model_dir, data, out, records="0:3", policies=["base", "finetuned"],
+                                adapter=str(adapter), rouge_threshold=1.0, temperature=0.05),
+                      echo=lambda s: None, progress=False)
+    log = {(i["id"], i["policy"]): i for i in map(json.loads, log_path(out).read_text().splitlines()[1:])}
+    assert len(log) == 6
+    model = lmlab.load_model(tiny_model_dir, adapter=adapter)
+    tokenizer = lmlab.load_tokenizer(tiny_model_dir)
+    budget = model.config.max_seq_len - 6
+    for record in records[:3]:
+        prompt = build_prompt(record.dialogue, [], template="instruction", tokenizer=tokenizer, chat=False,
+                              instruction=INSTRUCTION, max_prompt_tokens=budget).text  # no recipe saved: the lab's
+        for policy in ("base", "finetuned"):
+            # T=0.05: near-greedy, so adapter on and off write different texts from the same seed (at T=1 the
+            # tiny random model's flat distributions make the same draws whatever the adapter does)
+            config = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=0.05, stop_strings=["\n\n"],
+                                      seed=[example_seed(0, f"{record.id}/{policy}")])
+            with lora_disabled(model):
+                off = clean_summary(_generate(model, tokenizer, [prompt], config)[0][0])
+            on = clean_summary(_generate(model, tokenizer, [prompt], config)[0][0])
+            assert on != off
+            assert log[(record.id, policy)]["output"] == (off if policy == "base" else on)

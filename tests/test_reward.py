@@ -263,12 +263,13 @@ def _tiny_adapter(tiny_model_dir, path):
     from lmlab.adapt.peft import save_adapter
 
     model = lmlab.load_model(tiny_model_dir)
-    lora = LoraConfig(r=2, alpha=4, targets=("q", "v"))
+    lora = LoraConfig(r=2, alpha=4, targets=("q", "v", "up", "down"))
     apply_lora(model, lora)
-    with torch.no_grad():
+    torch.manual_seed(3)
+    with torch.no_grad():  # large enough that the adapter's samples differ from the base model's
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(std=0.5)
+                p.normal_(std=3.0)
     save_adapter(model, path, lora, base_model=str(tiny_model_dir))
     return path
 
