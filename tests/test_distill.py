@@ -123,6 +123,10 @@ def test_layer_subset_student_copies_the_teachers_weights():
     with torch.no_grad():
         student.decoder.layers[0].attn.q.weight.add_(1.0)
     assert not torch.equal(student.decoder.layers[0].attn.q.weight, teacher.decoder.layers[1].attn.q.weight)
+    # by default a student cut from its teacher keeps every other layer, as a trainable copy
+    default = build_student(StudentSection(), teacher)
+    assert default.config.n_layers == 2 and default.training
+    assert torch.equal(default.decoder.layers[1].ffn.down.weight, teacher.decoder.layers[2].ffn.down.weight)
     # keeping every layer gives the teacher's function
     ids = torch.randint(0, 50, (2, 7))
     assert torch.equal(keep_layers(teacher, [0, 1, 2, 3])(ids), teacher(ids))

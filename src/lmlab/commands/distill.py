@@ -35,8 +35,8 @@ def add_arguments(parser) -> None:
                         help="the student's starting point: a model source (its weights) or a ModelConfig preset / "
                              "JSON file (random init); default: the teacher itself, cut by --keep-layers")
     parser.add_argument("--keep-layers", metavar="every-other|I,J,...",
-                        help="keep only these decoder layers of the student, weights copied (default every-other; "
-                             "'all' keeps every layer)")
+                        help="keep only these decoder layers of the student, weights copied (default: every-other "
+                             "for a student cut from the teacher, all for --student; 'all' keeps every layer)")
     parser.add_argument("--method", choices=["sequence", "token"],
                         help="sequence: fine-tune on the teacher's summaries; token: match its distributions (KL)")
     parser.add_argument("--data", nargs="+", metavar="FILE[:START:STOP][@WEIGHT]",

@@ -18,7 +18,8 @@ The student (``student``):
 * ``keep_layers: every-other`` (or ``[0, 2, 5]``): the teacher with only those decoder layers,
   initialised from the teacher's (adapter-merged) weights, as DistilBERT was built from BERT;
 * ``model: SOURCE``: any model ``lmlab.load_model`` reads (its weights), or ``model: PRESET`` /
-  ``model: config.json``: a ``ModelConfig`` initialised at random. ``keep_layers`` applies on top.
+  ``model: config.json``: a ``ModelConfig`` initialised at random. An explicit ``keep_layers`` applies
+  on top (unset, such a student keeps all its layers).
   Either way it uses the teacher's tokenizer; a vocabulary of another size is refused.
 
 Evaluation data stays out of training: ``data.holdout`` (default: DialogSum ``dev.jsonl`` records
@@ -36,7 +37,7 @@ Config (YAML or JSON; every field can be overridden with ``--set section.key=val
     teacher: smollm2-135m-instruct
     teacher_adapter: shipped          # shipped | null (no adapter) | a PEFT adapter directory
     method: sequence                  # sequence | token
-    student: {keep_layers: every-other, model: null}
+    student: {keep_layers: every-other, model: null}   # keep_layers null: every-other of the teacher, all of a model
     data:
       train: [{path: ../shared/data/dialogsum/hiddentest.jsonl}, {path: ../shared/data/dialogsum/dev.jsonl, records: "0:400"}]
       field: dialogue                 # the input field
@@ -83,7 +84,8 @@ DEFAULT_HOLDOUT = {"path": "dev.jsonl", "records": "400:500"}  # the lab's Dialo
 # --- config ----------------------------------------------------------------------------------
 @dataclass
 class StudentSection:
-    keep_layers: str | list[int] | None = "every-other"  # every-other | [i, j, ...] | "0,2,4" | null (all)
+    keep_layers: str | list[int] | None = None  # every-other | [i, j, ...] | "0,2,4" | all; null: every-other
+    # of the teacher, or all of another student model
     model: str | None = None  # null: the teacher; a model source (weights) or a ModelConfig preset / JSON (random)
 
 
@@ -241,7 +243,8 @@ def build_student(cfg: StudentSection, teacher, seed: int = 0):
         else:
             student = lmlab.load_model(cfg.model)
     check_vocabulary(student.config.vocab_size, teacher.config.vocab_size, cfg.model)
-    indices = parse_keep_layers(cfg.keep_layers, student.config.n_layers)
+    spec = cfg.keep_layers if cfg.keep_layers is not None else ("every-other" if cfg.model is None else "all")
+    indices = parse_keep_layers(spec, student.config.n_layers)
     if indices is not None:
         student = keep_layers(student, indices)
     elif student is teacher:
