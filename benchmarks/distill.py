@@ -130,7 +130,7 @@ def main() -> None:
         print(f"| {name} | {r['layers']} | {r['parameters'] / 1e6:.1f}M | {rouge} | {r['decode_tokens_per_s']:.1f} | "
               f"{r['peak_rss_bytes'] / 2**20:.0f} MiB |")
     print()
-    if "rouge1" in s:
+    if "rouge1" in s and t["rouge1"] > 0:
         print(f"student / teacher ROUGE-1: {s['rouge1'] / t['rouge1']:.3f} (target >= 0.90)")
     print(f"student / teacher decode speed: {s['decode_tokens_per_s'] / t['decode_tokens_per_s']:.2f}x (target >= 1.8x)")
     Path(args.out).mkdir(parents=True, exist_ok=True)
