@@ -96,11 +96,14 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.tok_embed.weight.device
+        embed = self.tok_embed  # a quantized embedding (lmlab.quant) has no float weight but says where it lives
+        return embed.weight.device if isinstance(embed, nn.Embedding) else embed.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_embed.weight.dtype
+        """The activations' dtype (a quantized model computes in fp32 around its integer kernels)."""
+        embed = self.tok_embed
+        return embed.weight.dtype if isinstance(embed, nn.Embedding) else embed.dtype
 
     # --- the three parts ---------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.nn.swap import parent_of as _parent
+from lmlab.nn.swap import swap_modules
 
 
 @dataclass
@@ -62,12 +64,14 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         self.base = base
-        base.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
+        for p in base.parameters():
+            p.requires_grad_(False)
         self.r, self.scaling = r, alpha / (math.sqrt(r) if rslora else r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        if _is_quantized(base):  # integer base weights (lmlab.quant): the adapter stays fp32
+            factory = {"device": base.qweight.device, "dtype": torch.float32}
+        else:
+            factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)  # weight (r, I)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)  # weight (O, r)
         # PEFT's initialisation: A Kaiming-uniform, B zero, so the adapted model starts as the base model
@@ -104,7 +108,10 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear with the update folded into the weight."""
+        """A plain nn.Linear with the update folded into the weight (a quantized base is refused)."""
+        if _is_quantized(self.base):
+            raise ConfigError(f"cannot merge a LoRA adapter into a quantized {type(self.base).__name__}: the update "
+                              f"would be rounded to its {self.base.bits}-bit grid; merge into the float model, then quantize")
         out = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
                         device=self.base.weight.device, dtype=self.base.weight.dtype)
         with torch.no_grad():
@@ -130,18 +137,20 @@ class LoraReport:
                 f"parameters ({100 * self.trainable / max(self.total, 1):.2f}%)")
 
 
+def _is_quantized(module: nn.Module) -> bool:
+    from lmlab.quant.linear import QuantizedLinear
+
+    return isinstance(module, QuantizedLinear)
+
+
 def linear_names(model: nn.Module) -> dict[str, list[str]]:
-    """Short name (last path component) -> full names of every nn.Linear (and LoRALinear) in `model`."""
+    """Short name (last path component) -> full names of every nn.Linear (LoRALinear, quantized linear) in `model`."""
     names: dict[str, list[str]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, LoRALinear)) and ".lora_" not in name and not name.endswith(".base"):
+        if ((isinstance(module, (nn.Linear, LoRALinear)) or _is_quantized(module)) and ".lora_" not in name
+                and not name.endswith(".base")):
             names.setdefault(name.rsplit(".", 1)[-1], []).append(name)
     return names
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
 
 
 def apply_lora(model: nn.Module, config: LoraConfig, freeze_base: bool = True) -> LoraReport:
@@ -165,16 +174,16 @@ def apply_lora(model: nn.Module, config: LoraConfig, freeze_base: bool = True) -
         for p in model.parameters():
             p.requires_grad_(False)
     report = LoraReport()
-    for name in dict.fromkeys(chosen):  # keep order, drop repeats
+    chosen = list(dict.fromkeys(chosen))  # keep order, drop repeats
+    for name in chosen:
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             raise ConfigError(f"{name!r} already holds a LoRA adapter; merge it first (lmlab merge)")
-        if not isinstance(module, nn.Linear) or type(module) is not nn.Linear:
+        if type(module) is not nn.Linear and not _is_quantized(module):
             raise ConfigError(f"LoRA target {name!r} is a {type(module).__name__}, not a plain nn.Linear "
-                              f"(quantized or packed layers cannot take an adapter)")
-        parent, child = _parent(model, name)
-        setattr(parent, child, LoRALinear(module, config.r, config.alpha, config.dropout, config.rslora))
-        report.replaced.append(name)
+                              f"or a quantized linear (lmlab.quant)")
+    report.replaced = swap_modules(model, lambda _, module: LoRALinear(module, config.r, config.alpha, config.dropout,
+                                                                      config.rslora), chosen)
     unique = {id(p): p for p in model.parameters()}.values()
     report.trainable = sum(p.numel() for p in unique if p.requires_grad)
     report.total = sum(p.numel() for p in unique)

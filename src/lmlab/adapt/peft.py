@@ -37,18 +37,30 @@ def hf_module_names(model: nn.Module) -> dict[str, str]:
     """lmlab linear module name -> the HF module path of the same weight (for every 1:1 mapped linear)."""
     from lmlab.checkpoints import hf as hf_checkpoints
 
+    from lmlab.quant.linear import QuantizedEmbedding, QuantizedLinear
+
     cfg = model.config
     family = hf_checkpoints.family_for_config(cfg)
+    # a quantized layer (lmlab.quant) has no float weight: an uninitialised tensor of its shape stands in
+    # (torch.empty touches no memory), so the name mapping below works the same for quantized models
+    stand_ins: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            stand_ins[name.removesuffix(".base")] = torch.empty(module.out_features, module.in_features)
     base_weights = {}  # lmlab module name -> its (base) weight
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+        if name in stand_ins:
+            base_weights[name] = stand_ins[name]
+        elif isinstance(module, LoRALinear):
             base_weights[name] = module.base.weight
         elif type(module) is nn.Linear and not name.endswith((".base", ".lora_A", ".lora_B")):
             base_weights[name] = module.weight
-    state = {}
+    state = {f"{name}.weight": weight for name, weight in stand_ins.items()}
+    if any(isinstance(m, QuantizedEmbedding) for m in model.modules()):
+        state["tok_embed.weight"] = torch.empty(cfg.vocab_size, cfg.d_model)
     for key, tensor in model.state_dict(keep_vars=True).items():  # lmlab names, adapters folded away
         key = key.replace(".base.", ".")
-        if ".lora_" not in key:
+        if ".lora_" not in key and key.rpartition(".")[0] not in stand_ins:
             state[key] = tensor.detach()
     hf_state = family.to_hf(state, cfg)
     by_pointer: dict[tuple, list[str]] = {}

@@ -124,15 +124,43 @@ def _default_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return dtype
 
 
-def load_model(source: str | Path, dtype: torch.dtype | str | None = None, adapter: str | Path | None = None):
+def load_model(source: str | Path, dtype: torch.dtype | str | None = None, adapter: str | Path | None = None,
+               quantize: str | None = None, dequantize_other: bool = False):
     """Load a Transformer (eval mode) from any supported source; see the module docstring.
 
     ``adapter``: a LoRA adapter directory in PEFT's format (``lmlab finetune`` writes them, and so does
     ``peft``) attached to the loaded model; ``lmlab.adapt.merge_lora`` folds it into the weights.
+
+    ``quantize`` (see ``lmlab.quant`` and docs/quantization.md): ``"int8"`` or ``"int4"`` (``"int4-g64"``,
+    ``"int4-g128"`` for other group sizes) quantizes every linear layer after loading (an adapter's base
+    included, its A and B stay float); ``"native"`` runs a GGUF file at its own precision (Q4_0/Q4_1/Q8_0
+    blocks go straight into int4/int8 layers; ``dequantize_other`` lets other types load as float). A
+    quantized lmlab checkpoint always loads quantized.
     """
+    from lmlab.quant.model import is_quantized_dir, parse_mode
+
+    mode = parse_mode(quantize)
     dtype = _default_dtype(dtype)
     where = resolve(source)
-    if where.kind == "gguf":
+    if mode is not None and dtype != torch.float32:
+        raise CheckpointError(f"quantize={quantize!r} runs fp32 activations around integer weights; drop dtype={dtype}")
+    if where.kind == "lmlab" and is_quantized_dir(where.path):
+        if mode not in (None, "native"):
+            raise CheckpointError(f"{str(source)!r} is already quantized; load it without quantize={quantize!r} "
+                                  f"(or with quantize='native')")
+        from lmlab.quant.model import load_quantized
+
+        model = load_quantized(where.path)
+        mode = None
+    elif mode == "native":
+        if where.kind != "gguf":
+            raise CheckpointError(f"quantize='native' runs a GGUF file at its own precision; {str(source)!r} is a "
+                                  f"{where.kind} checkpoint (use quantize='int8' or 'int4')")
+        from lmlab.quant.gguf import load_gguf_native
+
+        model = load_gguf_native(where.path, dequantize_other=dequantize_other)
+        mode = None
+    elif where.kind == "gguf":
         from lmlab.checkpoints.gguf import read_gguf
 
         cfg, state, _meta = read_gguf(where.path)
@@ -146,6 +174,10 @@ def load_model(source: str | Path, dtype: torch.dtype | str | None = None, adapt
 
         load_adapter(model, adapter)
         model.eval()
+    if mode is not None:  # after the adapter: its frozen bases are quantized, A and B stay float
+        from lmlab.quant.model import quantize_model
+
+        quantize_model(model, *mode)
     return model
 
 

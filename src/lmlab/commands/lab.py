@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="compute precision; auto: bf16 where the CPU/GPU has native bf16, else fp32 "
                              "(default: auto); the path taken is printed")
+    parser.add_argument("--quantize", default=None, metavar="MODE",
+                        help="run on quantized weights: int8, int4 (int4-g64, int4-g128), or native (a GGUF file at "
+                             "its own precision); see docs/quantization.md")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         shots_from=args.shots_from, pool_size=args.pool_size, limit=args.limit, seed=args.seed,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=args.chat, out=args.out,
         examples=args.examples, precision=args.precision, adapter=args.adapter, reward=args.reward,
+        quantize=args.quantize,
     )
     try:
         run_lab(settings)

@@ -68,6 +68,7 @@ class LabSettings:
     precision: str = "auto"  # lmlab.precision: auto (bf16 where native, else fp32), fp32 or bf16
     adapter: str | Path | None = None  # LoRA adapter of the "finetuned" experiment; None: the one lmlab ships
     reward: str | Path | None = None  # reward model (lmlab reward train): best-of-n experiments need it; every row gets its score
+    quantize: str | None = None  # lmlab.quant: int8, int4[-gG] or native (a GGUF at its own precision); None: float
 
 
 class LabInterrupted(KeyboardInterrupt):
@@ -134,8 +135,10 @@ def _signature(settings: LabSettings, data: DialogueSet, pool_desc: str, chat: b
 
     from lmlab.precision import resolve_precision
 
-    if resolve_precision(settings.precision) != torch.float32:  # bf16 rounds differently: its rows are others
+    if resolve_precision(settings.precision) != torch.float32 and not settings.quantize:  # bf16 rows are others
         sig["precision"] = "bf16"
+    if settings.quantize:  # quantized weights give other rows too
+        sig["quantize"] = settings.quantize
     return sig
 
 
@@ -343,12 +346,16 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
 
         scorer = RewardScorer.load(settings.reward, batch_size=settings.batch_size)
     if todo:
-        model = load_model(settings.model, adapter=adapter)  # adapters are switched off outside "finetuned"
+        # adapters are switched off outside "finetuned"
+        model = load_model(settings.model, adapter=adapter, quantize=settings.quantize)
         if adapter is not None:
             echo(f"adapter: {adapter} (used by: {', '.join(e.name for e in experiments if e.adapter)})")
         from lmlab.precision import apply_precision
 
-        echo(f"precision: {apply_precision(model, settings.precision)}")
+        if settings.quantize:  # the integer kernels take bf16 activations themselves; the rest stays fp32
+            echo(f"precision: {settings.quantize} weights, fp32 activations (bf16 inside the quantized matmuls)")
+        else:
+            echo(f"precision: {apply_precision(model, settings.precision)}")
         max_prompt = settings.max_prompt_tokens
         if max_prompt is None:
             max_prompt = max(16, model.config.max_seq_len - settings.max_new_tokens)
@@ -380,6 +387,8 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
     }
     if adapter is not None:
         run_settings["adapter (finetuned)"] = f"{adapter} ({adapter_id})"
+    if settings.quantize:
+        run_settings["quantize"] = settings.quantize
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     _report.write_report_md(out / "report.md", summaries=summaries,
                             examples_md=_report.examples_text(evaluated, done, names, settings.examples, markdown=True),
