@@ -13,6 +13,8 @@ and are prompted exactly as the lab's ``finetuned`` experiment prompts them.
 * peak memory: the peak resident set (VmHWM) of a fresh process that loads the model and generates
   the same N tokens, so the interpreter and torch count alike for both.
 
+``--extra NAME=DIR`` adds rows (e.g. the student after ``lmlab quantize``), measured the same way.
+
     python benchmarks/distill.py --teacher runs/distill-half/teacher --student runs/distill-half/final \
         --data ../shared/data/dialogsum/dev.jsonl --threads 1 --out runs/distill-half/eval
 """
@@ -64,6 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True, help="teacher model directory (lmlab merge output)")
     parser.add_argument("--student", required=True, help="student model directory (lmlab distill output)")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=DIR",
+                        help="another model directory for the table, e.g. student-int8=runs/student-int8 (repeatable)")
     parser.add_argument("--data", default="../shared/data/dialogsum/dev.jsonl")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -82,6 +86,11 @@ def main() -> None:
     from lmlab.tasks.summarize.lab import LabSettings, run_lab
 
     models = {"teacher": args.teacher, "student": args.student}
+    for item in args.extra:
+        name, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--extra {item!r} must look like NAME=DIR")
+        models[name] = path
     print(f"threads: {torch.get_num_threads()}; torch {torch.__version__}", flush=True)
     rows: dict[str, dict] = {name: {} for name in models}
     for name, path in models.items():
@@ -132,7 +141,10 @@ def main() -> None:
     print()
     if "rouge1" in s and t["rouge1"] > 0:
         print(f"student / teacher ROUGE-1: {s['rouge1'] / t['rouge1']:.3f} (target >= 0.90)")
-    print(f"student / teacher decode speed: {s['decode_tokens_per_s'] / t['decode_tokens_per_s']:.2f}x (target >= 1.8x)")
+    for name in list(models)[1:]:
+        r = rows[name]
+        print(f"{name} / teacher decode speed: {r['decode_tokens_per_s'] / t['decode_tokens_per_s']:.2f}x"
+              + (" (target >= 1.8x)" if name == "student" else ""))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
 
