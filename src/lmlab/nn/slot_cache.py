@@ -13,6 +13,8 @@ does not change:
   writes its key/value at position ``lengths[i]`` and attends to keys ``0..lengths[i]``; the caller
   passes ``decode_inputs()``'s per-row positions and key mask. Keys past a row's own length are
   masked, so a short row never sees a longer row's stale entries.
+* ``load_row(row, cache)``: a prompt prefilled in chunks into a one-row ``Cache`` of its own moves
+  into `row` (one copy per layer).
 * ``remove(row)``: a finished row is replaced by the last active row (one copy of that row's
   entries), so the active rows always stay the contiguous prefix 0..A-1 and attention reads a view,
   never a gathered copy.
@@ -128,6 +130,24 @@ class SlotCache:
                 layer.v[row, :, :n] = layer.v[last, :, :n]
             self.lengths[row] = n
         self.lengths.pop()
+
+    def load_row(self, row: int, cache) -> None:
+        """Copy a one-row ``Cache`` (kv_cache.py) into `row`: a prompt prefilled elsewhere, chunk by chunk.
+
+        The scheduler prefills a long prompt in chunks into a private ``Cache`` of its own, so that the
+        slot cache's active rows stay the ones that decode; once the last chunk is in, the row's
+        ``cache.length`` entries move here in one copy per layer.
+        """
+        n = cache.length
+        if not 0 <= row < self.active:
+            raise DataError(f"row {row} is not active (active rows: 0..{self.active - 1})")
+        if len(cache.layers) != len(self.layers) or cache.layers[0].k.shape[0] != 1:
+            raise DataError(f"load_row() takes a one-row cache of {len(self.layers)} layers")
+        self.ensure_capacity(n)
+        for mine, theirs in zip(self.layers, cache.layers):
+            mine.k[row, :, :n] = theirs.k[0, :, :n]  # (Hkv, n, D)
+            mine.v[row, :, :n] = theirs.v[0, :, :n]
+        self.lengths[row] = n
 
     # --- binding the next forward ----------------------------------------------------------------
     def bind_prefill(self, row: int, n_tokens: int | list[int]) -> torch.Tensor | None:

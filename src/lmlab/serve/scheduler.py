@@ -5,11 +5,17 @@ The loop, one iteration at a time:
 1. *housekeeping*: requests that were cancelled (their client left) or ran past their deadline end,
    and their KV-cache slots are freed.
 2. *admission*: waiting requests take free slots (at most ``max_batch`` run at once) and are prefilled
-   into their own slots (``SlotCache.bind_prefill``), which also yields each one's first token. Requests
-   admitted together are prefilled as one right-padded batch (up to ``prefill_tokens`` padded tokens):
-   on a CPU a short prefill is bound by reading the weights, so eight prompts cost little more than one,
-   and the eighth does not wait for seven prefills before its first token. A new request waits at most
-   one decode step before its prefill, never for a long request to end.
+   into their own slots (``SlotCache.bind_prefill``), which also yields each one's first token. Each
+   iteration prefills at most ``prefill_tokens`` prompt tokens (a budget), first come first served, so
+   the running requests wait at most that much prefill between two of their tokens, and a newcomer that
+   finds a free slot is prefilled before the next decode step. Prompts admitted in one iteration go in
+   length order, in right-padded batches of at most ``prefill_tokens`` padded tokens (similar lengths, so
+   little padding): on a GPU one batch costs about what one prompt does; on a CPU a prompt of a few
+   hundred tokens already keeps the matrix units busy, so batching saves little there, and the budget
+   is what lets earlier newcomers see their first token sooner.
+   *Chunked prefill*: a prompt longer than ``prefill_tokens`` is prefilled ``prefill_tokens`` at a time,
+   one chunk per iteration, into a one-row ``Cache`` of its own (then ``SlotCache.load_row``), so a long
+   prompt never stalls the running requests for more than one chunk.
 3. *one decode step* for every running request together: each row sits at its own position (RoPE or
    absolute positions per row) and attends only to its own keys (``SlotCache.bind_decode``).
 4. each row's token is chosen with that request's own logits-processor chain
@@ -120,19 +126,31 @@ class _Decoding:
         return self.generator is None and not len(self.chain)
 
 
+class _Chunked:
+    """A long prompt being prefilled chunk by chunk into a one-row cache of its own (``state.seq`` holds it)."""
+
+    def __init__(self, req: Request, state: _Decoding, cache):
+        self.req, self.state, self.cache = req, state, cache
+
+    @property
+    def remaining(self) -> int:
+        return self.state.length - self.cache.length
+
+
 class Scheduler:
     """Continuous batching over a decoder-only model (see the module docstring).
 
     ``max_batch``: requests decoded together (KV-cache slots); ``max_queue``: requests waiting for a
     slot before ``submit`` raises ``QueueFull``; ``timeout``: default seconds a request may run, from
-    arrival, before it ends with finish reason "timeout".
+    arrival, before it ends with finish reason "timeout"; ``prefill_tokens``: prompt tokens prefilled per
+    iteration between two decode steps (longer prompts go in chunks of this size).
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, timeout: float | None = 600.0,
-                 metrics: Metrics | None = None, max_context: int | None = None, prefill_tokens: int = 4096):
+                 metrics: Metrics | None = None, max_context: int | None = None, prefill_tokens: int = 512):
         if model.config.arch != "decoder":
             raise ConfigError(f"lmlab serve runs decoder-only models; this model has arch={model.config.arch!r}")
-        for name, value in (("max_batch", max_batch), ("max_queue", max_queue)):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_tokens", prefill_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 1")
         if timeout is not None and not timeout > 0:
@@ -146,10 +164,12 @@ class Scheduler:
         self.running: list[Request] = []  # running[i] owns cache row i
         self._state: dict[int, _Decoding] = {}  # request id -> its decoding state
         self._waiting: deque[Request] = deque()
+        self._chunked: _Chunked | None = None  # the long prompt being prefilled chunk by chunk, if any
         self._cv = threading.Condition()
         self._ids = itertools.count(1)
         self._closing = False
         self.steps = 0  # decode steps run (tests and benchmarks read it)
+        self.prefills = 0  # prefill forwards run (a batch of prompts or one chunk counts once)
         self.peak_running = 0  # the most requests ever decoded together
         self.error: str | None = None  # why the loop stopped, if it ever failed
         self._thread = threading.Thread(target=self._run, name="lmlab-model-loop", daemon=True)
@@ -195,7 +215,7 @@ class Scheduler:
         with self._cv:
             self._closing = True
             if not drain:
-                for req in list(self._waiting) + self.running:
+                for req in list(self._waiting) + self.running + ([self._chunked.req] if self._chunked else []):
                     req.cancelled = True
             self._cv.notify()
         self._thread.join(timeout)
@@ -205,9 +225,13 @@ class Scheduler:
         return self._thread.is_alive()
 
     def pending(self) -> tuple[int, int]:
-        """(running, waiting) right now."""
+        """(running, waiting) right now; a prompt being prefilled in chunks counts as running."""
         with self._cv:
-            return len(self.running), len(self._waiting)
+            return self._occupied(), len(self._waiting)
+
+    def _occupied(self) -> int:
+        """Slots taken: running requests, and the chunked prompt that will need one."""
+        return len(self.running) + (self._chunked is not None)
 
     # --- the loop (model thread) -----------------------------------------------------------------
     def _run(self) -> None:
@@ -220,7 +244,7 @@ class Scheduler:
             self.error = f"{type(exc).__name__}: {exc}"
             with self._cv:
                 self._closing = True
-                stranded = list(self._waiting) + self.running
+                stranded = list(self._waiting) + self.running + ([self._chunked.req] if self._chunked else [])
                 self._waiting.clear()
             for req in stranded:
                 self._end(req, "error", f"the model loop stopped: {self.error}")
@@ -230,32 +254,65 @@ class Scheduler:
         """Housekeeping, admission + prefill, one decode step -> False once closed and drained.
         (A method of its own so that nothing of a finished request outlives the iteration in a local.)"""
         with self._cv:
-            while not (self._waiting or self.running or self._closing):
+            while not (self._waiting or self.running or self._chunked or self._closing):
                 self._cv.wait()
-            if self._closing and not self._waiting and not self.running:
+            if self._closing and not self._waiting and not self.running and not self._chunked:
                 return False
             self._expire_waiting()
-            admitted = []
-            while self._waiting and len(self.running) + len(admitted) < self.max_batch:
-                admitted.append(self._waiting.popleft())
+            chunk, admitted, start_chunked = self._plan_prefill()
             with self.metrics.lock:
                 self.metrics.queued = len(self._waiting)
         self._expire_running()
+        if start_chunked is not None:
+            self._start_chunked(start_chunked)
+        if self._chunked is not None:
+            self._prefill_chunk(chunk)
         for group in self._prefill_groups(admitted):
             self._prefill(group)
         self.peak_running = max(self.peak_running, len(self.running))
         if self.running:
             self._decode_step()
         with self.metrics.lock:
-            self.metrics.running = len(self.running)
+            self.metrics.running = self._occupied()
         return True
 
+    def _plan_prefill(self) -> tuple[int, list[Request], Request | None]:
+        """This iteration's prefill work, within ``prefill_tokens`` prompt tokens (called holding the lock)
+        -> (tokens of the chunked prompt to prefill now, requests to prefill whole, a long request that
+        starts chunked prefill now).
+
+        First come, first served: the chunked prompt in progress takes its next chunk first; then waiting
+        requests are taken in arrival order while a slot and the budget last. A prompt longer than the
+        whole budget starts chunked prefill when no other is in progress; one that does not fit the
+        budget left waits for the next iteration, where it comes first. So the queue's head is always
+        served within one iteration of a slot being free.
+        """
+        budget = self.prefill_tokens
+        chunk = 0
+        if self._chunked is not None:
+            chunk = min(budget, self._chunked.remaining)
+            budget -= chunk
+        admitted: list[Request] = []
+        start_chunked = None
+        while self._waiting and budget > 0 and self._occupied() + len(admitted) < self.max_batch:
+            n = len(self._waiting[0].prompt_ids)
+            if n <= budget:
+                admitted.append(self._waiting.popleft())
+                budget -= n
+            elif n > self.prefill_tokens and self._chunked is None and start_chunked is None:
+                start_chunked = self._waiting.popleft()
+                chunk, budget = budget, 0
+            else:
+                break
+        return chunk, admitted, start_chunked
+
     def _prefill_groups(self, admitted: list[Request]) -> list[list[Request]]:
-        """Admitted requests in arrival order, cut into prefill batches of at most ``prefill_tokens`` padded
-        tokens (a batch's cost is its size times its longest prompt)."""
+        """Requests admitted in one iteration, shortest prompt first, cut into prefill batches of at most
+        ``prefill_tokens`` padded tokens (a batch's cost is its size times its longest prompt; sorting keeps
+        the lengths in a batch close, so little of it is padding)."""
         groups: list[list[Request]] = []
         longest = 0
-        for req in admitted:
+        for req in sorted(admitted, key=lambda r: len(r.prompt_ids)):
             n = len(req.prompt_ids)
             if groups and max(longest, n) * (len(groups[-1]) + 1) <= self.prefill_tokens:
                 groups[-1].append(req)
@@ -274,6 +331,10 @@ class Scheduler:
 
     def _expire_running(self) -> None:
         now = time.monotonic()
+        part = self._chunked
+        if part is not None and (part.req.cancelled or (part.req.deadline and now > part.req.deadline)):
+            self._chunked = None
+            self._end(part.req, "cancelled" if part.req.cancelled else "timeout")
         for row in range(len(self.running) - 1, -1, -1):  # descending: see _release
             req = self.running[row]
             if req.cancelled or (req.deadline and now > req.deadline):
@@ -322,8 +383,51 @@ class Scheduler:
         for row in reversed(finished):
             self._release(row)
 
+    def _start_chunked(self, req: Request) -> None:
+        """Begin prefilling a prompt longer than ``prefill_tokens``: its own one-row cache, filled chunk by chunk."""
+        try:
+            state = _Decoding(req, self.tokenizer, self.model.device)
+            cache = self.model.new_cache(1, state.length)
+        except Exception as exc:
+            self._end(req, "error", f"{type(exc).__name__}: {exc}")
+            return
+        self._chunked = _Chunked(req, state, cache)
+
+    def _prefill_chunk(self, n: int) -> None:
+        """The next `n` prompt tokens of the chunked prompt; after its last chunk it takes a slot (its cache
+        entries move in with ``SlotCache.load_row``) and its first token is chosen, as a whole prefill would."""
+        part = self._chunked
+        done = part.cache.length
+        try:
+            ids = part.state.seq[:, done:done + n]  # (1, n) the next chunk, at positions done..done+n-1
+            logits = self.model(ids, cache=part.cache, logits_to_keep=1)[0, -1]  # (V,)
+            self.prefills += 1
+            if part.cache.length < part.state.length:
+                return
+            self._chunked = None
+            row = self.cache.add()
+            self.running.append(part.req)
+            self._state[part.req.id] = part.state
+            self.cache.load_row(row, part.cache)
+        except Exception as exc:
+            if self._chunked is None and self.running and self.running[-1] is part.req:  # failed after taking a slot
+                self._release(len(self.running) - 1)
+            self._chunked = None
+            self._end(part.req, "error", f"{type(exc).__name__}: {exc}")
+            return
+        with self.metrics.lock:
+            self.metrics.prompt_tokens += part.state.length
+        try:
+            finished = self._accept(part.req, part.state, self._choose(part.state, logits))
+        except Exception as exc:
+            finished = True
+            self._end(part.req, "error", f"{type(exc).__name__}: {exc}")
+        if finished:
+            self._release(row)
+
     def _prefill_logits(self, first: int, prompts: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:
         """Prompts (each (T_i,)) into cache rows first, first+1, ... -> next-token logits (B, V)."""
+        self.prefills += 1
         if len(prompts) == 1:  # exactly a lone prefill
             self.cache.bind_prefill(first, lengths[0])
             return self.model(prompts[0][None], cache=self.cache, logits_to_keep=1)[:, -1]  # (1, V)
