@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("lmlab.commands.serve", "serve a model: OpenAI-compatible HTTP API with continuous batching, and a playground"),
     "finetune": ("lmlab.commands.finetune", "fine-tune a model on (prompt, response) pairs: full or LoRA"),
     "merge": ("lmlab.commands.merge", "fold a LoRA adapter into its base model and save the merged weights"),
+    "quantize": ("lmlab.commands.quantize", "write an int8 or int4 weight-only quantized checkpoint"),
     "align": ("lmlab.commands.align", "align a model with preference pairs: DPO of a LoRA policy (reference: adapters off)"),
     "distill": ("lmlab.commands.distill", "distill a teacher into a smaller student with unlabeled data "
                 "(sequence- or token-level)"),

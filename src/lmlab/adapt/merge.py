@@ -21,10 +21,13 @@ def merge_adapter(source: str | Path, adapter: str | Path, out_dir: str | Path, 
     from lmlab.adapt.peft import read_adapter_config
     from lmlab.adapt.recipe import RECIPE_FILE
 
+    from lmlab.quant.linear import is_quantized
+
     read_adapter_config(adapter)  # a clear error before the base model is loaded
     model = lmlab.load_model(source, adapter=adapter)
-    if not model.dtype.is_floating_point or getattr(model.config, "quantization", None):
-        raise CheckpointError(f"cannot merge into {str(source)!r}: its weights are quantized ({model.dtype}); "
+    if is_quantized(model):
+        raise CheckpointError(f"cannot merge into {str(source)!r}: its weights are quantized "
+                              f"({getattr(model, 'quantization', {}).get('source') or 'lmlab quantize'}); "
                               f"merge into the float model, then quantize")
     merged = merge_lora(model)
     tokenizer = lmlab.load_tokenizer(source)

@@ -331,7 +331,31 @@ def describe(source: str | Path) -> dict:
         "vocab_size": cfg.vocab_size,
         "weights_bytes": {"fp32": total * 4, "bf16": total * 2, "int8": total},
         "kv_cache_bytes_per_token_fp32": kv_per_token,
+        "quantization": _describe_quantization(where),
     }
+
+
+def _describe_quantization(where: Resolved) -> str:
+    """At which precision the weights run: a quantized checkpoint's layers, or a GGUF's block types."""
+    from lmlab.quant.model import QUANT_FILE, describe_quantization
+
+    if where.kind == "lmlab" and (where.path / QUANT_FILE).exists():
+        return describe_quantization(json.loads((where.path / QUANT_FILE).read_text()))
+    if where.kind == "gguf":
+        from lmlab.checkpoints.gguf import read_gguf_metadata
+        from lmlab.quant.gguf import FLOAT_TYPES, NATIVE_TYPES
+
+        types = read_gguf_metadata(where.path).get("gguf.tensor_types", [])
+        counts = {t: types.count(t) for t in dict.fromkeys(types)}
+        listed = ", ".join(f"{n} {t}" for t, n in counts.items())
+        other = [t for t in counts if t not in NATIVE_TYPES + FLOAT_TYPES]
+        if other:
+            return f"GGUF tensors {listed}; {', '.join(other)} have no native kernel: runs dequantized to fp32"
+        if any(t in NATIVE_TYPES for t in counts):
+            return (f"GGUF tensors {listed}; runs at the file's own precision with --quantize native "
+                    f"(int4/int8 kernels), else dequantized to fp32")
+        return f"GGUF tensors {listed} (float)"
+    return "none (float weights)"
 
 
 def format_description(info: dict) -> str:
@@ -356,6 +380,7 @@ def format_description(info: dict) -> str:
         ("weights memory", f"fp32 {format_bytes(w['fp32'])}, bf16 {format_bytes(w['bf16'])}, int8 {format_bytes(w['int8'])}"),
         ("KV cache (fp32)", f"{kv:,} bytes/token ({format_bytes(kv)}); "
                             f"{format_bytes(kv * info['context_length'])} at full context" if kv else "none (no decoder)"),
+        ("quantization", info.get("quantization", "none (float weights)")),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -147,16 +147,27 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
             for _ in range(n_kv):
                 key = parser.string()
                 metadata[key] = parser.value(parser.take("I"))
-            names = []
+            names, types = [], []
             for _ in range(n_tensors):
                 names.append(parser.string())
                 parser.take("Q", parser.take("I"))  # dims
-                parser.take("I")  # quant type
+                types.append(parser.take("I"))  # quant type
                 parser.take("Q")  # data offset
         except (EOFError, ValueError, struct.error) as exc:
             raise CheckpointError(f"{path} is truncated or not a GGUF file ({exc})") from None
     metadata["gguf.tensor_names"] = names
+    metadata["gguf.tensor_types"] = [_type_name(t) for t in types]
     return metadata
+
+
+def _type_name(code: int) -> str:
+    """A ggml quant type code -> its name (Q4_1, F32, ...), or the number when gguf does not know it."""
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(code).name
+    except ValueError:
+        return str(code)
 
 
 def _f32(value: float) -> float:

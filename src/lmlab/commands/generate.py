@@ -39,6 +39,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: in
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="compute precision; auto: bf16 where the CPU/GPU has native bf16, else fp32 (default auto); "
                         "the path taken is printed to stderr")
+    g.add_argument("--quantize", default=None, metavar="MODE",
+                   help="run on quantized weights: int8, int4 (int4-g64, int4-g128), or native (a GGUF file at its "
+                        "own precision); see docs/quantization.md")
 
 
 # flags that only shape the distribution tokens are drawn from: without --do-sample they would change nothing
@@ -81,15 +84,16 @@ def run(args: argparse.Namespace) -> int:
     import lmlab
     from lmlab.errors import ConfigError
     from lmlab.generation import stream
-    from lmlab.precision import apply_precision
     from lmlab.prompting import chat_prompt
+    from lmlab.quant.model import apply_compute_precision
 
     if args.system and not args.chat:
         raise ConfigError("--system needs --chat (a system message only exists in a chat template)")
     config = generation_config(args)  # validate flags before loading anything
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = lmlab.load_model(args.model, adapter=args.adapter), lmlab.load_tokenizer(args.model)
-    print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
+    model = lmlab.load_model(args.model, adapter=args.adapter, quantize=args.quantize)
+    tokenizer = lmlab.load_tokenizer(args.model)
+    print(f"precision: {apply_compute_precision(model, args.precision)}", file=sys.stderr)
     if args.chat:
         prompt = chat_prompt(tokenizer, prompt, args.system)
     for piece in stream(model, tokenizer, prompt, config):

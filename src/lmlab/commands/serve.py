@@ -12,7 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="registry name (e.g. smollm2-135m-instruct), .gguf file, or model directory")
     parser.add_argument("--adapter", default=None, metavar="DIR",
                         help="a LoRA adapter directory (lmlab finetune writes them); enables the fine-tuned summarizer")
-    parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
+    parser.add_argument("--quantize", default=None, metavar="MODE",
+                        help="weight-only quantization: int8, int4 (int4-g64, int4-g128), or native (a GGUF file at "
+                             "its own precision); see docs/quantization.md")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     parser.add_argument("--api-key", default=None, metavar="KEY",

@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import lmlab
     from lmlab.errors import DataError
-    from lmlab.precision import apply_precision
     from lmlab.prompting import Example, SentenceEmbedder, summarize
+    from lmlab.quant.model import apply_compute_precision
 
     config = generation_config(args)
     if args.best_of != 1 or args.reward is not None:
@@ -84,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
         recipe = Recipe.load(args.model) if Path(args.model).is_dir() else None
         if recipe is not None:  # a fully fine-tuned or distilled model: the prompt it was trained on
             template, chat, instruction = recipe.template, recipe.chat, recipe.instruction
-    model, tokenizer = lmlab.load_model(args.model, adapter=adapter), lmlab.load_tokenizer(args.model)
-    print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
+    model = lmlab.load_model(args.model, adapter=adapter, quantize=args.quantize)
+    tokenizer = lmlab.load_tokenizer(args.model)
+    print(f"precision: {apply_compute_precision(model, args.precision)}", file=sys.stderr)
     embedder = SentenceEmbedder() if args.shots and args.select == "nearest" else None
     if args.best_of > 1:
         summary, prompt = _summarize_best_of(args, dialogue.strip(), model, tokenizer, pool, template, chat, config,

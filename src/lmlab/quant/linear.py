@@ -41,7 +41,7 @@ from lmlab.errors import CheckpointError, ConfigError
 
 GROUP_SIZES = (32, 64, 128)
 BITS = (8, 4)
-INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs out_features divisible by 16
+INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs out_features divisible by 16: padded with zero rows
 
 
 def _require(name: str) -> None:
@@ -180,11 +180,15 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("qweight", qweight.contiguous())  # (N, K/2) uint8, two values per byte
         self.register_buffer("scale", scale.float().contiguous())  # (N, K/G) fp32
         self.register_buffer("min", minimum.float().contiguous())  # (N, K/G) fp32
-        # the kernel's operands: its packed layout and (K/G, N, 2) bf16 [scale, zero] with zero = min + 8 scale
+        # the kernel's operands: its packed layout and (K/G, N, 2) bf16 [scale, zero] with zero = min + 8 scale;
+        # the kernel takes N in multiples of 16, so other widths get zero rows that forward() drops again
+        self._pad = -N % INT4_N_MULTIPLE
         values = unpack_nibbles(self.qweight).to(torch.int32)  # (N, K)
+        scale, zero = self.scale, self.min + 8 * self.scale
+        if self._pad:
+            values, scale, zero = (torch.cat([t, t.new_zeros(self._pad, t.shape[1])]) for t in (values, scale, zero))
         self.register_buffer("_packed", torch._convert_weight_to_int4pack_for_cpu(values, 2), persistent=False)
-        zero = self.min + 8 * self.scale
-        scales_zeros = torch.stack([self.scale, zero], dim=-1).transpose(0, 1)  # (N, K/G, 2) -> (K/G, N, 2)
+        scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # (N, K/G, 2) -> (K/G, N, 2)
         self.register_buffer("_scales_zeros", scales_zeros.to(torch.bfloat16).contiguous(), persistent=False)
 
     @classmethod
@@ -194,7 +198,8 @@ class Int4Linear(QuantizedLinear):
         return cls(q, scale, low, group_size, linear.bias, name)
 
     def _matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(rows, self._packed, self.group_size, self._scales_zeros)
+        y = torch._weight_int4pack_mm_for_cpu(rows, self._packed, self.group_size, self._scales_zeros)  # (R, N+pad)
+        return y[:, :self.out_features] if self._pad else y
 
     def _dequantize(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """(..., K) values with (..., K/G) scale and kernel zero -> (..., K) fp32 ``(q - 8) * scale + zero``."""
@@ -203,7 +208,7 @@ class Int4Linear(QuantizedLinear):
         return (grouped * scale[..., None] + zero[..., None]).flatten(-2)
 
     def dequantize(self) -> torch.Tensor:
-        scale, zero = self._scales_zeros.float().transpose(0, 1).unbind(-1)  # (N, K/G) each
+        scale, zero = self._scales_zeros.float().transpose(0, 1)[:self.out_features].unbind(-1)  # (N, K/G) each
         return self._dequantize(unpack_nibbles(self.qweight), scale, zero)
 
     def embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -216,16 +221,15 @@ class Int4Linear(QuantizedLinear):
 
 
 def check_int4_shape(name: str, in_features: int, out_features: int, group_size: int) -> None:
-    """One-line errors for shapes the int4 kernel cannot take, naming the layer and the width."""
+    """One-line errors for shapes the int4 kernel cannot take, naming the layer and the width.
+
+    (Any output width works: widths that are not a multiple of 16 are padded with zero rows.)"""
     if group_size not in GROUP_SIZES:
         raise ConfigError(f"group_size={group_size!r} is not valid; choose one of: {', '.join(map(str, GROUP_SIZES))}")
     if in_features % group_size:
         raise ConfigError(f"cannot quantize {name!r} to int4 with group_size={group_size}: its input width "
                           f"{in_features} is not divisible by {group_size} (try a group size that divides it, "
                           f"or leave the layer out)")
-    if out_features % INT4_N_MULTIPLE:
-        raise ConfigError(f"cannot quantize {name!r} to int4: its output width {out_features} is not divisible by "
-                          f"{INT4_N_MULTIPLE}, which the CPU int4 kernel needs (leave the layer out)")
 
 
 class QuantizedEmbedding(nn.Module):

@@ -224,6 +224,32 @@ def save_quantized(model: nn.Module, directory: Path) -> None:
     native.write_safetensors(state, directory / "model.safetensors", {"format": "pt", "lmlab_quantization": "1"})
 
 
+def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None,
+                        layers=None) -> tuple[Path, QuantReport]:
+    """``lmlab quantize``: load `source` in fp32, quantize it, write a quantized checkpoint (with the
+    tokenizer, when the source has one) atomically to `out_dir` -> (path, report)."""
+    import lmlab
+    from lmlab.checkpoints import _atomic_dir, _save_tokenizer
+
+    if bits not in BITS:  # before loading anything
+        raise ConfigError(f"--bits {bits!r} is not valid; choose one of: {', '.join(map(str, BITS))}")
+    if group_size is not None and group_size not in GROUP_SIZES:
+        raise ConfigError(f"--group-size {group_size!r} is not valid; choose one of: {', '.join(map(str, GROUP_SIZES))}")
+    model = lmlab.load_model(source)
+    report = quantize_model(model, bits, group_size, layers)
+    model.quantization["source"] = str(source)
+    try:
+        tokenizer = lmlab.load_tokenizer(source)
+    except (CheckpointError, ImportError, OSError):
+        tokenizer = None  # a checkpoint without tokenizer files: weights only
+
+    def write(tmp: Path) -> None:
+        save_quantized(model, tmp)
+        _save_tokenizer(tokenizer, tmp)
+
+    return _atomic_dir(Path(out_dir), write), report
+
+
 def is_quantized_dir(directory: Path) -> bool:
     return (Path(directory) / QUANT_FILE).exists()
 
@@ -275,6 +301,18 @@ def attach_embedding(model: nn.Module, record: dict, source: str) -> None:
         if not isinstance(model.lm_head, QuantizedLinear):
             raise CheckpointError(f"{source}: the embedding is tied to a quantized lm_head, but lm_head is not quantized")
         model.tok_embed = QuantizedEmbedding(model.lm_head, tied=True)
+
+
+def apply_compute_precision(model: nn.Module, precision: str = "auto") -> str:
+    """``lmlab.precision.apply_precision`` for a float model; a quantized model keeps fp32 activations
+    (its kernels take bf16 inside each matmul), so only the line to print is returned."""
+    from lmlab.quant.linear import is_quantized
+
+    if is_quantized(model):
+        return f"fp32 activations around quantized weights ({describe_quantization(model)}); --precision is not used"
+    from lmlab.precision import apply_precision
+
+    return apply_precision(model, precision)
 
 
 def describe_quantization(model_or_record) -> str:
