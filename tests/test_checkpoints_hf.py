@@ -321,3 +321,31 @@ def test_config_of_hub_id_downloads_only_config_json(gpt2_dir, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     cfg, where = load_config("some-org/tiny-gpt2")
     assert patterns == [["config.json"]] and cfg.n_layers == 2 and where.kind == "hf"
+
+
+# --- building without a second copy ---------------------------------------------------------------
+
+def test_build_model_takes_the_state_tensors_without_initialising_or_copying():
+    """build_model assigns fp32 state tensors as the parameters (no random init, no second copy of the
+    weights); a tied head is re-tied, a view is given storage of its own, computed buffers stay real."""
+    from lmlab.checkpoints.hf import build_model
+
+    cfg = ModelConfig.from_name("tiny-decoder").replace(tie_embeddings=True, positional="rope")
+    reference = Transformer(cfg)
+    state = {k: v.detach().clone() for k, v in reference.state_dict().items() if k != "lm_head.weight"}
+    fused = torch.randn(2 * cfg.d_model, cfg.d_model)  # a converter's split: q is a view of a larger tensor
+    state["decoder.layers.0.attn.q.weight"] = fused[:cfg.d_model]
+    model = build_model(cfg, state)
+
+    embed = state["decoder.layers.1.ffn.up.weight"]
+    assert model.decoder.layers[1].ffn.up.weight.data_ptr() == embed.data_ptr()  # taken, not copied
+    assert model.lm_head.weight is model.tok_embed.weight
+    q = model.decoder.layers[0].attn.q.weight
+    assert q.data_ptr() != fused.data_ptr() and q.untyped_storage().nbytes() == q.numel() * 4
+    assert torch.equal(q, fused[:cfg.d_model])
+    assert all(p.device.type == "cpu" and p.requires_grad for p in model.parameters())
+    assert torch.equal(model.decoder.rotary.inv_freq, reference.decoder.rotary.inv_freq)
+    ids = torch.randint(0, cfg.vocab_size, (2, 5))
+    reference.decoder.layers[0].attn.q.weight.data.copy_(fused[:cfg.d_model])
+    with torch.no_grad():
+        assert torch.equal(model(ids), reference.eval()(ids))
