@@ -1,13 +1,14 @@
 """Quality of quantized SmolLM2-135M-Instruct: perplexity, lab ROUGE, model bytes and peak RSS per format.
 
-    python benchmarks/quant_quality.py [--limit 100] [--threads 1] [--modes fp32,int8,int4,native]
+    python benchmarks/quant_quality.py [--ppl-limit 100] [--limit 100] [--threads 1] [--modes fp32,int8,int4,native]
 
 Each format runs in its own child process (so peak RSS is that format's alone):
 
-* perplexity of the base model on the DialogSum dev dialogues of records 400-499 (the dialogue text,
-  up to 512 tokens each, all predicted tokens pooled);
+* perplexity of the base model on the DialogSum dev dialogues of records 400..400+ppl_limit-1 (the
+  dialogue text, up to 512 tokens each, all predicted tokens pooled);
 * ROUGE of the lab's ``finetuned`` experiment (the shipped DialogSum LoRA adapter over the quantized
-  base) on the same records (``--pool-size 400 --limit 100``), greedy, 48 new tokens;
+  base) on records 400..400+limit-1 (``--pool-size 400 --limit N``), greedy, 48 new tokens; the lab
+  resumes its folder, so an interrupted run continues where it stopped;
 * model bytes: the tensors the model holds (a quantized layer's integers, scales and minimums; not the
   kernel's packed copy, which doubles int4 in memory);
 * peak RSS (VmHWM) of the child after both.
@@ -31,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEV = REPO.parent / "shared" / "data" / "dialogsum" / "dev.jsonl"
 
 
-def child(mode: str, limit: int, out_dir: Path) -> dict:
+def child(mode: str, limit: int, ppl_limit: int, out_dir: Path) -> dict:
     import math
 
     import torch
@@ -45,14 +46,19 @@ def child(mode: str, limit: int, out_dir: Path) -> dict:
     tokenizer = lmlab.load_tokenizer("smollm2-135m-instruct")
     tensors = {t.untyped_storage().data_ptr(): t for t in list(model.state_dict().values())}
     model_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    records = [json.loads(line) for line in DEV.read_text().splitlines()][400:400 + limit]
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for record in records:
-            ids = torch.tensor([tokenizer.encode(record["dialogue"])[:512]])
-            logits = model(ids)[0, :-1].float()  # (T-1, V)
-            nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-            count += ids.shape[1] - 1
+    records = [json.loads(line) for line in DEV.read_text().splitlines()][400:400 + ppl_limit]
+    cached = out_dir / f"ppl-{mode}-{ppl_limit}.json"  # perplexity is deterministic: kept across reruns
+    if cached.exists():
+        nll, count = json.loads(cached.read_text())
+    else:
+        nll, count = 0.0, 0
+        with torch.inference_mode():
+            for record in records:
+                ids = torch.tensor([tokenizer.encode(record["dialogue"])[:512]])
+                logits = model(ids)[0, :-1].float()  # (T-1, V)
+                nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+                count += ids.shape[1] - 1
+        cached.write_text(json.dumps([nll, count]))
     ppl = math.exp(nll / count)
     what = describe_quantization(model)
     del model
@@ -71,7 +77,8 @@ def child(mode: str, limit: int, out_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", default="fp32,int8,int4,native")
-    parser.add_argument("--limit", type=int, default=100, help="records 400..400+limit-1 (default: 100)")
+    parser.add_argument("--limit", type=int, default=100, help="lab ROUGE on records 400..400+limit-1 (default: 100)")
+    parser.add_argument("--ppl-limit", type=int, default=100, help="perplexity on records 400..400+N-1 (default: 100)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/quant-quality")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -81,13 +88,14 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print("RESULT " + json.dumps(child(args.child, args.limit, out)), flush=True)
+        print("RESULT " + json.dumps(child(args.child, args.limit, args.ppl_limit, out)), flush=True)
         return
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for mode in args.modes.split(","):
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "LMLAB_NUM_THREADS": str(args.threads)}
         proc = subprocess.run([sys.executable, __file__, "--child", mode, "--limit", str(args.limit),
+                               "--ppl-limit", str(args.ppl_limit),
                                "--threads", str(args.threads), "--out", str(out)],
                               env=env, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -98,7 +106,8 @@ def main() -> None:
         print(json.dumps(results[-1]), flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))
     base = next((r for r in results if r["mode"] == "fp32"), None)
-    print(f"\nSmolLM2-135M-Instruct, DialogSum dev records 400-{399 + args.limit}, {args.threads} thread(s)")
+    print(f"\nSmolLM2-135M-Instruct, DialogSum dev: perplexity on records 400-{399 + args.ppl_limit}, lab ROUGE "
+          f"(finetuned, shipped adapter) on records 400-{399 + args.limit}; {args.threads} thread(s)")
     print("| format | layers | perplexity | vs fp32 | ROUGE-1 | ROUGE-2 | ROUGE-L | model bytes | peak RSS |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:

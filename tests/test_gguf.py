@@ -319,4 +319,5 @@ def test_header_parser_matches_gguf_reader(tiny_f32):
     reader = gguf.GGUFReader(tiny_f32)
     expected = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
     expected["gguf.tensor_names"] = [t.name for t in reader.tensors]
+    expected["gguf.tensor_types"] = [t.tensor_type.name for t in reader.tensors]
     assert read_gguf_metadata(tiny_f32) == expected

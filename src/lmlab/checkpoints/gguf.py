@@ -126,7 +126,7 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
 
     Values are plain Python (str, int, float, bool, lists). Also adds ``"gguf.tensor_names"``, the list
     of tensor names, which ``gguf_config`` needs to decide whether the output projection is tied to the
-    embeddings.
+    embeddings, and ``"gguf.tensor_types"``, their quant type names (``lmlab info`` reports them).
     """
     path = Path(path)
     if not path.is_file():
