@@ -366,3 +366,18 @@ def test_smollm2_native_q4_1_matches_the_dequantized_model(smollm2_path):
     agree = (ours.argmax(-1) == exact.argmax(-1)).float().mean().item()
     assert agree >= 0.9, agree
     assert (ours - exact).abs().max() <= 0.1 * exact.abs().max()
+
+
+def test_lab_runs_quantized_and_keeps_its_rows_apart(tiny_model_dir, tmp_path):
+    from lmlab.tasks.summarize.lab import LabSettings, run_lab
+
+    def settings(quantize):
+        return LabSettings(model=str(tiny_model_dir), experiments="zero-shot-bare", limit=2, batch_size=2,
+                           max_new_tokens=4, out=tmp_path / "lab", examples=0, quantize=quantize)
+
+    lines = []
+    result = run_lab(settings("int8"), echo=lines.append, progress=False)
+    assert result.new_rows == 2 and any("int8 weights" in line for line in lines)
+    # float rows are others: a float run in the same folder must not reuse the int8 rows
+    with pytest.raises(ConfigError, match="different settings.*quantize"):
+        run_lab(settings(None), echo=lambda _: None, progress=False)
