@@ -74,6 +74,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--record", type=int, default=400, help="the dev record whose prompt the speed test uses")
     parser.add_argument("--skip-rouge", action="store_true")
+    parser.add_argument("--rouge-from", action="append", default=[], metavar="NAME=RESULTS.jsonl",
+                        help="score NAME from the 'finetuned' rows of an earlier lab run on the same records instead "
+                             "of generating them again (e.g. the teacher: runs/dev-eval/results.jsonl)")
+    parser.add_argument("--no-rouge", action="append", default=[], metavar="NAME",
+                        help="leave NAME's ROUGE out (speed and memory only)")
     parser.add_argument("--out", default="runs/distill-eval")
     parser.add_argument("--measure-memory", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -97,8 +102,17 @@ def main() -> None:
         model = lmlab.load_model(path)
         rows[name].update(parameters=model.num_parameters(), layers=model.config.n_layers)
         del model
+    reused = dict(item.partition("=")[::2] for item in args.rouge_from)
     if not args.skip_rouge:
         for name, path in models.items():
+            if name in args.no_rouge:
+                continue
+            if name in reused:
+                lab_rows = [json.loads(line) for line in Path(reused[name]).read_text().splitlines() if line.strip()]
+                lab_rows = [r for r in lab_rows if r["experiment"] == "finetuned"]
+                rows[name].update(_rouge(lab_rows), rouge_source=reused[name])
+                print(f"{name}: ROUGE from {len(lab_rows)} rows of {reused[name]}", flush=True)
+                continue
             result = run_lab(LabSettings(model=path, data=args.data, experiments=["finetuned"], pool_size=400, limit=100,
                                          max_new_tokens=64, batch_size=8, out=Path(args.out) / f"lab-{name}",
                                          examples=0), echo=lambda *_: None, progress=False)
@@ -151,10 +165,9 @@ def main() -> None:
 
 def _rouge(rows: list[dict]) -> dict:
     """Corpus ROUGE F x100 (best reference per example) and the count of empty summaries."""
-    from lmlab.tasks.summarize.rouge import corpus_score, score_example
+    from lmlab.tasks.summarize.rouge import corpus_score
 
-    scores = [score_example(r["summary"], r["references"]) for r in rows]
-    corpus = corpus_score(scores)
+    corpus = corpus_score([r["scores"] for r in rows])  # each row's scores, as the lab stored them
     return {"rouge1": 100 * corpus["rouge1"], "rouge2": 100 * corpus["rouge2"], "rougeL": 100 * corpus["rougeL"],
             "empty": sum(not r["summary"].strip() for r in rows), "dialogues": len(rows)}
 
