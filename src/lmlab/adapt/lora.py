@@ -4,10 +4,11 @@
 
 so a fresh adapter leaves the model unchanged. rsLoRA (Kalajdzievski, 2023) scales by alpha / sqrt(r)
 instead, which keeps the update's size stable as the rank grows. Only A and B train: the base weight
-is the original ``nn.Linear`` held inside, frozen and never copied.
+is the original ``nn.Linear`` held inside, frozen and never copied — or a quantized linear
+(``lmlab.quant``): the base runs on its integer kernel, A and B stay fp32, and merging is refused.
 
-``apply_lora(model, targets, ...)`` walks the model's named modules and swaps every ``nn.Linear``
-whose short name is in `targets` (``q,k,v,o`` attention, ``gate,up,down`` feed-forward, ``lm_head``)
+``apply_lora(model, targets, ...)`` swaps (through ``lmlab.nn.swap``, the walker quantization uses too)
+every linear whose short name is in `targets` (``q,k,v,o`` attention, ``gate,up,down`` feed-forward, ``lm_head``)
 for a ``LoRALinear``; the model code never knows which kind of linear it holds. It returns what it
 replaced. ``merge_lora`` folds the updates into plain linears again; ``lora_disabled`` switches every
 adapter off for a block (a frozen reference model without a second copy of the weights).

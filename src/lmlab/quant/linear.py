@@ -212,6 +212,7 @@ class Int4Linear(QuantizedLinear):
         return self._dequantize(unpack_nibbles(self.qweight), scale, zero)
 
     def embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        # the stored fp32 scale and minimum: a lookup needs no kernel, so it skips the kernel's bf16 rounding
         q = unpack_nibbles(self.qweight[ids])  # (..., K)
         scale = self.scale[ids]
         return self._dequantize(q, scale, self.min[ids] + 8 * scale)

@@ -289,7 +289,6 @@ def load_quantized(directory: str | Path) -> nn.Module:
                                   f"this lmlab runs {', '.join(map(str, BITS))}")
         set_quantized(model, name, layer)
     attach_embedding(model, record, str(weights))
-    state.pop("lm_head.weight", None) if record.get("embedding") == "tied" else None
     fill_float(model, state, str(weights))
     model.quantization = record
     return model.eval()
