@@ -235,3 +235,23 @@ def test_load_row_moves_a_chunked_prefill_into_a_slot():
     torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
     with pytest.raises(DataError, match="row 2 is not active"):
         slots.load_row(2, private)
+
+
+def test_serve_settings_prefill_tokens_reach_the_loop_over_http():
+    """`lmlab serve --prefill-tokens N` (ServeSettings.prefill_tokens): a prompt longer than N is served in
+    chunks and answers what it answers alone."""
+    import openai
+
+    from lmlab.generation import generate
+    from serving import running_server
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size)
+    text = "#Person1#: Hello, how are you today? I wanted to ask about the meeting.\n#Person2#:"
+    n_prompt = len(tok.encode(text, add_special_tokens=True))
+    assert n_prompt > 16
+    with running_server(lambda: (model, tok), prefill_tokens=8) as (url, state):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        got = client.completions.create(model="tiny", prompt=text, max_tokens=6, temperature=0)
+        assert state.scheduler.prefill_tokens == 8 and state.scheduler.prefills == -(-n_prompt // 8)
+    assert got.choices[0].text == generate(model, tok, text, GenerationConfig(max_new_tokens=6))

@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests decoded together, each in its own KV-cache slot (default 16)")
     parser.add_argument("--max-queue", type=positive_int, default=64, metavar="N",
                         help="requests waiting for a slot before new ones get 429 (default 64)")
+    parser.add_argument("--prefill-tokens", type=positive_int, default=512, metavar="N",
+                        help="prompt tokens prefilled between two decode steps; longer prompts go in chunks of N "
+                             "(default 512; larger: newcomers batched more, running streams stall longer)")
     parser.add_argument("--timeout", type=float, default=600.0, metavar="S",
                         help="seconds a request may take, queue included, before it is ended (default 600)")
     parser.add_argument("--shots", choices=["nearest", "random"], default="nearest",
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         finetuned = Recipe.load(args.model)
     settings = ServeSettings(model_name=args.model, api_key=args.api_key, max_batch=args.max_batch,
                              max_queue=args.max_queue, timeout=args.timeout, shot_method=args.shots,
-                             finetuned=finetuned, prefs_out=args.prefs_out)
+                             finetuned=finetuned, prefs_out=args.prefs_out, prefill_tokens=args.prefill_tokens)
 
     def loader():
         return lmlab.load_model(args.model, **kwargs), lmlab.load_tokenizer(args.model)

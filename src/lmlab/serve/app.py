@@ -58,6 +58,7 @@ class ServeSettings:
     max_batch: int = 16
     max_queue: int = 64
     timeout: float = 600.0
+    prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (longer prompts: chunks)
     shot_method: str = "nearest"  # summarize shots: "nearest" (MiniLM, the lab's best) or "random"
     finetuned: Any = None  # a prompt recipe (lmlab.training.finetune.Recipe) when serving a fine-tuned summarizer
     prefs_out: str | None = None  # the preferences JSONL file the playground's compare tab appends to
@@ -206,7 +207,7 @@ class ServerState:
             model, tokenizer = self.loader()
             s = self.settings
             self.scheduler = Scheduler(model, tokenizer, max_batch=s.max_batch, max_queue=s.max_queue,
-                                       timeout=s.timeout, metrics=self.metrics)
+                                       timeout=s.timeout, metrics=self.metrics, prefill_tokens=s.prefill_tokens)
             self.model, self.tokenizer = model, tokenizer
             self.ready.set()
         except Exception as exc:  # reported by /health and every endpoint
