@@ -101,7 +101,8 @@ def _tiny_lora_model(seed: int = 0):
 
 def _direct_logprobs(model, batch) -> torch.Tensor:
     """Row sums of log p(label) from the full logits of a plain forward pass (no head-on-selected-rows)."""
-    logp = F.log_softmax(model(batch["input_ids"]).float(), dim=-1)  # (B, T, V)
+    with torch.no_grad():
+        logp = F.log_softmax(model(batch["input_ids"]).float(), dim=-1)  # (B, T, V)
     out = []
     for b in range(batch["labels"].shape[0]):
         total = 0.0
