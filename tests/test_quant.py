@@ -381,3 +381,13 @@ def test_lab_runs_quantized_and_keeps_its_rows_apart(tiny_model_dir, tmp_path):
     # float rows are others: a float run in the same folder must not reuse the int8 rows
     with pytest.raises(ConfigError, match="different settings.*quantize"):
         run_lab(settings(None), echo=lambda _: None, progress=False)
+
+
+def test_generate_and_summarize_take_quantize(tiny_model_dir, capsys):
+    assert main(["generate", str(tiny_model_dir), "#Person1#: Hi", "--quantize", "int4", "--max-new-tokens", "3"]) == 0
+    assert "fp32 activations around quantized weights (15 layers int4 group 32" in capsys.readouterr().err
+    assert main(["summarize", "#Person1#: Hi.\n#Person2#: Hello.", "--model", str(tiny_model_dir), "--no-adapter",
+                 "--quantize", "int8", "--max-new-tokens", "3"]) == 0
+    assert "15 layers int8" in capsys.readouterr().err
+    assert main(["generate", str(tiny_model_dir), "hi", "--quantize", "int3"]) == 2
+    assert "quantize='int3' is not valid" in capsys.readouterr().err
