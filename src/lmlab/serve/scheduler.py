@@ -7,8 +7,8 @@ The loop, one iteration at a time:
 2. *admission*: waiting requests take free slots (at most ``max_batch`` run at once) and are prefilled
    into their own slots (``SlotCache.bind_prefill``), which also yields each one's first token. Each
    iteration prefills at most ``prefill_tokens`` prompt tokens (a budget), first come first served, so
-   the running requests wait at most that much prefill between two of their tokens, and a newcomer that
-   finds a free slot is prefilled before the next decode step. Prompts admitted in one iteration go in
+   the running requests wait at most that much prefill between two of their tokens, and the oldest
+   waiting request, when a slot is free, is prefilled (or starts its chunks) before the next decode step. Prompts admitted in one iteration go in
    length order, in right-padded batches of at most ``prefill_tokens`` padded tokens (similar lengths, so
    little padding): on a GPU one batch costs about what one prompt does; on a CPU a prompt of a few
    hundred tokens already keeps the matrix units busy, so batching saves little there, and the budget
@@ -25,8 +25,8 @@ The loop, one iteration at a time:
 
 Greedy output is the same as ``lmlab.generate`` of the request alone, and sampled output with a
 ``seed`` is too: the same prefill, the same processor chain and the same generator draws, in the same
-order. (Float rounding of a batched matrix product can differ from a lone one in the last bit, which
-changes a token only on an exact near-tie of two logits.)
+order. (Float rounding of a batched matrix product, or of a prompt prefilled in chunks, can differ from a
+lone one in the last bit, which changes a token only on an exact near-tie of two logits.)
 
 The loop never dies because of one request: an error while prefilling or choosing a token ends that
 request with an error event; an error in a batched decode step ends the requests of that step.
