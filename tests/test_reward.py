@@ -318,3 +318,21 @@ def test_summarize_best_of_cli(tiny_model_dir, tiny_reward, capsys):
                            (["--reward", str(tiny_reward)], "--reward is used by --best-of N")]:
         assert main(argv + extra) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_saved_minilm_reward_model_reads_its_input_as_in_training(minilm_path, tmp_path):
+    """Real all-MiniLM-L6-v2: save, load, and the scores (so the [CLS] ... [SEP] input) are the same."""
+    import lmlab
+    from lmlab.align.reward import default_recipe, save_reward
+
+    tokenizer = lmlab.load_tokenizer(minilm_path)
+    model = RewardModel(lmlab.load_model(minilm_path)).eval()
+    config = RewardConfig(base=str(minilm_path), arch="encoder", pooling="mean", **default_recipe("encoder", tokenizer),
+                          max_len=128, tokenizer=tokenizer_fingerprint(tokenizer))
+    save_reward(model, tmp_path / "r", config, tokenizer)
+    before = RewardScorer(model, tokenizer, config).score(["#Person1#: Hi.\n#Person2#: Hello."], ["They greet."])[0]
+    loaded = RewardScorer.load(tmp_path / "r")
+    row = encode_example("#Person1#: Hi.", "They greet.", loaded.tokenizer, loaded.config)
+    assert row[0] == tokenizer.cls_token_id and row[-1] == tokenizer.sep_token_id
+    after = loaded.score(["#Person1#: Hi.\n#Person2#: Hello."], ["They greet."])[0]
+    assert after == pytest.approx(before, abs=1e-5)  # same weights, same ids: fp32 sums of 384 terms

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from lmlab.align.prefs import PreferencePair, read_preferences
-from lmlab.errors import CheckpointError, ConfigError, DataError
+from lmlab.errors import CheckpointError, ConfigError, DataError, LmlabError
 
 CONFIG_FILE, HEAD_FILE = "reward_config.json", "reward_head.safetensors"
 POOLING = {"decoder": "last", "encoder": "mean", "encoder_decoder": "mean"}
@@ -108,10 +108,18 @@ class RewardConfig:
             raise CheckpointError(f"{path}: not a valid reward config ({exc})") from None
 
 
+PROBE = "#Person1#: Hello, Ann!\n#Person2#: Hi."
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of the vocabulary (token -> id): equal fingerprints mean the same ids for the same text."""
+    """A short hash of the vocabulary (token -> id) and of how a probe text is encoded with special tokens.
+
+    Equal fingerprints mean the same ids for the same text, [CLS]/[SEP] or BOS included: two tokenizers
+    with one vocabulary but different special-token handling would feed the model different inputs.
+    """
     vocab = tokenizer.backend.get_vocab() if hasattr(tokenizer, "backend") else {}
-    return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+    probe = tokenizer.encode(PROBE, add_special_tokens=True)
+    return hashlib.sha256(json.dumps([sorted(vocab.items()), probe]).encode()).hexdigest()[:16]
 
 
 def check_same_tokenizer(config: RewardConfig, policy_tokenizer, policy: str) -> None:
@@ -190,14 +198,32 @@ def load_reward(directory: str | Path) -> tuple[RewardModel, Any, RewardConfig]:
         tokenizer = load_tokenizer(config.base)
     else:
         backbone = load_model(directory / "backbone")
-        tokenizer = load_tokenizer(directory / "backbone")
+        tokenizer = _trained_tokenizer(config, directory / "backbone")
     model = RewardModel(backbone)
     head = load_file(str(directory / HEAD_FILE))
     model.head.load_state_dict({k: v.to(model.head.weight.dtype) for k, v in head.items()})
     if tokenizer_fingerprint(tokenizer) != config.tokenizer:
         raise CheckpointError(f"{directory}: the tokenizer found for {config.base!r} is not the one the reward model "
-                              f"was trained with (vocabulary {tokenizer_fingerprint(tokenizer)} vs {config.tokenizer})")
+                              f"was trained with (fingerprint {tokenizer_fingerprint(tokenizer)} vs {config.tokenizer})")
     return model.eval(), tokenizer, config
+
+
+def _trained_tokenizer(config: RewardConfig, saved: Path):
+    """The tokenizer that encodes exactly as in training: the base's own where it still loads, else the copy
+    saved beside the weights. (A saved copy can encode differently: a BERT tokenizer written by
+    ``Tokenizer.save`` and read back by ``from_dir`` loses its [CLS] ... [SEP] post-processor.)"""
+    from lmlab.checkpoints import load_tokenizer
+
+    candidates = []
+    try:
+        candidates.append(load_tokenizer(config.base))
+    except (LmlabError, OSError):
+        pass
+    candidates.append(load_tokenizer(saved))
+    for tokenizer in candidates:
+        if tokenizer_fingerprint(tokenizer) == config.tokenizer:
+            return tokenizer
+    return candidates[-1]  # load_reward names the mismatch
 
 
 class RewardScorer:
