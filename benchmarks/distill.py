@@ -100,7 +100,8 @@ def main() -> None:
     rows: dict[str, dict] = {name: {} for name in models}
     for name, path in models.items():
         model = lmlab.load_model(path)
-        rows[name].update(parameters=model.num_parameters(), layers=model.config.n_layers)
+        # from the config: a quantized model holds its weights as integer buffers, not parameters
+        rows[name].update(parameters=model.config.num_parameters(), layers=model.config.n_layers)
         del model
     reused = dict(item.partition("=")[::2] for item in args.rouge_from)
     if not args.skip_rouge:
