@@ -74,6 +74,39 @@ def child(mode: str, limit: int, ppl_limit: int, out_dir: Path) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def rss_child(mode: str, out_dir: Path) -> dict:
+    """Peak RSS of loading a format the way it is served and running 5 dialogues through it: fp32 and
+    native from the GGUF, int8/int4 from a checkpoint ``lmlab quantize`` wrote (made beforehand, in
+    another process, so the fp32 weights it loads do not count here)."""
+    import torch
+
+    import lmlab
+
+    source = "smollm2-135m-instruct" if mode in ("fp32", "native") else out_dir / f"checkpoint-{mode}"
+    model = lmlab.load_model(source, quantize="native" if mode == "native" else None)
+    tokenizer = lmlab.load_tokenizer(source)
+    records = [json.loads(line) for line in DEV.read_text().splitlines()][400:405]
+    with torch.inference_mode():
+        for record in records:
+            model(torch.tensor([tokenizer.encode(record["dialogue"])[:512]]))
+    peak = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("VmHWM"))
+    return {"mode": mode, "serve_peak_rss_kib": peak}
+
+
+def serve_rss(args: argparse.Namespace, out: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "LMLAB_NUM_THREADS": str(args.threads)}
+    for mode in args.modes.split(","):
+        if mode in ("int8", "int4") and not (out / f"checkpoint-{mode}").exists():
+            subprocess.run([sys.executable, "-c", "import sys, lmlab.quant.model as q; "
+                            "q.quantize_checkpoint('smollm2-135m-instruct', sys.argv[1], int(sys.argv[2]))",
+                            str(out / f"checkpoint-{mode}"), mode[-1]], env=env, check=True)
+        proc = subprocess.run([sys.executable, __file__, "--rss-child", mode, "--out", str(out)], env=env,
+                              capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        print(lines[-1][len("RESULT "):] if lines else f"{mode}: failed\n{proc.stderr[-2000:]}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", default="fp32,int8,int4,native")
@@ -81,9 +114,19 @@ def main() -> None:
     parser.add_argument("--ppl-limit", type=int, default=100, help="perplexity on records 400..400+N-1 (default: 100)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/quant-quality")
+    parser.add_argument("--serve-rss", action="store_true",
+                        help="only measure the peak RSS of each format loaded as served (quantized checkpoints)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
+    if args.rss_child:
+        print("RESULT " + json.dumps(rss_child(args.rss_child, out)), flush=True)
+        return
+    if args.serve_rss:
+        out.mkdir(parents=True, exist_ok=True)
+        serve_rss(args, out)
+        return
     if args.child:
         import torch
 

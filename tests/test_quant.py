@@ -351,21 +351,28 @@ def test_gguf_other_quant_type_is_named_and_dequantized_on_request(tmp_path, tin
 @pytest.mark.slow
 def test_smollm2_native_q4_1_matches_the_dequantized_model(smollm2_path):
     """The real file: 210 Q4_1 layers run as int4, the Q8_0 token table as a per-channel int8 tied head.
-    The head's requantization adds up to half an int8 step per weight, so beyond the bf16 rule above we
-    check that the next-token choice is the same at nearly every position of a real prompt."""
+
+    The reference is the dequantized fp32 model with the head/embedding replaced by the int8 weights the
+    native model requantized (that step is checked per weight on the tiny Q8_0 file above); what is left
+    is bf16 rounding, held to the same rule as the tiny Q4 test: within 3x the deviation that rounding
+    each linear's input and output to bf16 produces on the fp32 reference."""
     native = lmlab.load_model(smollm2_path, quantize="native")
     assert native.quantization["gguf_types"] == {"Q8_0": 1, "F32": 61, "Q4_1": 210}
-    assert native.quantization["embedding"] == "tied"
+    assert native.quantization["embedding"] == "tied" and isinstance(native.lm_head, Int8Linear)
     tokenizer = lmlab.load_tokenizer(smollm2_path)
     ids = torch.tensor([tokenizer.encode("#Person1#: Hi, I'd like to book a table for two tonight.\n"
                                          "#Person2#: Certainly, at what time would you like to come?")])
+    reference = lmlab.load_model(smollm2_path)
     with torch.no_grad():
-        ours = native(ids)
-        del native
-        exact = lmlab.load_model(smollm2_path)(ids)
-    agree = (ours.argmax(-1) == exact.argmax(-1)).float().mean().item()
-    assert agree >= 0.9, agree
-    assert (ours - exact).abs().max() <= 0.1 * exact.abs().max()
+        head = native.lm_head
+        reference.tok_embed.weight.copy_(head.qweight.float() * head.scale[:, None])  # tied: the head too
+        ours, exact = native(ids), reference(ids)
+        handles = _rounded_linears(reference)
+        rounded = reference(ids)
+        for h in handles:
+            h.remove()
+    assert (ours - exact).abs().max() <= 3 * (rounded - exact).abs().max() + 1e-4
+    assert (ours.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.8  # sanity: the same model
 
 
 def test_lab_runs_quantized_and_keeps_its_rows_apart(tiny_model_dir, tmp_path):
