@@ -72,7 +72,6 @@ SERVED="$STUDENT"
 if "$LMLAB" quantize --help > /dev/null 2>&1; then
   echo "== 3. quantize the student to int8"
   "$LMLAB" --threads "$THREADS" quantize "$STUDENT" "$OUT/student-int8" --bits 8
-  cp "$STUDENT/lmlab_recipe.json" "$OUT/student-int8/" 2> /dev/null || true
   SERVED="$OUT/student-int8"
 else
   echo "== 3. skipped: this lmlab has no 'lmlab quantize' yet; serving the fp32 student"

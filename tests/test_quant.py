@@ -187,6 +187,23 @@ def test_quantized_checkpoint_round_trip(tiny_model_dir, tmp_path, bits, group):
         lmlab.load_model(out, quantize="int4")
 
 
+def test_quantize_copies_the_prompt_recipe(tiny_model_dir, tmp_path):
+    import shutil
+
+    from lmlab.adapt.recipe import RECIPE_FILE, Recipe
+    from lmlab.quant.model import quantize_checkpoint
+
+    source = tmp_path / "tuned"
+    shutil.copytree(tiny_model_dir, source)
+    recipe = Recipe(template="t", instruction="Summarize.", chat=False, prompt_field="dialogue",
+                    response_field="summary")
+    recipe.save(source)
+    out, _ = quantize_checkpoint(source, tmp_path / "q8", 8)
+    assert Recipe.load(out) == recipe
+    out, _ = quantize_checkpoint(tiny_model_dir, tmp_path / "plain", 8)  # a source without one: none
+    assert not (out / RECIPE_FILE).exists()
+
+
 def test_missing_kernel_is_a_one_line_error(tiny_model_dir, tmp_path, monkeypatch):
     from lmlab.quant.model import quantize_checkpoint
 

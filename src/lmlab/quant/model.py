@@ -227,8 +227,12 @@ def save_quantized(model: nn.Module, directory: Path) -> None:
 def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None,
                         layers=None) -> tuple[Path, QuantReport]:
     """``lmlab quantize``: load `source` in fp32, quantize it, write a quantized checkpoint (with the
-    tokenizer, when the source has one) atomically to `out_dir` -> (path, report)."""
+    tokenizer, and the prompt recipe ``lmlab_recipe.json``, when the source has them) atomically to
+    `out_dir` -> (path, report)."""
+    import shutil
+
     import lmlab
+    from lmlab.adapt.recipe import RECIPE_FILE
     from lmlab.checkpoints import _atomic_dir, _save_tokenizer
 
     if bits not in BITS:  # before loading anything
@@ -246,6 +250,9 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, grou
     def write(tmp: Path) -> None:
         save_quantized(model, tmp)
         _save_tokenizer(tokenizer, tmp)
+        recipe = Path(source) / RECIPE_FILE  # a fine-tuned or distilled model keeps the prompt it learned
+        if recipe.is_file():
+            shutil.copyfile(recipe, tmp / RECIPE_FILE)
 
     return _atomic_dir(Path(out_dir), write), report
 
