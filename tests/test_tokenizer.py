@@ -276,6 +276,27 @@ def test_encode_batch_padding_and_truncation(tiny_gguf):
         tok.encode_batch("not a list")
 
 
+def test_minilm_save_round_trip_keeps_cls_sep(minilm_path, minilm_hf, tmp_path):
+    """A BERT tokenizer saved by Tokenizer.save and read back encodes the same ids, [CLS] ... [SEP] included
+    (the saved add_bos/eos_token=False once replaced the post-processor by a bare $A)."""
+    for source in (minilm_path, None):  # from tokenizer.json, and from vocab.txt only (post-processor built here)
+        if source is None:
+            source = tmp_path / "vocab-only"
+            source.mkdir()
+            for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+                shutil.copy(minilm_path / name, source / name)
+        tok = Tokenizer.from_dir(source)
+        saved = tok.save(tmp_path / f"saved-{source.name}")
+        again = Tokenizer.from_dir(saved)
+        for text in TEXTS + [LONG]:
+            ids = tok.encode(text, add_special_tokens=True)
+            assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+            assert again.encode(text, add_special_tokens=True) == ids == minilm_hf(text)["input_ids"]
+            assert again.encode(text) == tok.encode(text)
+        assert transformers.AutoTokenizer.from_pretrained(saved)(TEXTS[0])["input_ids"] == minilm_hf(TEXTS[0])["input_ids"]
+        assert Tokenizer.from_dir(again.save(tmp_path / f"twice-{source.name}")).encode(LONG, True) == tok.encode(LONG, True)
+
+
 def test_save_round_trip_and_transformers_loads_it(smol, tmp_path):
     smol.save(tmp_path)
     again = Tokenizer.from_dir(tmp_path)

@@ -53,7 +53,11 @@ class Tokenizer:
         self.add_bos_token = bool(add_bos_token)
         self.add_eos_token = bool(add_eos_token)
         self.name_or_path = name_or_path
-        if add_bos_token is not None or add_eos_token is not None or backend.post_processor is None:
+        # whether the flags wrote the post-processor; otherwise the backend's own one (BERT's [CLS] $A [SEP])
+        # is kept, and save() leaves the flags out so that from_dir keeps it too
+        self._flags_set_post_processor = (add_bos_token is not None or add_eos_token is not None
+                                          or backend.post_processor is None)
+        if self._flags_set_post_processor:
             self._set_bos_eos_post_processor()
 
     def _set_bos_eos_post_processor(self) -> None:
@@ -282,8 +286,9 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
         config: dict[str, Any] = {f"{role}_token": token for role, token in self.special_tokens.items()}
-        config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=self.add_bos_token,
-                      add_eos_token=self.add_eos_token)
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if self._flags_set_post_processor:  # else tokenizer.json's own post-processor says what encode adds
+            config.update(add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token)
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
         if self.chat_template is not None:
