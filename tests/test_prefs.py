@@ -216,6 +216,22 @@ def test_label_from_piped_stdin_appends_the_picked_summary(tmp_path, monkeypatch
     assert len(read_preferences(out)) == 4
 
 
+def test_label_piped_into_head_exits_quietly(tmp_path):
+    """`lmlab prefs label ... | head -n 3`: the closed pipe ends the session without a traceback."""
+    import subprocess
+    import sys
+
+    cand, out = tmp_path / "cand.jsonl", tmp_path / "labels.jsonl"
+    long = "\n".join(f"#Person1#: line {j} of a long dialogue" for j in range(3000))  # > a pipe's 64 KiB buffer
+    for i in range(4):
+        append_preference(cand, PreferencePair(f"{long}\n#Person2#: {i}", f"human {i}", f"model {i}", f"dev_{i}"))
+    script = (f"printf '1\\n1\\n1\\n1\\n' | {sys.executable} -m lmlab prefs label {cand} --out {out} | head -n 3; "
+              f"echo rc=${{PIPESTATUS[1]}}")
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.count("\n") == 4 and done.stdout.endswith("rc=0\n"), done.stdout
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
 def test_label_refuses_to_write_into_its_candidates(tmp_path, capsys):
     cand = _candidates(tmp_path)
     assert main(["prefs", "label", str(cand), "--out", str(cand)]) == 2

@@ -64,7 +64,18 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    result = label_pairs(args.candidates, args.out, sys.stdin, write, seed=args.seed)
-    print(f"\n{result.labeled} labeled, {result.skipped} skipped, {result.remaining} left for later; "
-          f"choices in {args.out}")
+    try:
+        result = label_pairs(args.candidates, args.out, sys.stdin, write, seed=args.seed)
+        print(f"\n{result.labeled} labeled, {result.skipped} skipped, {result.remaining} left for later; "
+              f"choices in {args.out}", flush=True)
+    except BrokenPipeError:
+        # the reader went away (`lmlab prefs label ... | head`): the choices made so far are already on
+        # disk (appended and fsynced one by one), so stop quietly; stdout goes to /dev/null so that the
+        # interpreter's final flush does not raise again
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
     return 0
