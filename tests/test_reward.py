@@ -115,6 +115,23 @@ def test_training_in_the_loop_learns_the_preference(trained):
     assert scorer.accuracy(read_preferences(settings.eval_prefs))["accuracy"] == 1.0
 
 
+def test_mfu_counts_the_backbone_matmuls_not_the_wrapper_parameters(trained):
+    """MFU of the reward job: 6 x (the backbone's matmul parameters + the head) per token, not every parameter
+    (the embedding table, a look-up, once doubled MiniLM's count and the logged MFU read 100%)."""
+    from lmlab.training.loop import _flop_core, _flop_params
+    from lmlab.training.metrics import matmul_params
+
+    backbone = _tiny("encoder")
+    model = RewardModel(backbone)
+    assert _flop_core(model) is backbone
+    assert _flop_params(model) == matmul_params(backbone) + backbone.config.d_model + 1  # + the head
+    assert _flop_params(model) < sum(p.numel() for p in model.parameters())
+    assert _flop_params(backbone) == matmul_params(backbone)
+    _, summary, tmp = trained
+    rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["mfu"] < 1 for r in rows if r.get("kind") == "train") and 0 < summary["mfu"] < 1
+
+
 def test_save_load_round_trip_gives_the_same_scores(trained, tiny_model_dir):
     settings, _, tmp = trained
     model, tokenizer, config = load_reward(tmp / "run" / "final")

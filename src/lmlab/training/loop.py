@@ -258,7 +258,7 @@ def _setup(job: Job, t, env: dist.DistEnv, out: Path, resume_state: dict | None)
     model = job.model
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"job {job.name!r} has no trainable parameters")
-    flop_params = matmul_params(model) if hasattr(model, "config") else sum(p.numel() for p in model.parameters())
+    flop_params = _flop_params(model)
     # wrap first: FSDP2 replaces the parameters by sharded ones, and the optimizer must hold those
     wrapped = dist.wrap(model, env)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2))
@@ -274,6 +274,25 @@ def _setup(job: Job, t, env: dist.DistEnv, out: Path, resume_state: dict | None)
     if log is not None and resume_state is not None:
         log.truncate(state.step)  # a killed run logged steps after its last checkpoint: they will run again
     return _Run(job, t, env, out, wrapped, optimizer, scheduler, state, dtype, None, flop_params, log, sharded)
+
+
+def _flop_core(model: nn.Module) -> nn.Module | None:
+    """The lmlab Transformer whose matmuls a step runs: the model, or the backbone of a wrapper such as
+    the reward model (backbone + scalar head), which has no ``config`` of its own."""
+    for candidate in (model, getattr(model, "backbone", None)):
+        if candidate is not None and hasattr(candidate, "config") and hasattr(candidate, "num_parameters"):
+            return candidate
+    return None
+
+
+def _flop_params(model: nn.Module) -> int:
+    """Matmul parameters for MFU: the Transformer's (embedding look-up tables excluded) plus a wrapper's own
+    layers; without a Transformer inside, every parameter."""
+    core = _flop_core(model)
+    if core is None:
+        return sum(p.numel() for p in model.parameters())
+    own = {id(p) for p in core.parameters()}
+    return matmul_params(core) + sum(p.numel() for p in model.parameters() if id(p) not in own)
 
 
 def _restore(saved: dict, job: Job, wrapped, optimizer, scheduler, state: LoopState, env, out: Path,
@@ -356,8 +375,8 @@ def _autocast(run: _Run):
 # --- logging ---------------------------------------------------------------------------------
 def _log_step(run: _Run, bar, loss: float, lr: float, grad_norm: float | None, tokens_per_s: float) -> None:
     if run.peak_flops is None:  # the best of several timed runs, at this run's matmul shapes (metrics.py)
-        shapes = (training_matmul_shapes(run.job.model.config, run.micro_tokens)
-                  if hasattr(run.job.model, "config") else ())
+        core = _flop_core(run.job.model)
+        shapes = training_matmul_shapes(core.config, run.micro_tokens) if core is not None else ()
         run.peak_flops = measure_peak_flops(run.env.device, run.autocast_dtype or torch.float32,
                                             shapes) * run.env.world_size
     mfu = model_flops_utilization(run.flop_params, tokens_per_s, run.peak_flops)  # an estimate, at most 1.0
