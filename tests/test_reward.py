@@ -62,6 +62,47 @@ def test_encoder_mean_pools_real_tokens_only():
             assert batched[b].item() == pytest.approx(direct, abs=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["encoder", "decoder"])
+def test_response_mean_pools_the_response_positions_only(arch):
+    from lmlab.objectives.reward import response_mask
+
+    model = RewardModel(_tiny(arch), pooling="response_mean").eval()
+    rows, lengths = [[5, 6, 7, 8, 9], [11, 12, 13]], [2, 3]  # the last 2 (3) ids of each row are its response
+    ids, mask = pad_rows(rows, 0)
+    pool = response_mask(rows, lengths)
+    assert pool.tolist() == [[0, 0, 0, 1, 1], [1, 1, 1, 0, 0]]
+    with torch.no_grad():
+        batched = model(ids, mask, pool)
+        for b, (row, n) in enumerate(zip(rows, lengths)):
+            one = torch.tensor([row])
+            hidden = (model.backbone(one, return_hidden=True) if arch == "decoder"
+                      else model.backbone.encode(one, torch.ones(1, len(row), dtype=torch.long)))
+            direct = model.head(hidden[0, -n:].mean(0)).item()
+            assert batched[b].item() == pytest.approx(direct, abs=1e-4)
+    with pytest.raises(ValueError, match="pool_mask"):
+        model(ids, mask)
+    with pytest.raises(ConfigError, match="choose one of"):
+        RewardModel(_tiny(arch), pooling="max")
+
+
+def test_the_summary_is_never_cut_only_the_dialogue(tiny_model_dir):
+    """A dialogue far longer than max_len: the row fits, ends with the whole summary and the end token, and the
+    dialogue is what was cut (around the [...] marker)."""
+    import lmlab
+    from lmlab.align.reward import default_recipe, encode_parts, end_token
+
+    tokenizer = lmlab.load_tokenizer(tiny_model_dir)
+    config = RewardConfig(base="x", arch="decoder", pooling="last", **default_recipe("decoder", tokenizer), max_len=160,
+                          tokenizer="")
+    dialogue = "\n".join(f"#Person{1 + i % 2}#: this is turn number {i} of a long talk" for i in range(200))
+    summary = "#Person1# and #Person2# talk for a long time about many turns."
+    row, n = encode_parts(dialogue, summary, tokenizer, config)
+    body = tokenizer.encode(" " + summary)
+    assert len(row) <= 160 and n == len(body) + 1
+    assert row[-n:] == body + [end_token(tokenizer, "decoder")]
+    assert "[...]" in tokenizer.decode(row[:-n]) and "turn number 0 " in tokenizer.decode(row[:-n])
+
+
 def test_objective_collates_chosen_rows_first_and_counts_pairs():
     objective = PairwiseReward(pad_token_id=0)
     batch = objective.collate([([1, 2, 3], [1, 2]), ([4], [5, 6, 7, 8])])
@@ -167,6 +208,24 @@ def test_lora_reward_model_trains_only_adapters_and_head(tiny_model_dir, tmp_pat
     assert not (tmp_path / "run" / "best" / "backbone").exists()
     # the adapter was trained (lora_B starts at zero, so a nonzero one moved)
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_response_mean_reward_model_trains_saves_and_scores_alike(tiny_model_dir, tmp_path):
+    train, held = _pairs(tmp_path / "train.jsonl", 8), _pairs(tmp_path / "held.jsonl", 4, offset=1)
+    summary = train_reward(RewardSettings(base=str(tiny_model_dir), prefs=str(train), eval_prefs=str(held),
+                                          out=str(tmp_path / "run"), pooling="response_mean", epochs=2, batch_size=4,
+                                          lr=3e-3, warmup_steps=1, eval_every=2, max_len=160), show_progress=False)
+    assert summary["finished"] and "accuracy" in summary["metrics"]
+    model, tokenizer, config = load_reward(tmp_path / "run" / "final")
+    assert config.pooling == "response_mean" and model.pooling == "response_mean"
+    from lmlab.align.prefs import read_preferences
+
+    pairs = read_preferences(held)
+    # the loop's held-out accuracy (rows collated with their response lengths) is the scorer's on the saved model
+    assert RewardScorer(model, tokenizer, config).accuracy(pairs)["accuracy"] == summary["metrics"]["accuracy"]
+    with pytest.raises(ConfigError, match="--pooling"):
+        train_reward(RewardSettings(base=str(tiny_model_dir), prefs=str(train), out=str(tmp_path / "bad"),
+                                    pooling="max"), show_progress=False)
 
 
 def test_score_cli_single_and_file(trained, tmp_path, capsys):

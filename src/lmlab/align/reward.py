@@ -9,6 +9,10 @@ it to a score with ``head = Linear(C, 1)``. The pooling follows the architecture
                     the mean is what sentence encoders such as all-MiniLM-L6-v2 were trained to use.
 * encoder_decoder   the mean of the encoder's output over real tokens (the decoder is not run).
 
+``response_mean`` (any architecture, ``--pooling response_mean``) averages only the response's positions
+(its tokens and end token): they have read the dialogue (all of it in an encoder), and the score is not
+diluted by the dialogue's positions, which are most of the input and nearly the same in both rows of a pair.
+
 What it reads: the prompt the policy sees, built with ``lmlab.prompting`` from the pair's ``prompt`` (the
 dialogue), then the response and an end token (eos; [SEP] for BERT-style encoders, whose prompt
 encoding already starts with [CLS] and ends with [SEP]). A long dialogue is cut in the middle to fit
@@ -43,17 +47,20 @@ from lmlab.align.prefs import PreferencePair, read_preferences
 from lmlab.errors import CheckpointError, ConfigError, DataError, LmlabError
 
 CONFIG_FILE, HEAD_FILE = "reward_config.json", "reward_head.safetensors"
-POOLING = {"decoder": "last", "encoder": "mean", "encoder_decoder": "mean"}
+POOLING = {"decoder": "last", "encoder": "mean", "encoder_decoder": "mean"}  # the default per architecture
+POOLINGS = ("last", "mean", "response_mean")
 
 
 class RewardModel(nn.Module):
     """backbone (any lmlab Transformer) -> pooled hidden state (B, C) -> Linear(C, 1) -> scores (B,)."""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, pooling: str | None = None):
         super().__init__()
         self.backbone = backbone
         self.arch = backbone.config.arch
-        self.pooling = POOLING[self.arch]
+        self.pooling = pooling or POOLING[self.arch]
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling {self.pooling!r}: choose one of {', '.join(POOLINGS)}")
         C = backbone.config.d_model
         self.head = nn.Linear(C, 1)
         # small initial scores: std 1/sqrt(C+1) keeps the first margins O(1) whatever the width
@@ -61,8 +68,17 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.head.to(dtype=backbone.dtype, device=backbone.device)
 
-    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) right-padded ids and mask -> (B, C) one vector per sequence."""
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               pool_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) right-padded ids and mask -> (B, C) one vector per sequence. ``response_mean`` needs
+        `pool_mask` (B, T), 1 on each row's response positions."""
+        if self.pooling == "response_mean":
+            if pool_mask is None:
+                raise ValueError("response_mean pooling needs a pool_mask (1 on the response's positions)")
+            hidden = (self.backbone(input_ids, return_hidden=True) if self.arch == "decoder"
+                      else self.backbone.encode(input_ids, attention_mask))  # (B, T, C)
+            weights = (pool_mask * attention_mask).to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, C)
         if self.pooling == "last":
             # right padding never reaches a real token under the causal mask, so no mask is passed
             # (SDPA's fused causal kernel then runs, as in fine-tuning)
@@ -73,8 +89,9 @@ class RewardModel(nn.Module):
         weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, C)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pooled(input_ids, attention_mask)).squeeze(-1).float()  # (B,)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pool_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.pooled(input_ids, attention_mask, pool_mask)).squeeze(-1).float()  # (B,)
 
 
 # --- the input a reward model reads ------------------------------------------------------------------
@@ -141,6 +158,14 @@ def end_token(tokenizer, arch: str) -> int:
 
 def encode_example(prompt: str, response: str, tokenizer, config: RewardConfig, where: str = "") -> list[int]:
     """Prompt (cut in the middle to fit) + response + end token -> one row of ids, at most max_len long."""
+    return encode_parts(prompt, response, tokenizer, config, where)[0]
+
+
+def encode_parts(prompt: str, response: str, tokenizer, config: RewardConfig, where: str = "") -> tuple[list[int], int]:
+    """``encode_example``'s row and how many of its last ids are the response (with its end token).
+
+    Only the dialogue is ever cut to fit: the response keeps up to half of max_len (a summary is far
+    shorter; only a long recitation reaches that) and the prompt gets the rest."""
     from lmlab.adapt.recipe import Recipe
 
     lead = "" if config.chat else " "  # plain templates end at "Summary:"; the response follows a space
@@ -152,7 +177,7 @@ def encode_example(prompt: str, response: str, tokenizer, config: RewardConfig, 
     except DataError as exc:
         raise DataError(f"{where or 'example'}: does not fit max_len={config.max_len} even with the prompt cut "
                         f"({exc}); raise --max-len") from None
-    return tokenizer.encode(text, add_special_tokens=True) + body
+    return tokenizer.encode(text, add_special_tokens=True) + body, len(body)
 
 
 def default_recipe(arch: str, tokenizer) -> dict[str, Any]:
@@ -199,7 +224,7 @@ def load_reward(directory: str | Path) -> tuple[RewardModel, Any, RewardConfig]:
     else:
         backbone = load_model(directory / "backbone")
         tokenizer = _trained_tokenizer(config, directory / "backbone")
-    model = RewardModel(backbone)
+    model = RewardModel(backbone, config.pooling)
     head = load_file(str(directory / HEAD_FILE))
     model.head.load_state_dict({k: v.to(model.head.weight.dtype) for k, v in head.items()})
     if tokenizer_fingerprint(tokenizer) != config.tokenizer:
@@ -237,8 +262,13 @@ class RewardScorer:
         return cls(*load_reward(directory), batch_size=batch_size)
 
     @torch.inference_mode()
-    def score_ids(self, rows: Sequence[Sequence[int]]) -> list[float]:
-        from lmlab.objectives.reward import pad_rows
+    def score_ids(self, rows: Sequence[Sequence[int]], response_lengths: Sequence[int] | None = None) -> list[float]:
+        """Scores of rows of ids; `response_lengths` (each row's response ids, end token included) are
+        needed by ``response_mean`` pooling."""
+        from lmlab.objectives.reward import pad_rows, response_mask
+
+        if self.model.pooling == "response_mean" and response_lengths is None:
+            raise ValueError("a response_mean reward model needs each row's response length")
 
         was_training = self.model.training
         self.model.eval()
@@ -250,7 +280,9 @@ class RewardScorer:
                 idx = order[start:start + self.batch_size]
                 ids, mask = pad_rows([rows[i] for i in idx], pad)  # (b, T) each
                 device = self.model.head.weight.device
-                for i, s in zip(idx, self.model(ids.to(device), mask.to(device)).tolist()):
+                pool = (response_mask([rows[i] for i in idx], [response_lengths[i] for i in idx]).to(device)
+                        if response_lengths is not None else None)  # (b, T)
+                for i, s in zip(idx, self.model(ids.to(device), mask.to(device), pool).tolist()):
                     scores[i] = s
         finally:
             self.model.train(was_training)
@@ -260,9 +292,9 @@ class RewardScorer:
         """One score per (prompt, response); higher is preferred."""
         if len(prompts) != len(responses):
             raise DataError(f"{len(prompts)} prompts but {len(responses)} responses to score")
-        rows = [encode_example(p, r, self.tokenizer, self.config, f"example {i + 1}")
-                for i, (p, r) in enumerate(zip(prompts, responses))]
-        return self.score_ids(rows)
+        parts = [encode_parts(p, r, self.tokenizer, self.config, f"example {i + 1}")
+                 for i, (p, r) in enumerate(zip(prompts, responses))]
+        return self.score_ids([row for row, _ in parts], [n for _, n in parts])
 
     def accuracy(self, pairs: Sequence[PreferencePair]) -> dict[str, float]:
         """Pairwise accuracy (chosen scored above rejected), the mean margin and the Bradley–Terry loss."""
@@ -297,6 +329,7 @@ class RewardSettings:
     warmup_steps: int = 10
     weight_decay: float = 0.01
     max_len: int = 512  # prompt + response tokens (capped at the model's context)
+    pooling: str | None = None  # None: the architecture's (POOLING); "response_mean": the response's positions
     eval_every: int = 50
     ckpt_every: int = 50
     seed: int = 0
@@ -313,6 +346,8 @@ class TokenizedPreference:
     response: list[int]
     rejected: list[int]  # the whole rejected row
     truncated: bool = False
+    chosen_n: int = 0  # response ids (end token included) at the end of the chosen row
+    rejected_n: int = 0  # ... of the rejected row
 
     @property
     def chosen(self) -> list[int]:
@@ -324,9 +359,9 @@ def tokenize_preferences(pairs: Sequence[PreferencePair], tokenizer, config: Rew
     out = []
     for p in pairs:
         where = f"{name}:{p.line}"
-        chosen = encode_example(p.prompt, p.chosen, tokenizer, config, where)
-        rejected = encode_example(p.prompt, p.rejected, tokenizer, config, where)
-        out.append(TokenizedPreference(where, chosen, [], rejected))
+        chosen, chosen_n = encode_parts(p.prompt, p.chosen, tokenizer, config, where)
+        rejected, rejected_n = encode_parts(p.prompt, p.rejected, tokenizer, config, where)
+        out.append(TokenizedPreference(where, chosen, [], rejected, chosen_n=chosen_n, rejected_n=rejected_n))
     return out
 
 
@@ -354,6 +389,8 @@ def train_reward(s: RewardSettings, resume: bool = False, show_progress: bool = 
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(s, name)} must be >= 1")
     if not s.epochs > 0:
         raise ConfigError(f"--epochs {s.epochs} must be > 0")
+    if s.pooling is not None and s.pooling not in POOLINGS:
+        raise ConfigError(f"--pooling {s.pooling!r}: choose one of {', '.join(POOLINGS)}")
     out = Path(s.out)
     saved = read_resume_state(out, resume)
     identity = {"reward": {k: v for k, v in dataclasses.asdict(s).items() if k not in ("stop_after", "out")}}
@@ -368,13 +405,13 @@ def train_reward(s: RewardSettings, resume: bool = False, show_progress: bool = 
     tokenizer = lmlab.load_tokenizer(s.base)
     backbone = lmlab.load_model(s.base).to(env.device)
     arch = backbone.config.arch
-    config = RewardConfig(base=s.base, arch=arch, pooling=POOLING[arch], **default_recipe(arch, tokenizer),
+    config = RewardConfig(base=s.base, arch=arch, pooling=s.pooling or POOLING[arch], **default_recipe(arch, tokenizer),
                           max_len=min(s.max_len, backbone.config.max_seq_len), tokenizer=tokenizer_fingerprint(tokenizer))
     train = tokenize_preferences(train_pairs, tokenizer, config, str(s.prefs))
     held_out = tokenize_preferences(eval_pairs, tokenizer, config, str(s.eval_prefs)) if eval_pairs else []
 
     torch.manual_seed(s.seed)
-    model = RewardModel(backbone)
+    model = RewardModel(backbone, config.pooling)
     lora = None
     if s.lora:
         from lmlab.adapt.lora import LoraConfig, apply_lora
@@ -396,7 +433,8 @@ def train_reward(s: RewardSettings, resume: bool = False, show_progress: bool = 
 
     class PairBatches(SFTBatches):  # SFTBatches' shuffled, length-bucketed, resumable order; pairs per batch
         def collate_examples(self, batch):
-            return objective.collate([(e.chosen, e.rejected) for e in batch])
+            lengths = [(e.chosen_n, e.rejected_n) for e in batch] if config.pooling == "response_mean" else None
+            return objective.collate([(e.chosen, e.rejected) for e in batch], lengths)
 
     batches = PairBatches([(train, 1.0)], objective, s.batch_size, s.seed, env)
     steps = max(1, math.ceil(s.epochs * batches.batches_per_epoch / s.grad_accum))
@@ -411,8 +449,8 @@ def train_reward(s: RewardSettings, resume: bool = False, show_progress: bool = 
 
     def evaluate(m) -> dict[str, float]:
         scorer = RewardScorer(model, tokenizer, config, batch_size=max(8, 2 * s.batch_size))
-        chosen = torch.tensor(scorer.score_ids([e.chosen for e in held_out]))
-        rejected = torch.tensor(scorer.score_ids([e.rejected for e in held_out]))
+        chosen = torch.tensor(scorer.score_ids([e.chosen for e in held_out], [e.chosen_n for e in held_out]))
+        rejected = torch.tensor(scorer.score_ids([e.rejected for e in held_out], [e.rejected_n for e in held_out]))
         metrics = pair_metrics(chosen, rejected)
         metrics.pop("pairs")
         return metrics

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=float, default=3e-5, help="default: %(default)s")
     t.add_argument("--max-len", type=int, default=512, help="prompt + response tokens; longer dialogues are cut "
                                                             "in the middle (default: %(default)s)")
+    t.add_argument("--pooling", choices=["last", "mean", "response_mean"], default=None,
+                   help="what the head reads: the final token (decoders' default), the mean over every real token "
+                        "(encoders' default) or the mean over the response's tokens only")
     t.add_argument("--eval-every", type=int, default=50, help="steps between evaluations (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         summary = train_reward(RewardSettings(
             base=args.base, prefs=args.prefs, eval_prefs=args.eval_prefs, out=args.out, lora=args.lora,
             lora_r=args.lora_r, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-            lr=args.lr, max_len=args.max_len, eval_every=args.eval_every, seed=args.seed, stop_after=args.stop_after),
+            lr=args.lr, max_len=args.max_len, pooling=args.pooling, eval_every=args.eval_every, seed=args.seed, stop_after=args.stop_after),
             resume=args.resume)
         metrics = summary.get("metrics") or {}
         done = "finished" if summary["finished"] else "stopped (resume with --resume)"

@@ -41,6 +41,16 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Te
     return ids, mask
 
 
+def response_mask(rows: Sequence[Sequence[int]], response_lengths: Sequence[int]) -> torch.Tensor:
+    """(B, T) mask, 1 on each row's last `response_lengths[b]` real tokens (the response and its end token),
+    for ``response_mean`` pooling; T is the longest row, as in ``pad_rows``."""
+    T = max(len(r) for r in rows)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
+    for b, (row, n) in enumerate(zip(rows, response_lengths)):
+        mask[b, len(row) - n: len(row)] = 1
+    return mask
+
+
 class PairwiseReward(Objective):
     """The Bradley–Terry objective over (chosen, rejected) rows of one prompt each."""
 
@@ -50,11 +60,17 @@ class PairwiseReward(Objective):
         self.pad_token_id = pad_token_id
         self._last: dict[str, float] = {}
 
-    def collate(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> dict[str, torch.Tensor]:
-        """[(chosen row ids, rejected row ids), ...] (each prompt + response) -> the 2P-row batch."""
+    def collate(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                response_lengths: Sequence[tuple[int, int]] | None = None) -> dict[str, torch.Tensor]:
+        """[(chosen row ids, rejected row ids), ...] (each prompt + response) -> the 2P-row batch; with
+        `response_lengths` [(chosen's, rejected's), ...] also ``pool_mask`` (2P, T), 1 on the responses."""
         rows = [list(c) for c, _ in pairs] + [list(r) for _, r in pairs]
         input_ids, attention_mask = pad_rows(rows, self.pad_token_id)  # (2P, T) each
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if response_lengths is not None:
+            lengths = [c for c, _ in response_lengths] + [r for _, r in response_lengths]
+            batch["pool_mask"] = response_mask(rows, lengths)  # (2P, T)
+        return batch
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """The loss is a mean over pairs, so micro-batches are weighted by their pair count."""
@@ -62,7 +78,7 @@ class PairwiseReward(Objective):
 
     def scores(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen scores (P,), rejected scores (P,))."""
-        scores = model(batch["input_ids"], batch["attention_mask"])  # (2P,)
+        scores = model(batch["input_ids"], batch["attention_mask"], batch.get("pool_mask"))  # (2P,)
         P = scores.shape[0] // 2
         return scores[:P], scores[P:]
 
