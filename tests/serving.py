@@ -70,16 +70,21 @@ def wait_ready(url: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"{url} was not ready after {timeout} s")
 
 
+SERVERS: dict[str, object] = {}  # base url -> the uvicorn.Server serving it (tests that watch its connections)
+
+
 @contextlib.contextmanager
-def running_server(loader, wait: bool = True, **settings):
-    """Start the app under uvicorn on a free loopback port -> (base url, the app's ServerState)."""
+def running_server(loader, wait: bool = True, keep_alive: float = 5.0, **settings):
+    """Start the app under uvicorn on a free loopback port -> (base url, the app's ServerState); the
+    uvicorn server itself is ``SERVERS[url]`` while it runs. `keep_alive`: uvicorn's keep-alive timeout."""
     import uvicorn
 
     from lmlab.serve import ServeSettings, create_app
 
     app = create_app(ServeSettings(**{"model_name": "tiny", **settings}), loader)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                                           timeout_keep_alive=keep_alive))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -88,11 +93,13 @@ def running_server(loader, wait: bool = True, **settings):
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.01)
+    SERVERS[url] = server
     try:
         if wait:
             wait_ready(url)
         yield url, app.state.lmlab
     finally:
+        SERVERS.pop(url, None)
         server.should_exit = True
         thread.join(30)
 
