@@ -22,9 +22,7 @@ of the weights is ever allocated: the quantized tensors go straight into their l
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,32 +147,12 @@ def _tied_head(model: nn.Module) -> bool:
 
 
 # --- building without float weights ---------------------------------------------------------------
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Every nn.Parameter created inside the block lives on the meta device (no memory); buffers stay real.
-
-    Real buffers matter: RoPE's ``inv_freq`` is computed when the module is built and never saved.
-    """
-    original = nn.Module.register_parameter
-
-    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(self, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def float_skeleton(cfg: ModelConfig) -> nn.Module:
-    """A Transformer for `cfg` whose parameters are all on the meta device (filled by ``fill_float``)."""
-    from lmlab.model import Transformer
+    """A Transformer for `cfg` whose parameters are all on the meta device (filled by ``fill_float``);
+    buffers stay real (RoPE's ``inv_freq`` is computed when the module is built and never saved)."""
+    from lmlab.checkpoints.hf import parameterless_model
 
-    with _parameters_on_meta():
-        return Transformer(cfg)
+    return parameterless_model(cfg)
 
 
 def fill_float(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
