@@ -154,7 +154,7 @@ def main() -> None:
         print(f"| {name} | {r['layers']} | {r['parameters'] / 1e6:.1f}M | {rouge} | {r['decode_tokens_per_s']:.1f} | "
               f"{r['peak_rss_bytes'] / 2**20:.0f} MiB |")
     print()
-    if "rouge1" in s and t["rouge1"] > 0:
+    if "rouge1" in s and t.get("rouge1", 0) > 0:  # the teacher's ROUGE may be left out (--no-rouge teacher)
         print(f"student / teacher ROUGE-1: {s['rouge1'] / t['rouge1']:.3f} (target >= 0.90)")
     for name in list(models)[1:]:
         r = rows[name]
