@@ -54,28 +54,17 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from lmlab.commands._loop import flag_overrides, unfinished_exit
     from lmlab.commands.finetune import _source
     from lmlab.training.align import align, load_align_config
 
-    overrides = list(args.set)
-    if args.epochs is None and args.steps is not None:
-        overrides.append("train.epochs=null")  # --steps counts steps, not the default epoch
-    for flag, key in _FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
+    overrides = flag_overrides(args, _FLAGS)
     if args.rouge_data:
         overrides.append(f"data.rouge={json.dumps(_source(args.rouge_data))}")
     cfg = load_align_config(args.config, overrides)
     summary = align(cfg, resume=args.resume, show_progress=not args.no_progress)
-    if summary["rank"] != 0:
-        return 128 + int(summary["interrupted"]) if summary["interrupted"] is not None else 0
-    if summary["interrupted"] is not None:
-        print(f"interrupted at step {summary['step']}; checkpoint saved to {summary['checkpoint']} (continue with --resume)")
-        return 128 + int(summary["interrupted"])
-    if not summary["finished"]:
-        print(f"stopped at step {summary['step']}; checkpoint saved to {summary['checkpoint']} (continue with --resume)")
-        return 0
+    if (code := unfinished_exit(summary)) is not None:
+        return code
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in {**summary["metrics"], **summary.get("rouge", {})}.items())
     print(f"done: {summary['step']} steps, train loss {summary['train_loss']:.4f}"
           f"{', ' + metrics if metrics else ''}; the policy (one adapter for {cfg.base_model}) in {summary['final_dir']}")

@@ -67,15 +67,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from lmlab.commands._loop import flag_overrides, unfinished_exit
     from lmlab.training.distill import distill, load_distill_config
 
-    overrides = list(args.set)
-    for flag, key in _FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    if args.steps is not None and args.epochs is None:
-        overrides.append("train.epochs=null")  # the config's default is 1 epoch; --steps counts instead
+    overrides = flag_overrides(args, _FLAGS)
     if args.no_teacher_adapter:
         overrides.append("teacher_adapter=null")
     if args.keep_layers is not None:
@@ -88,18 +83,12 @@ def run(args) -> int:
         overrides.append("data.holdout=null")
     cfg = load_distill_config(args.config, overrides)
     summary = distill(cfg, resume=args.resume, show_progress=not args.no_progress, pseudo_only=args.pseudo_only)
-    if summary["rank"] != 0:
-        return 128 + int(summary["interrupted"]) if summary["interrupted"] is not None else 0
-    if summary.get("pseudo_only"):
+    if summary["rank"] == 0 and summary.get("pseudo_only"):
         print(f"pseudo-labels: {summary['pseudo_labels']} in {summary['cache']}"
               + (f", {summary['pseudo_missing']} still to generate" if summary["pseudo_missing"] else ""))
         return 0
-    if summary["interrupted"] is not None:
-        print(f"interrupted at step {summary['step']}; checkpoint saved to {summary['checkpoint']} (continue with --resume)")
-        return 128 + int(summary["interrupted"])
-    if not summary["finished"]:
-        print(f"stopped at step {summary['step']}; checkpoint saved to {summary['checkpoint']} (continue with --resume)")
-        return 0
+    if (code := unfinished_exit(summary)) is not None:
+        return code
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
     print(f"done: {summary['step']} steps, train loss {summary['train_loss']:.4f}{', ' + metrics if metrics else ''}; "
           f"{summary['student_layers']}-layer student ({summary['student_parameters']:,} parameters) in "

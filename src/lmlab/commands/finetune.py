@@ -65,13 +65,10 @@ def _source(spec: str) -> dict:
 
 
 def run(args) -> int:
+    from lmlab.commands._loop import flag_overrides, unfinished_exit
     from lmlab.training.finetune import finetune, load_finetune_config
 
-    overrides = list(args.set)
-    for flag, key in _FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
+    overrides = flag_overrides(args, _FLAGS)
     if args.data:
         overrides.append(f"data.train={json.dumps([_source(s) for s in args.data])}")
     if args.validation:
@@ -82,14 +79,8 @@ def run(args) -> int:
         overrides.append(f"data.response_field={json.dumps(args.response_field)}")
     cfg = load_finetune_config(args.config, overrides)
     summary = finetune(cfg, resume=args.resume, show_progress=not args.no_progress)
-    if summary["rank"] != 0:
-        return 128 + int(summary["interrupted"]) if summary["interrupted"] is not None else 0
-    if summary["interrupted"] is not None:
-        print(f"interrupted at step {summary['step']}; checkpoint saved to {summary['checkpoint']} (continue with --resume)")
-        return 128 + int(summary["interrupted"])
-    if not summary["finished"]:
-        print(f"stopped at step {summary['step']}; checkpoint saved to {summary['checkpoint']} (continue with --resume)")
-        return 0
+    if (code := unfinished_exit(summary)) is not None:
+        return code
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
     best = (f"; best {cfg.eval.select.lstrip('-')} {summary['best_score']:.4f} at step {summary['best_step']}"
             if summary["best_step"] is not None else "")

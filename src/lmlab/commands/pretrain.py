@@ -6,7 +6,6 @@ their own flags, which are applied after --set.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 # flag -> config key it overrides
@@ -50,24 +49,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from lmlab.commands._loop import flag_overrides, unfinished_exit
     from lmlab.training import load_config, pretrain
 
-    overrides = list(args.set)
-    for flag, key in _FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
+    overrides = flag_overrides(args, _FLAGS)
     cfg = load_config(args.config, overrides)
     summary = pretrain(cfg, resume=args.resume, show_progress=not args.no_progress)
-    if summary["rank"] != 0:  # under torchrun only rank 0 reports
-        return 128 + int(summary["interrupted"]) if summary["interrupted"] is not None else 0
-    if summary["interrupted"] is not None:
-        print(f"interrupted at step {summary['step']}; checkpoint saved to {summary['checkpoint']} "
-              f"(continue with --resume)")
-        return 128 + int(summary["interrupted"])
-    if not summary["finished"]:
-        print(f"stopped at step {summary['step']}; checkpoint saved to {summary['checkpoint']} (continue with --resume)")
-        return 0
+    if (code := unfinished_exit(summary)) is not None:
+        return code
     val = summary["val_loss"]
     print(f"done: {summary['step']} steps, train loss {summary['train_loss']:.4f}"
           + (f", validation loss {val:.4f}" if val is not None else "")
