@@ -37,3 +37,31 @@ def unfinished_exit(summary: dict) -> int | None:
         print(f"stopped at step {summary['step']}; checkpoint saved to {summary['checkpoint']} (continue with --resume)")
         return 0
     return None
+
+
+def add_schedule_flags(parser, *, unit: str, epochs_of: str | None) -> None:
+    """--epochs (when the job counts passes over `epochs_of`), --steps, --batch-size (`unit` per micro-step),
+    --grad-accum, --lr."""
+    if epochs_of is not None:
+        parser.add_argument("--epochs", type=float, help=f"passes over {epochs_of} (sets the steps)")
+        steps_help = "optimizer steps (when --epochs is not given)"
+    else:
+        steps_help = "optimizer steps (train.steps)"
+    parser.add_argument("--steps", type=int, help=steps_help)
+    parser.add_argument("--batch-size", type=int, help=f"{unit} per micro-step (train.batch_size)")
+    parser.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (train.grad_accum)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
+
+
+def add_run_flags(parser, *, seed: str, distributed: bool) -> None:
+    """--precision, --distributed (jobs that run under torchrun), --device, --seed (`seed`: what it seeds),
+    --stop-after, --no-progress."""
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 where the CPU or GPU has it natively, else fp32")
+    if distributed:
+        parser.add_argument("--distributed", choices=["none", "ddp", "fsdp"],
+                            help="data parallelism (launch with torchrun)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train")
+    parser.add_argument("--seed", type=int, help=seed)
+    parser.add_argument("--stop-after", type=int, help="stop with a checkpoint after this many steps (resume later)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")

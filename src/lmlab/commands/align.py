@@ -20,6 +20,8 @@ _FLAGS = {
 
 
 def add_arguments(parser) -> None:
+    from lmlab.commands._loop import add_run_flags, add_schedule_flags
+
     parser.add_argument("--config", default=None, help="YAML/JSON alignment config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set lora.dropout=0.0 (repeatable)")
@@ -37,20 +39,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rouge-examples", type=int, help="how many --rouge-data records to summarize (0: none)")
     parser.add_argument("--beta", type=float, help="DPO beta: how far the policy may move from the reference")
     parser.add_argument("--out", help="run directory (out_dir)")
-    parser.add_argument("--epochs", type=float, help="passes over the pairs (sets the steps)")
-    parser.add_argument("--steps", type=int, help="optimizer steps (when --epochs is not given)")
-    parser.add_argument("--batch-size", type=int, help="pairs per micro-step")
-    parser.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step")
-    parser.add_argument("--lr", type=float, help="peak learning rate")
+    add_schedule_flags(parser, unit="preference pairs", epochs_of="the pairs")
     parser.add_argument("--rank", type=int, help="LoRA rank r of the DPO adapter")
     parser.add_argument("--alpha", type=float, help="LoRA alpha of the DPO adapter")
     parser.add_argument("--targets", help="LoRA target linears by name, e.g. q,k,v,o,gate,up,down")
     parser.add_argument("--max-seq-len", type=int, help="prompt + response tokens; longer prompts are cut in the middle")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 where native, else fp32")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train")
-    parser.add_argument("--seed", type=int, help="seed for the adapter init, pair order, holdout and dropout")
-    parser.add_argument("--stop-after", type=int, help="stop with a checkpoint after this many steps (resume later)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_flags(parser, seed="seed for the adapter init, pair order, holdout and dropout", distributed=False)
 
 
 def run(args) -> int:

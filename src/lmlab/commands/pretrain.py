@@ -25,6 +25,8 @@ def _preset_names() -> str:
 
 
 def add_arguments(parser) -> None:
+    from lmlab.commands._loop import add_run_flags, add_schedule_flags
+
     parser.add_argument("--config", default=None, help=f"YAML/JSON run config, or a preset: {_preset_names()}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set train.lr=3e-4 --set model.dropout=0.1 (repeatable)")
@@ -35,17 +37,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokenizer", help="directory with tokenizer.json (default: train one into OUT/tokenizer)")
     parser.add_argument("--seq-len", type=int, help="model input length (data.seq_len)")
     parser.add_argument("--objective", choices=["clm", "mlm", "span"], help="default: by the model's architecture")
-    parser.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
-    parser.add_argument("--batch-size", type=int, help="global blocks per micro-step (train.batch_size)")
-    parser.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (train.grad_accum)")
-    parser.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto: bf16 on capable CUDA, else fp32")
-    parser.add_argument("--distributed", choices=["none", "ddp", "fsdp"], help="data parallelism (launch with torchrun)")
-    parser.add_argument("--device", help="auto | cpu | cuda")
-    parser.add_argument("--seed", type=int, help="train.seed: the model's initial weights, data order, masks and "
-                                                 "dropout; the same config and seed give the same model")
-    parser.add_argument("--stop-after", type=int, help="stop with a checkpoint after this many steps (resume later)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_schedule_flags(parser, unit="global blocks", epochs_of=None)
+    add_run_flags(parser, seed="train.seed: the model's initial weights, data order, masks and dropout; the same "
+                               "config and seed give the same model", distributed=True)
 
 
 def run(args) -> int:
