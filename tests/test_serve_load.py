@@ -191,8 +191,8 @@ def _server_side_objects() -> dict[str, int]:
 
     counts = collections.Counter()
     for obj in gc.get_objects():
-        module = getattr(type(obj), "__module__", "") or ""
-        if module.split(".")[0] in _SERVER_MODULES:
+        module = getattr(type(obj), "__module__", None)
+        if isinstance(module, str) and module.split(".")[0] in _SERVER_MODULES:  # some C types: a descriptor
             counts[f"{module}.{type(obj).__qualname__}"] += 1
     return dict(counts)
 
