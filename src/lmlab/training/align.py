@@ -364,11 +364,8 @@ def evaluate_pairs(model, objective: DirectPreference, pairs: list[TokenizedPair
 def align(cfg: AlignConfig, resume: bool = False, show_progress: bool = True) -> dict:
     """Run (or resume) the alignment job `cfg` -> summary dict (steps, metrics, final ROUGE, paths)."""
     validate(cfg)
-    env = dist.setup(cfg.train.distributed, cfg.train.device)
-    try:
+    with dist.session(cfg.train) as env:
         return _run(cfg, env, resume, show_progress)
-    finally:
-        dist.cleanup(env)
 
 
 def _run(cfg: AlignConfig, env: dist.DistEnv, resume: bool, show_progress: bool) -> dict:

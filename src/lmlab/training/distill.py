@@ -368,11 +368,8 @@ def distill(cfg: DistillConfig, resume: bool = False, show_progress: bool = True
     ``pseudo_stop_after`` (a testing knob): stop generating after that many new labels, as a kill would.
     """
     validate(cfg)
-    env = dist.setup(cfg.train.distributed, cfg.train.device)
-    try:
+    with dist.session(cfg.train) as env:
         return _run(cfg, env, resume, show_progress, pseudo_only, pseudo_stop_after)
-    finally:
-        dist.cleanup(env)
 
 
 def load_teacher(cfg: DistillConfig):

@@ -16,8 +16,10 @@ Only rank 0 logs and writes files; every rank calls the collective state-dict fu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +74,17 @@ def setup(mode: str, device: str = "auto") -> DistEnv:
 def cleanup(env: DistEnv) -> None:
     if env.active and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(train) -> Iterator[DistEnv]:
+    """The process group (if any) for a training section's ``distributed`` and ``device``, torn down on
+    the way out whatever happens: ``with dist.session(cfg.train) as env: ...``."""
+    env = setup(train.distributed, train.device)
+    try:
+        yield env
+    finally:
+        cleanup(env)
 
 
 def barrier(env: DistEnv) -> None:

@@ -345,11 +345,8 @@ def evaluate_sft(model, objective: SupervisedFineTuning, examples: list[Tokenize
 def finetune(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True) -> dict:
     """Run (or resume) the fine-tuning job `cfg` -> summary dict (steps, losses, best metrics, paths)."""
     validate(cfg)
-    env = dist.setup(cfg.train.distributed, cfg.train.device)
-    try:
+    with dist.session(cfg.train) as env:
         return _run(cfg, env, resume, show_progress)
-    finally:
-        dist.cleanup(env)
 
 
 def _run(cfg: FinetuneConfig, env: dist.DistEnv, resume: bool, show_progress: bool) -> dict:

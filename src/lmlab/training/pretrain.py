@@ -41,11 +41,8 @@ from lmlab.training.loop import PRECISIONS, Job, check_identity, fit, read_resum
 def pretrain(cfg: PretrainConfig, resume: bool = False, show_progress: bool = True) -> dict:
     """Run (or resume) the pre-training job `cfg` -> summary dict (steps, losses, throughput, paths)."""
     validate(cfg)
-    env = dist.setup(cfg.train.distributed, cfg.train.device)
-    try:
+    with dist.session(cfg.train) as env:
         return _run(cfg, env, resume, show_progress)
-    finally:
-        dist.cleanup(env)
 
 
 def _run(cfg: PretrainConfig, env: dist.DistEnv, resume: bool, show_progress: bool) -> dict:
