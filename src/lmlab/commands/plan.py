@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     chin.add_argument("--peak-flops", default="989T", help="peak FLOP/s per device (default 989T, H100 SXM bf16 dense)")
     chin.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
     chin.add_argument("--devices", type=int, default=1, help="number of devices (default 1)")
+    chin.add_argument("--fit", metavar="RUNS.jsonl", help="plan with the law fitted to your own runs "
+                      "(`lmlab scaling fit`) instead of the published one; --tokens-per-param is then ignored")
     chin.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
@@ -84,9 +86,38 @@ def run(args: argparse.Namespace) -> int:
     plan = scaling.chinchilla_optimal(**{{"compute": "compute_flops", "params": "n_params",
                                           "tokens": "n_tokens"}[name]: value}, tokens_per_param=args.tokens_per_param)
     peak = scaling.parse_count(args.peak_flops, "--peak-flops")
+    if args.fit:
+        return _plan_with_fit(args, name, value, peak)
     if args.json:
         seconds = scaling.training_time(plan.flops, peak, args.mfu, args.devices)
         print(json.dumps({**plan.as_dict(), "training_seconds": seconds}, indent=2))
         return 0
     print(scaling.chinchilla_report(plan, peak, args.mfu, args.devices))
+    return 0
+
+
+def _plan_with_fit(args: argparse.Namespace, name: str, value: float, peak: float) -> int:
+    """`lmlab plan chinchilla --fit RUNS.jsonl`: the compute-optimal plan under the user's fitted law."""
+    from lmlab import scaling
+    from lmlab.scaling import fit as scaling_fit
+
+    law = scaling_fit.fit_runs(scaling_fit.read_runs(args.fit), n_boot=0).law
+    plan = scaling_fit.plan_with_law(law, **{{"compute": "compute_flops", "params": "n_params",
+                                               "tokens": "n_tokens"}[name]: value})
+    seconds = scaling.training_time(plan["flops"], peak, args.mfu, args.devices)
+    if args.json:
+        print(json.dumps({**plan, "training_seconds": seconds, "runs": args.fit}, indent=2))
+        return 0
+    rows = [
+        ("law", f"L = {law.E:.3f} + {law.A:.4g}/N^{law.alpha:.3f} + {law.B:.4g}/D^{law.beta:.3f} (fitted to {args.fit})"),
+        ("parameters N", f"{scaling.format_count(plan['n_params'])} ({plan['n_params']:.3g})"),
+        ("tokens D", f"{scaling.format_count(plan['n_tokens'])} ({plan['n_tokens']:.3g}; "
+                     f"{plan['tokens_per_param']:.3g} per parameter; Chinchilla: 20)"),
+        ("compute C = 6ND", scaling.format_flops(plan["flops"])),
+        ("predicted loss", f"{plan['loss']:.3f} nats/token (your law; beyond your runs' compute it is an extrapolation)"),
+        ("training time", f"{scaling.format_duration(seconds)} on {args.devices} device(s) at "
+                          f"{scaling.format_count(peak)} FLOP/s peak, {args.mfu:.0%} MFU"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     return 0

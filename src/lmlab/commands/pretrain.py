@@ -51,8 +51,13 @@ def run(args) -> int:
     summary = pretrain(cfg, resume=args.resume, show_progress=not args.no_progress)
     if (code := unfinished_exit(summary)) is not None:
         return code
-    val = summary["val_loss"]
-    print(f"done: {summary['step']} steps, train loss {summary['train_loss']:.4f}"
-          + (f", validation loss {val:.4f}" if val is not None else "")
-          + f", {summary['tokens_per_s']:,.0f} tokens/s, MFU {100 * summary['mfu']:.1f}%; model saved to {summary['out_dir']}")
+    # a run shorter than one log interval has no train loss or throughput yet: print what exists
+    parts = [f"done: {summary['step']} steps"]
+    if summary.get("train_loss") is not None:
+        parts.append(f"train loss {summary['train_loss']:.4f}")
+    if summary.get("val_loss") is not None:
+        parts.append(f"validation loss {summary['val_loss']:.4f}")
+    if summary.get("tokens_per_s") is not None:
+        parts.append(f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {100 * summary['mfu']:.1f}%")
+    print(", ".join(parts) + f"; model saved to {summary['out_dir']}")
     return 0
