@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch.nn.modules.module import register_module_parameter_registration_hook
 from tqdm.auto import tqdm
 
-from lmlab.checkpoints.families import config_from_hf_dict, family_for_config  # noqa: F401  (re-exported)
+from lmlab.checkpoints.families import config_from_hf_dict, family_for_config  # noqa: F401 (peft.py uses the 2nd)
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError
 from lmlab.model import Transformer
