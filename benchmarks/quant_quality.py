@@ -98,7 +98,7 @@ def serve_rss(args: argparse.Namespace, out: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "LMLAB_NUM_THREADS": str(args.threads)}
     for mode in args.modes.split(","):
         if mode in ("int8", "int4") and not (out / f"checkpoint-{mode}").exists():
-            subprocess.run([sys.executable, "-c", "import sys, lmlab.quant.model as q; "
+            subprocess.run([sys.executable, "-c", "import sys, lmlab.quant.checkpoint as q; "
                             "q.quantize_checkpoint('smollm2-135m-instruct', sys.argv[1], int(sys.argv[2]))",
                             str(out / f"checkpoint-{mode}"), mode[-1]], env=env, check=True)
         proc = subprocess.run([sys.executable, __file__, "--rss-child", mode, "--out", str(out)], env=env,

@@ -71,7 +71,8 @@ STUDENT="$OUT/student/final"
 SERVED="$STUDENT"
 if "$LMLAB" quantize --help > /dev/null 2>&1; then
   echo "== 3. quantize the student to int8"
-  "$LMLAB" --threads "$THREADS" quantize "$STUDENT" "$OUT/student-int8" --bits 8
+  # --force: a rerun replaces the int8 copy this script wrote before (lmlab refuses it otherwise)
+  "$LMLAB" --threads "$THREADS" quantize "$STUDENT" "$OUT/student-int8" --bits 8 --force
   SERVED="$OUT/student-int8"
 else
   echo "== 3. skipped: this lmlab has no 'lmlab quantize' yet; serving the fp32 student"

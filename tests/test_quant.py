@@ -165,7 +165,7 @@ def test_bad_bits_group_size_and_width_are_one_line_errors():
 # --- checkpoints -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 64)])
 def test_quantized_checkpoint_round_trip(tiny_model_dir, tmp_path, bits, group):
-    from lmlab.quant.model import quantize_checkpoint
+    from lmlab.quant.checkpoint import quantize_checkpoint
 
     out, report = quantize_checkpoint(tiny_model_dir, tmp_path / "q", bits, group)
     record = json.loads((out / "quantization.json").read_text())
@@ -191,7 +191,7 @@ def test_quantize_copies_the_prompt_recipe(tiny_model_dir, tmp_path):
     import shutil
 
     from lmlab.adapt.recipe import RECIPE_FILE, Recipe
-    from lmlab.quant.model import quantize_checkpoint
+    from lmlab.quant.checkpoint import quantize_checkpoint
 
     source = tmp_path / "tuned"
     shutil.copytree(tiny_model_dir, source)
@@ -205,7 +205,7 @@ def test_quantize_copies_the_prompt_recipe(tiny_model_dir, tmp_path):
 
 
 def test_missing_kernel_is_a_one_line_error(tiny_model_dir, tmp_path, monkeypatch):
-    from lmlab.quant.model import quantize_checkpoint
+    from lmlab.quant.checkpoint import quantize_checkpoint
 
     out, _ = quantize_checkpoint(tiny_model_dir, tmp_path / "q4", 4)
     monkeypatch.delattr(torch, "_weight_int4pack_mm_for_cpu")
@@ -244,7 +244,7 @@ def test_lora_wraps_a_quantized_linear_and_merge_is_refused():
 def test_adapter_loads_on_quantized_bases(tiny_model_dir, tmp_path):
     from lmlab.adapt.merge import merge_adapter
     from lmlab.adapt.peft import save_adapter
-    from lmlab.quant.model import quantize_checkpoint
+    from lmlab.quant.checkpoint import quantize_checkpoint
 
     model = lmlab.load_model(tiny_model_dir)
     config = LoraConfig(r=4, targets=("q", "v", "down"))

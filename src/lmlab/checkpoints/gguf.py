@@ -29,11 +29,15 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from gguf.quants import dequantize
+from tqdm.auto import tqdm
 
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError
+from lmlab.model import Transformer
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # quant types read_gguf can dequantize; names as in gguf.GGMLQuantizationType
@@ -62,8 +66,6 @@ _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 # --- reading ---------------------------------------------------------------------------------------
 def _open(path: str | Path):
     """A ``gguf.GGUFReader`` over `path`, with the reader's low-level failures turned into CheckpointError."""
-    import gguf
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file not found: {path}")
@@ -162,8 +164,6 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
 
 def _type_name(code: int) -> str:
     """A ggml quant type code -> its name (Q4_1, F32, ...), or the number when gguf does not know it."""
-    import gguf
-
     try:
         return gguf.GGMLQuantizationType(code).name
     except ValueError:
@@ -280,8 +280,6 @@ def permute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def dequantize_tensor(tensor, path: str | Path = "") -> np.ndarray:
     """A reader tensor as a float32 numpy array in PyTorch layout (rows = GGUF's last dimension)."""
-    from gguf.quants import dequantize
-
     qtype = tensor.tensor_type.name
     if qtype not in SUPPORTED_QUANT_TYPES:
         raise CheckpointError(
@@ -304,8 +302,6 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
     ``load_gguf_model`` shows how to load the state dict strictly. Unsupported quant types are reported
     before any tensor is dequantized.
     """
-    from tqdm.auto import tqdm
-
     metadata = read_gguf_metadata(path)
     cfg = gguf_config(metadata)
     unknown = [name for name in metadata["gguf.tensor_names"] if lmlab_key(name) is None]
@@ -370,8 +366,6 @@ def _check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor], path: str | 
 
 def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True):
     """A ready ``lmlab.model.Transformer`` (eval mode) with the weights of a GGUF file."""
-    from lmlab.model import Transformer
-
     cfg, state, _ = read_gguf(path, dtype=dtype, progress=progress)
     model = Transformer(cfg)
     if cfg.tie_embeddings:  # the tied head shares the embedding's storage; state_dict lists it under both names

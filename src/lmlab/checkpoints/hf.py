@@ -1,13 +1,16 @@
 """Shared machinery for Hugging Face checkpoints: key maps, strict loading, reading and writing files.
 
 A family module (``hf_gpt2``, ``hf_llama``, ``hf_bert``, ``hf_t5``) is a declarative key map plus a few
-tensor transforms. This module applies those maps (with per-layer ``{i}`` patterns), reads
-``config.json`` + ``model.safetensors`` / ``pytorch_model.bin`` (sharded or not), checks every key and
-shape before anything is copied, and picks the family for a config.
+tensor transforms, registered in ``families``. This module applies those maps (with per-layer ``{i}``
+patterns), reads ``config.json`` + ``model.safetensors`` / ``pytorch_model.bin`` (sharded or not) and
+checks every key and shape before anything is copied. It imports no family module: the families import
+it for its helpers and register themselves (``lmlab.checkpoints.families``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import re
 from pathlib import Path
@@ -15,10 +18,15 @@ from types import ModuleType
 from typing import Iterable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch.nn.modules.module import register_module_parameter_registration_hook
 from tqdm.auto import tqdm
 
+from lmlab.checkpoints.families import config_from_hf_dict, family_for_config  # noqa: F401 (peft.py uses the 2nd)
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError
+from lmlab.model import Transformer
 
 # HF activation names -> lmlab's (``gelu_new`` and ``gelu_pytorch_tanh`` are the tanh approximation)
 HF_ACTIVATIONS = {
@@ -115,63 +123,7 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
         model.lm_head.weight = model.tok_embed.weight
 
 
-# --- families ------------------------------------------------------------------------------------
-
-def families() -> list[ModuleType]:
-    from lmlab.checkpoints import hf_bert, hf_gpt2, hf_llama, hf_t5
-
-    return [hf_gpt2, hf_llama, hf_bert, hf_t5]
-
-
-def family_for_model_type(model_type: str | None, architectures: list[str] | None = None) -> ModuleType:
-    for family in families():
-        if model_type in family.MODEL_TYPES:
-            return family
-    supported = sorted(t for family in families() for t in family.MODEL_TYPES)
-    what = f"model_type={model_type!r}" if model_type else f"architectures={architectures!r}"
-    raise CheckpointError(f"{what} is not supported; supported model types: {', '.join(supported)}")
-
-
-def family_for_config(cfg: ModelConfig) -> ModuleType:
-    """Choose the HF family from the config's structure (or its recorded hf_model_type), never its name."""
-    recorded = cfg.extra.get("hf_model_type")
-    if recorded:
-        return family_for_model_type(recorded)
-    for family in families():
-        if family.matches(cfg):
-            return family
-    raise CheckpointError(
-        f"no Hugging Face family can represent this config (arch={cfg.arch!r}, positional={cfg.positional!r}, "
-        f"norm={cfg.norm!r}, norm_position={cfg.norm_position!r}, gated_ffn={cfg.gated_ffn}); "
-        "supported: gpt2, llama, bert, t5"
-    )
-
-
-# class-name prefix in `architectures` -> model_type, for config.json files without a model_type
-ARCHITECTURE_PREFIXES = {"GPT2": "gpt2", "Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2", "Bert": "bert",
-                         "T5": "t5"}
-
-
-def model_type_from_architectures(architectures: list[str] | None) -> str | None:
-    for name in architectures or []:
-        for prefix, model_type in ARCHITECTURE_PREFIXES.items():
-            if name.startswith(prefix) and name[len(prefix):][:1].isupper():
-                return model_type
-    return None
-
-
-def config_from_hf_dict(hf: dict, keys: Iterable[str] | None = None) -> tuple[ModelConfig, ModuleType]:
-    """HF config dict -> (ModelConfig, family module). `keys` (checkpoint key names) refine the head choice."""
-    if not hf.get("model_type"):
-        inferred = model_type_from_architectures(hf.get("architectures"))
-        if inferred is None:
-            raise CheckpointError(f"config has no model_type and architectures={hf.get('architectures')!r} is not "
-                                  f"supported; supported architectures: {', '.join(p + '*' for p in ARCHITECTURE_PREFIXES)}")
-        hf = {**hf, "model_type": inferred}
-    family = family_for_model_type(hf.get("model_type"), hf.get("architectures"))
-    cfg = family.config_from_hf(hf, keys=keys)
-    return cfg, family
-
+# --- converting ----------------------------------------------------------------------------------
 
 def convert_state_to_lmlab(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, family: ModuleType,
                            dtype: torch.dtype = torch.float32, source: str = "checkpoint"):
@@ -206,10 +158,6 @@ def parameterless_model(cfg: ModelConfig):
     Buffers stay real: RoPE's ``inv_freq`` and the sinusoidal table are computed from the config, not
     loaded. Fill the parameters with ``load_state(..., assign=True)``.
     """
-    from torch.nn.modules.module import register_module_parameter_registration_hook
-
-    from lmlab.model import Transformer
-
     def to_meta(module, name, param):
         if param is not None and param.device.type != "meta":  # already-meta ones: tying keeps the same object
             return torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
@@ -236,9 +184,6 @@ def release_free_heap() -> None:
     freed pages resident for reuse, so without this the RSS stays ~400 MB above the model's size after
     loading SmolLM2-135M from its GGUF. A no-op where the C library has no ``malloc_trim`` (macOS, musl).
     """
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.malloc_trim(0)
@@ -249,8 +194,6 @@ def release_free_heap() -> None:
 # --- files ---------------------------------------------------------------------------------------
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
@@ -324,8 +267,6 @@ def weight_keys(directory: str | Path) -> list[str] | None:
             return list(json.loads((directory / index_name).read_text())["weight_map"])
     single = directory / "model.safetensors"
     if single.exists():
-        from safetensors import safe_open
-
         try:
             with safe_open(str(single), framework="pt") as f:
                 return list(f.keys())

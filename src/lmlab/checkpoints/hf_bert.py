@@ -9,8 +9,11 @@ embeddings, with its own bias. Checkpoints without it (sentence encoders such as
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
+from lmlab.checkpoints.families import register
 from lmlab.checkpoints.hf import LMLAB_TO_HF_ACTIVATION, activation_from_hf, invert, rename_keys
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError
@@ -96,3 +99,6 @@ def to_hf(lmlab_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     if cfg.tie_embeddings:
         hf.pop("cls.predictions.decoder.weight", None)
     return hf
+
+
+register(sys.modules[__name__])

@@ -9,8 +9,11 @@ sequences up to the window (4096 tokens for Mistral-7B v0.1), and the value is k
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
+from lmlab.checkpoints.families import register
 from lmlab.checkpoints.hf import LMLAB_TO_HF_ACTIVATION, activation_from_hf, invert, rename_keys
 from lmlab.config import ModelConfig
 
@@ -95,3 +98,6 @@ def to_hf(lmlab_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     if cfg.tie_embeddings:
         hf.pop("lm_head.weight", None)
     return hf
+
+
+register(sys.modules[__name__])

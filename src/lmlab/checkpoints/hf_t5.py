@@ -10,8 +10,11 @@ before the LM head exactly when the HF config does so: transformers reads ``scal
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
+from lmlab.checkpoints.families import register
 from lmlab.checkpoints.hf import LMLAB_TO_HF_ACTIVATION, activation_from_hf, invert, rename_keys
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError
@@ -115,3 +118,6 @@ def to_hf(lmlab_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
     if cfg.head_input_scale != 1.0:
         hf.pop("lm_head.weight")  # HF ties it to shared.weight
     return hf
+
+
+register(sys.modules[__name__])

@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from lmlab.checkpoints.hf import build_model, read_safetensors
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError, ConfigError
 
@@ -40,8 +42,6 @@ def read_config(directory: str | Path) -> ModelConfig:
 
 def write_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """save_file, cloning tensors that share memory (safetensors refuses aliased tensors)."""
-    from safetensors.torch import save_file
-
     seen_storages: set[int] = set()
     out = {}
     for key, tensor in state.items():
@@ -64,8 +64,6 @@ def write(model, directory: Path) -> None:
 
 
 def load(directory: str | Path, dtype: torch.dtype = torch.float32):
-    from lmlab.checkpoints.hf import build_model, read_safetensors
-
     directory = Path(directory)
     cfg = read_config(directory)
     weights = directory / "model.safetensors"

@@ -7,6 +7,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmlab.scaling.units import format_bytes, format_count
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -83,8 +85,6 @@ def listing() -> list[dict]:
 
 def format_listing(rows: list[dict]) -> str:
     """The table `lmlab models` prints, then how to get a model that is not installed."""
-    from lmlab.scaling.units import format_bytes, format_count
-
     table = [("name", "parameters", "size", "installed", "description")]
     for row in rows:
         table.append((row["name"], format_count(row["parameters"]),

@@ -8,7 +8,8 @@ quantized as a linear and the embedding becomes a ``QuantizedEmbedding`` that re
 no float copy of the 49152 x 576 table stays behind.
 
 The quantization of each layer is recorded in ``model.quantization`` (a dict, see ``QUANT_FILE``);
-``save_quantized`` / ``load_quantized`` write and read a directory (see docs/quantization.md):
+``save_quantized`` / ``load_quantized`` write and read a directory (see docs/quantization.md;
+``lmlab.quant.checkpoint.quantize_checkpoint`` is ``lmlab quantize``):
 
     config.json         the ModelConfig, as in a float lmlab checkpoint (``lmlab_format``)
     quantization.json   {"format": 1, "layers": {name: {"bits": 8} | {"bits": 4, "group_size": G}},
@@ -29,11 +30,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmlab.checkpoints import native
+from lmlab.checkpoints.hf import parameterless_model, read_safetensors
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.nn.swap import replace_module, swap_modules
+from lmlab.precision import apply_precision
 from lmlab.quant.linear import (BITS, GROUP_SIZES, Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear,
-                                check_int4_shape)
+                                check_int4_shape, is_quantized)
 
 QUANT_FILE = "quantization.json"
 QUANT_FORMAT = 1
@@ -150,8 +154,6 @@ def _tied_head(model: nn.Module) -> bool:
 def float_skeleton(cfg: ModelConfig) -> nn.Module:
     """A Transformer for `cfg` whose parameters are all on the meta device (filled by ``fill_float``);
     buffers stay real (RoPE's ``inv_freq`` is computed when the module is built and never saved)."""
-    from lmlab.checkpoints.hf import parameterless_model
-
     return parameterless_model(cfg)
 
 
@@ -185,8 +187,6 @@ def set_quantized(model: nn.Module, name: str, layer: QuantizedLinear) -> None:
 # --- saving and loading ---------------------------------------------------------------------------
 def save_quantized(model: nn.Module, directory: Path) -> None:
     """Write config.json, quantization.json and model.safetensors into an existing (temporary) directory."""
-    from lmlab.checkpoints import native
-
     record = getattr(model, "quantization", None)
     if not record:
         raise CheckpointError("this model holds no quantized layers; save it with lmlab.save_model")
@@ -202,53 +202,23 @@ def save_quantized(model: nn.Module, directory: Path) -> None:
     native.write_safetensors(state, directory / "model.safetensors", {"format": "pt", "lmlab_quantization": "1"})
 
 
-def quantize_checkpoint(source: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None,
-                        layers=None) -> tuple[Path, QuantReport]:
-    """``lmlab quantize``: load `source` in fp32, quantize it, write a quantized checkpoint (with the
-    tokenizer, and the prompt recipe ``lmlab_recipe.json``, when the source has them) atomically to
-    `out_dir` -> (path, report)."""
-    import shutil
-
-    import lmlab
-    from lmlab.adapt.recipe import RECIPE_FILE
-    from lmlab.checkpoints import _atomic_dir, _save_tokenizer
-
-    if bits not in BITS:  # before loading anything
-        raise ConfigError(f"--bits {bits!r} is not valid; choose one of: {', '.join(map(str, BITS))}")
-    if group_size is not None and group_size not in GROUP_SIZES:
-        raise ConfigError(f"--group-size {group_size!r} is not valid; choose one of: {', '.join(map(str, GROUP_SIZES))}")
-    model = lmlab.load_model(source)
-    report = quantize_model(model, bits, group_size, layers)
-    model.quantization["source"] = str(source)
-    try:
-        tokenizer = lmlab.load_tokenizer(source)
-    except (CheckpointError, ImportError, OSError):
-        tokenizer = None  # a checkpoint without tokenizer files: weights only
-
-    def write(tmp: Path) -> None:
-        save_quantized(model, tmp)
-        _save_tokenizer(tokenizer, tmp)
-        recipe = Path(source) / RECIPE_FILE  # a fine-tuned or distilled model keeps the prompt it learned
-        if recipe.is_file():
-            shutil.copyfile(recipe, tmp / RECIPE_FILE)
-
-    return _atomic_dir(Path(out_dir), write), report
-
-
 def is_quantized_dir(directory: Path) -> bool:
     return (Path(directory) / QUANT_FILE).exists()
 
 
+def read_record(directory: str | Path) -> dict:
+    """The ``quantization.json`` record of a quantized checkpoint directory."""
+    path = Path(directory) / QUANT_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
 def load_quantized(directory: str | Path) -> nn.Module:
     """A quantized lmlab checkpoint -> Transformer (eval mode) running on the integer kernels."""
-    from lmlab.checkpoints import native
-    from lmlab.checkpoints.hf import read_safetensors
-
     directory = Path(directory)
-    try:
-        record = json.loads((directory / QUANT_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {directory / QUANT_FILE}: {exc}") from None
+    record = read_record(directory)
     if record.get("format") != QUANT_FORMAT:
         raise CheckpointError(f"{directory / QUANT_FILE}: format={record.get('format')!r} is not supported; "
                               f"this lmlab reads format {QUANT_FORMAT}")
@@ -290,12 +260,8 @@ def attach_embedding(model: nn.Module, record: dict, source: str) -> None:
 def apply_compute_precision(model: nn.Module, precision: str = "auto") -> str:
     """``lmlab.precision.apply_precision`` for a float model; a quantized model keeps fp32 activations
     (its kernels take bf16 inside each matmul), so only the line to print is returned."""
-    from lmlab.quant.linear import is_quantized
-
     if is_quantized(model):
         return f"fp32 activations around quantized weights ({describe_quantization(model)}); --precision is not used"
-    from lmlab.precision import apply_precision
-
     return apply_precision(model, precision)
 
 
