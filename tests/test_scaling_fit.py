@@ -155,6 +155,7 @@ def test_sweep_records_every_run_and_never_recomputes_one(tmp_path):
     assert sorted(r["id"] for r in runs) == sorted(s.id for s in grid(cfg))
     for r in runs:
         assert r["loss"] > 0 and r["embedding_params"] == 128 * 32 * int(r["id"][1]) and r["flops"] > 0
+        assert r["epochs"] == pytest.approx(r["tokens"] / r["corpus_train_tokens"], abs=1e-3) and r["epochs"] <= 2
     assert any("left" in line for line in lines)  # progress with the time left
     before = runs_path.read_text()
     # a killed sweep: the last run's line never written; re-running does that run only
@@ -185,3 +186,12 @@ def test_bad_sweep_configs_name_the_value(tmp_path):
     path.write_text("width_per_layer: 20\n")
     with pytest.raises(ConfigError, match="width_per_layer=20"):
         SweepConfig.from_file(path)
+
+
+def test_runs_that_would_repeat_the_corpus_too_often_are_refused_before_training(tmp_path):
+    cfg = tiny_sweep(tmp_path, tokens_per_param=[0.02, 50.0])
+    t = time.time()
+    with pytest.raises(ConfigError, match=r"2 run\(s\) need more than max_epochs=2 passes over the corpus's"):
+        sweep(cfg, show_progress=False, echo=lambda s: None)
+    assert time.time() - t < 30  # the tokenizer and shards only: no run started
+    assert not (tmp_path / "sweep" / "runs.jsonl").exists() and not list((tmp_path / "sweep").glob("L*"))

@@ -402,7 +402,11 @@ def plot_fit(result: FitResult, runs: list[dict], out: str | Path) -> Path:
         ax2.plot(np.exp(xs), c2 * xs ** 2 + c1 * xs + c0, "-", color=color, lw=1)
         if iso.n_opt is not None:
             ax2.plot([iso.n_opt], [iso.loss_opt], "k*", ms=9)
-    ax2.set_xscale("log")
+    if not result.isoflops:
+        ax2.text(0.5, 0.5, "no compute level is covered by 3 or more sizes:\nwiden tokens_per_param or add sizes",
+                 ha="center", va="center", transform=ax2.transAxes)
+    else:
+        ax2.set_xscale("log")
     ax2.set_xlabel("non-embedding parameters N")
     ax2.set_ylabel("loss at that compute (interpolated)")
     ax2.set_title("IsoFLOP profiles (stars: minima)")

@@ -11,6 +11,7 @@ A sweep config (YAML) names a corpus, the model sizes and the token budgets::
     width_per_layer: 32         # the shape rule (head_dim 32, SwiGLU d_ff = 8/3 d_model rounded to 32)
     tokens_per_param: [2, 5, 10, 20]   # budgets: D = r * N (N = non-embedding parameters)
     train: {batch_size: 32, lr: 0.002, precision: auto}   # any `lmlab pretrain` train.* field
+    max_epochs: 2               # refuse runs that would pass over the corpus more often (they overfit)
     workers: 2                  # runs at a time, each on its own core (threads_per_run torch threads)
 
 The shape rule keeps the aspect ratio d_model / n_layers fixed (Kaplan et al. 2020 find loss depends on
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -70,6 +72,7 @@ class SweepConfig:
     workers: int = 2
     threads_per_run: int = 1
     memory_budget: str | None = None  # e.g. "20GiB"; default: physical memory
+    max_epochs: float = 2.0  # refuse runs that would see the training tokens more often than this
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "SweepConfig":
@@ -107,6 +110,8 @@ class SweepConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if not (isinstance(self.max_epochs, (int, float)) and self.max_epochs > 0):
+            raise ConfigError(f"max_epochs={self.max_epochs!r} must be a positive number")
         if not 0 < self.val_fraction < 0.5:
             raise ConfigError(f"val_fraction={self.val_fraction!r} must be in (0, 0.5)")
         if not isinstance(self.train, dict):
@@ -177,12 +182,17 @@ def check_memory(cfg: SweepConfig) -> None:
 
 # --- the corpus and tokenizer, prepared once ---------------------------------------------------
 def stdlib_corpus(out: Path) -> Path:
-    """The Python standard library's .py files (sorted; the interpreter's own copy) as JSONL, one file a line."""
+    """The Python standard library's .py files (the interpreter's own copy) as JSONL, one file a line.
+
+    Files are ordered by a hash of their path, so the held-out tail (``val_fraction`` of the packed blocks)
+    is a fixed random sample of modules rather than the alphabetically last packages.
+    """
     path = out / "corpus.jsonl"
     if path.exists():
         return path
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    files = sorted((p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts),
+                   key=lambda p: hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest())
     if not files:
         raise DataError(f"no .py files under the standard library at {str(root)!r}")
     tmp = path.with_suffix(".tmp")
@@ -228,9 +238,29 @@ def run_config(cfg: SweepConfig, spec: RunSpec, files: list[str], field_name: st
             "train": train, "out_dir": str(run_dir)}
 
 
-def run_record(spec: RunSpec, summary: dict, run_cfg: dict, wall_s: float) -> dict:
+def training_tokens(cfg: SweepConfig, out: Path) -> int:
+    """Tokens in the training blocks of the sweep's corpus (the held-out tail excluded)."""
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    return int(manifest["n_tokens"] * (1 - cfg.val_fraction))
+
+
+def check_epochs(cfg: SweepConfig, specs: list[RunSpec], available: int) -> None:
+    """Refuse runs that would repeat the corpus more than `max_epochs` times: past about two epochs these
+    small models memorise it and validation loss rises with D (measured: docs/scaling.md), which is no
+    longer the law being fitted."""
+    over = [s for s in specs if s.tokens > cfg.max_epochs * available]
+    if over:
+        worst = max(over, key=lambda s: s.tokens)
+        raise ConfigError(f"{len(over)} run(s) need more than max_epochs={cfg.max_epochs:g} passes over the corpus's "
+                          f"{format_count(available)} training tokens (e.g. {worst.id}: {format_count(worst.tokens)} tokens, "
+                          f"{worst.tokens / available:.1f} epochs): use a larger corpus, fewer tokens_per_param or "
+                          "smaller depths, or raise max_epochs")
+
+
+def run_record(spec: RunSpec, summary: dict, run_cfg: dict, wall_s: float, available: int) -> dict:
     """One line of runs.jsonl. `lmlab scaling fit` reads `params`, `tokens` and `loss` only."""
     return {"id": spec.id, "params": spec.params, "tokens": spec.tokens, "loss": summary["val_loss"],
+            "epochs": round(spec.tokens / available, 3), "corpus_train_tokens": available,
             "embedding_params": spec.embedding_params, "total_params": spec.params + spec.embedding_params,
             "flops": spec.flops, "flops_rule": "6ND (N non-embedding, D training tokens)",
             "tokens_per_param": spec.tokens_per_param, "train_loss": summary.get("train_loss"),
@@ -294,6 +324,8 @@ def sweep(cfg: SweepConfig, show_progress: bool = True, echo=print) -> Path:
     if not todo:
         return runs_path
     files, field_name, tok_dir = prepare_data(cfg, out, show_progress)
+    available = training_tokens(cfg, out)
+    check_epochs(cfg, todo, available)
     total_flops, done_flops, started = sum(s.flops for s in todo), 0.0, time.time()
     finished = len(specs) - len(todo)
     queue = list(reversed(todo))  # the biggest first: the last runs to finish are the short ones
@@ -310,7 +342,7 @@ def sweep(cfg: SweepConfig, show_progress: bool = True, echo=print) -> Path:
                 spec = running.pop(fut)
                 summary, wall = fut.result()
                 rc = run_config(cfg, spec, files, field_name, tok_dir, out / spec.id)
-                _append(runs_path, run_record(spec, summary, rc, wall))
+                _append(runs_path, run_record(spec, summary, rc, wall, available))
                 finished += 1
                 done_flops += spec.flops
                 elapsed = time.time() - started
