@@ -299,14 +299,15 @@ def check_holdout(sources: list[dict], holdout: dict | None, text_field: str) ->
     """
     if not holdout:
         return
+    records = _Records()
     name, spec = Path(str(holdout.get("path", ""))).name, holdout.get("records")
     held_texts: set[str] = set()
     candidates = [Path(str(holdout.get("path", "")))] + [Path(s.get("path", "")) for s in sources
                                                         if Path(s.get("path", "")).name == name]
     for path in candidates:
         if path.is_file():
-            for i in _record_range(spec, sum(1 for _ in _lines(path)), "data.holdout"):
-                text = _record_text(path, i, text_field)
+            for i in _record_range(spec, len(records(path)), "data.holdout"):
+                text = records.text(path, i, text_field)
                 if text:
                     held_texts.add(text_key(text))
             break
@@ -314,7 +315,7 @@ def check_holdout(sources: list[dict], holdout: dict | None, text_field: str) ->
         path = Path(source.get("path", ""))
         if not path.is_file():
             continue
-        n = sum(1 for _ in _lines(path))
+        n = len(records(path))
         chosen = _record_range(source.get("records"), n, f"data.train[{k}]")
         if path.name == name:
             held = _record_range(spec, n, "data.holdout")
@@ -325,26 +326,29 @@ def check_holdout(sources: list[dict], holdout: dict | None, text_field: str) ->
                                 f"{name} {spec}); train on records outside {spec}, e.g. {path}:0:{held.start}, "
                                 f"or set data.holdout to null to train on them anyway")
         if held_texts:
-            leaked = [i for i in chosen if (t := _record_text(path, i, text_field)) and text_key(t) in held_texts]
+            leaked = [i for i in chosen if (t := records.text(path, i, text_field)) and text_key(t) in held_texts]
             if leaked:
                 raise DataError(f"data.train[{k}] {str(path)!r} holds {len(leaked)} dialogue(s) of the held-out "
                                 f"evaluation set ({name} records {spec}), e.g. record {leaked[0]}; remove them, or set "
                                 f"data.holdout to null to train on them anyway")
 
 
-_LINE_CACHE: dict[Path, list[dict]] = {}
+class _Records:
+    """The records of JSONL files, each read at most once per ``check_holdout`` call (never kept longer:
+    a file edited between two calls is read again)."""
 
+    def __init__(self):
+        self._files: dict[Path, list[dict]] = {}
 
-def _lines(path: Path) -> list[dict]:
-    key = path.resolve()
-    if key not in _LINE_CACHE:
-        _LINE_CACHE[key] = [obj for _, obj in iter_objects(path.read_text(encoding="utf-8").splitlines(), str(path))]
-    return _LINE_CACHE[key]
+    def __call__(self, path: Path) -> list[dict]:
+        key = path.resolve()
+        if key not in self._files:
+            self._files[key] = [obj for _, obj in iter_objects(path.read_text(encoding="utf-8").splitlines(), str(path))]
+        return self._files[key]
 
-
-def _record_text(path: Path, i: int, text_field: str) -> str | None:
-    value = _lines(path)[i].get(text_field)
-    return value.strip() if isinstance(value, str) else None
+    def text(self, path: Path, i: int, text_field: str) -> str | None:
+        value = self(path)[i].get(text_field)
+        return value.strip() if isinstance(value, str) else None
 
 
 class DistillBatches(SFTBatches):
