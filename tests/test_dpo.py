@@ -167,8 +167,7 @@ def test_folded_starting_adapter_is_the_reference_and_the_saved_stack_is_the_pol
     assert (reference - started).abs().max() < 1e-4  # adapters off = the starting policy (merge vs unmerged: fp32 rounding)
     assert (policy - reference).abs().max() > 1e-2
     # saved as one adapter for the base model: SFT (r 4) and DPO (r 2) stacked, rank 6
-    cfg = load_align_config(None, [f"base_model={tiny_model_dir}"])
-    save_policy(model, tmp_path / "out", cfg, lora, first, Recipe.load(sft_dir))
+    save_policy(model, tmp_path / "out", str(tiny_model_dir), lora, first, Recipe.load(sft_dir))
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 6
     assert Recipe.load(tmp_path / "out") == Recipe.load(sft_dir)
     with torch.no_grad():

@@ -18,7 +18,8 @@ from lmlab.model import Transformer
 from lmlab.objectives.base import IGNORE_INDEX
 from lmlab.objectives.sft import SupervisedFineTuning
 from lmlab.tasks.summarize.data import load_dialogues
-from lmlab.training.finetune import SFTBatches, Tokenized, finetune, load_finetune_config
+from lmlab.training.finetune import finetune, load_finetune_config
+from lmlab.training.sft_data import SFTBatches, Tokenized
 from lmlab.training.loop import Job, fit
 
 

@@ -73,6 +73,54 @@ class TrainSection:
 
 
 @dataclass
+class FinetuneSection(TrainSection):
+    """The training section of jobs that count passes over their data (fine-tuning, alignment, distillation)."""
+
+    epochs: float | None = None  # when set, steps = ceil(epochs * batches per epoch / grad_accum)
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    rslora: bool = False
+
+    def to_lora(self):
+        """The ``lmlab.adapt.lora.LoraConfig`` of this section."""
+        from lmlab.adapt.lora import LoraConfig  # lazy: reading a config file does not import torch
+
+        return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
+                          rslora=self.rslora)
+
+
+@dataclass
+class EvalSection:
+    rouge_examples: int = 24  # validation examples summarized with real generation at each evaluation (0: none)
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    select: str | None = "rouge1"  # metric that picks the best checkpoint; "-val_loss" for the lowest loss
+    patience: int | None = None  # evaluations without improvement before stopping early
+
+
+def check_eval(e: EvalSection) -> None:
+    if e.rouge_examples < 0 or e.max_new_tokens < 1 or e.batch_size < 1:
+        raise ConfigError(f"eval.rouge_examples={e.rouge_examples} must be >= 0, eval.max_new_tokens="
+                          f"{e.max_new_tokens} and eval.batch_size={e.batch_size} >= 1")
+    if e.patience is not None and e.patience < 1:
+        raise ConfigError(f"eval.patience={e.patience!r} must be >= 1 (or null: never stop early)")
+
+
+def check_lora(lora: LoraSection) -> None:
+    if not isinstance(lora.r, int) or lora.r < 1 or not lora.alpha > 0 or not 0 <= lora.dropout < 1:
+        raise ConfigError(f"lora.r={lora.r!r} must be an integer >= 1, lora.alpha={lora.alpha!r} > 0 and "
+                          f"lora.dropout={lora.dropout!r} in [0, 1)")
+    if not lora.targets:
+        raise ConfigError("lora.targets is empty; name the linears to adapt, e.g. q,k,v,o,gate,up,down")
+
+
+@dataclass
 class PretrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmlab.commands._loop import flag_overrides, unfinished_exit
+from lmlab.commands._training import flag_overrides, unfinished_exit
 
 FLAGS = {"epochs": "train.epochs", "steps": "train.steps", "lr": "train.lr", "out": "out_dir"}
 
