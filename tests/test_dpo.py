@@ -82,6 +82,31 @@ def test_collate_puts_chosen_then_rejected_and_counts_pairs():
     assert _counted(sft, batch) == int((batch["labels"] != IGNORE_INDEX).sum())  # and SFT's by tokens
 
 
+def test_more_ranks_than_pairs_count_each_pair_once():
+    from lmlab.training.align import PairBatches, TokenizedPair
+    from lmlab.training.distributed import DistEnv
+
+    pairs = [TokenizedPair(f"f:{i}", f"p{i}", [5, 6, 10 + i], [8, 1], [9, 9, 1], False) for i in range(3)]
+    dpo = DirectPreference("decoder", pad_token_id=0, beta=0.1)
+    world = 4
+    ranks = [PairBatches(pairs, dpo, batch_size=2, seed=0, env=DistEnv(rank=r, world_size=world)) for r in range(world)]
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-decoder", vocab_size=32)).eval()
+    for step in range(ranks[0].batches_per_epoch):
+        batch = ranks[0]._batches[ranks[0].position]
+        micro = [r.next_micro_batches(step, 1)[0] for r in ranks]
+        assert [dpo.count(m) for m in micro] == [1] * len(batch) + [0] * (world - len(batch))
+        seen = [m["input_ids"][0, 2].item() for m, n in zip(micro, map(dpo.count, micro)) if n]
+        assert sorted(seen) == sorted(p.prompt[2] for p in batch)  # every pair of the batch, each on one rank
+        # a rank with nothing of its own runs a filler: zero loss and count, absent from the training metrics
+        filler = micro[-1]
+        loss, n = dpo.loss(model, filler)
+        assert int(n) == 0 and loss.item() == 0.0 and loss.requires_grad
+        assert dpo.train_metrics() == {}
+    loss, n = dpo.loss(model, micro[0])  # a real pair still counts
+    assert int(n) == 1 and set(dpo.train_metrics()) >= {"dpo_loss", "reward_accuracy"}
+
+
 def test_bad_beta_is_one_clear_error():
     with pytest.raises(ConfigError, match="beta=0"):
         DirectPreference("decoder", 0, beta=0)

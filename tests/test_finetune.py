@@ -79,6 +79,26 @@ def test_loss_equals_full_logits_cross_entropy_on_response_positions():
         SupervisedFineTuning("encoder", pad_token_id=0)
 
 
+def test_more_ranks_than_examples_count_each_example_once():
+    from lmlab.training.distributed import DistEnv
+
+    # 3 examples in batches of 2 over 4 ranks: in every batch at least two ranks have nothing of their own
+    examples = [Tokenized(f"e{i}", [5, 6], [7 + i] * (i + 1) + [1], False) for i in range(3)]  # 2, 3, 4 labels
+    sft = SupervisedFineTuning("decoder", pad_token_id=0)
+    world = 4
+    ranks = [SFTBatches([(examples, 1.0)], sft, batch_size=2, seed=0, env=DistEnv(rank=r, world_size=world))
+             for r in range(world)]
+    for step in range(len(ranks[0]._epoch_batches(0))):
+        batch = ranks[0]._batches[ranks[0].position]
+        micro = [r.next_micro_batches(step, 1)[0] for r in ranks]
+        counts = [sft.count(m) for m in micro]
+        # each example's labels are counted once over all ranks: its response length (+ eos), no more
+        assert sum(counts) == sum(len(e.response) for e in batch)
+        assert sorted(c for c in counts if c) == sorted(len(e.response) for e in batch)
+        assert counts[len(batch):] == [0] * (world - len(batch))  # the ranks left over count for nothing
+        assert all(m["input_ids"].shape[0] == 1 for m in micro)  # ... but still run a forward/backward
+
+
 def test_batches_mix_sources_by_weight_bucket_by_length_and_resume():
     from lmlab.training.distributed import DistEnv
 
