@@ -320,7 +320,12 @@ def test_cli_align_from_a_starting_adapter_end_to_end(tiny_model_dir, prefs, tmp
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["r"] == 4 + 2 and config["lora_alpha"] == 6  # SFT and DPO stacked, scale 1
     assert Recipe.load(out / "final").instruction == "Summarize the dialogue."  # the starting adapter's prompt
-    assert lmlab.load_model(tiny_model_dir, adapter=out / "final") is not None
+    # the saved adapter holds both updates: on the base it is neither the base nor the starting policy
+    ids = torch.arange(10).unsqueeze(0)
+    with torch.no_grad():
+        base, start, policy = (lmlab.load_model(tiny_model_dir, adapter=a)(ids) for a in (None, sft_dir, out / "final"))
+    # DPO moved the policy away from where it started (2 steps at lr 1e-3 with beta 0.2 move the logits by ~0.1)
+    assert (policy - start).abs().max() > 1e-2 and (policy - base).abs().max() > 1e-2
     # a second run into the same directory without --resume is refused; with --resume and another beta too
     assert main(argv) == 2 and "already holds a checkpoint" in capsys.readouterr().err
     assert main([*argv[:-3], "--beta", "0.3", "--out", str(out), "--resume", "--no-progress"]) == 2
