@@ -20,9 +20,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from lmlab.config import PRESETS, ModelConfig
 from lmlab.errors import ConfigError, choices_error
 
 
@@ -148,8 +152,6 @@ class PretrainConfig:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; valid keys: base, {', '.join(sorted(sections))}")
         model = dict(merged.get("model") or {})
         preset = model.pop("preset", ModelSection.preset)
-        from lmlab.config import PRESETS, ModelConfig
-
         if preset not in PRESETS:
             raise choices_error("model.preset", preset, sorted(PRESETS))
         model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -180,8 +182,6 @@ def _deep_merge(base: dict, update: dict) -> dict:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config dict."""
-    import yaml
-
     data = _deep_merge({}, data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -210,8 +210,6 @@ def _looks_numeric(text: str) -> bool:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """A YAML (or .json) run config file -> its mapping; a one-line ConfigError when it is not one."""
-    import yaml
-
     try:
         data = (json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())) or {}
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
@@ -242,10 +240,6 @@ def _read_presets() -> dict[str, dict[str, Any]]:
 
     The YAML files are the only source: ``--config NAME``, ``base: NAME`` and this dict all read them.
     """
-    from importlib.resources import files
-
-    import yaml
-
     presets = {}
     for entry in sorted(files("lmlab.training").joinpath("presets").iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):
