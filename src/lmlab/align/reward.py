@@ -19,13 +19,13 @@ encoding already starts with [CLS] and ends with [SEP]). A long dialogue is cut 
 ``max_len``, as fine-tuning cuts it. The recipe (template, instruction, chat) is saved with the model so
 scoring writes the input exactly as training did.
 
-``train_reward(RewardSettings)`` runs a ``Job`` through ``lmlab.training.loop.fit`` (AdamW, warm-up +
-cosine, checkpoints, exact resume, progress, metrics.jsonl), optionally through LoRA, evaluating
-pairwise accuracy on held-out pairs and keeping the best. Run directory::
+``train_reward(RewardSettings)`` runs its ``build`` through ``lmlab.training.job.run_job`` and the one
+loop (AdamW, warm-up + cosine, checkpoints, exact resume, progress, metrics.jsonl), optionally through
+LoRA, evaluating pairwise accuracy on held-out pairs and keeping the best. Run directory::
 
     OUT/best/, OUT/final/   the reward model: reward_config.json, reward_head.safetensors and either
                             backbone/ (every weight, lmlab format, with its tokenizer) or adapter/ (LoRA)
-    OUT/checkpoint.pt, OUT/metrics.jsonl, OUT/loss.png, OUT/summary.json
+    OUT/checkpoint.pt, OUT/metrics.jsonl, OUT/loss.png, OUT/run_config.json, OUT/summary.json
 
 ``load_reward(DIR)`` reads one back; ``RewardScorer`` scores (prompt, response) texts in batches.
 """

@@ -1,9 +1,10 @@
 """Alignment with preference pairs: Direct Preference Optimization (DPO) of a LoRA policy, in the one loop.
 
 ``align(config)`` loads the base model, folds the starting adapter (a supervised fine-tune, e.g. the
-DialogSum summarizer lmlab ships) into the base weights *in memory*, puts a fresh LoRA on top, and hands
-a ``Job`` with the ``DirectPreference`` objective to ``loop.fit``: checkpoints, exact resume, signals,
-progress, metrics.jsonl and loss.png come from there.
+DialogSum summarizer lmlab ships) into the base weights *in memory*, puts a fresh LoRA on top, and trains
+it with the ``DirectPreference`` objective: ``build`` does the above and ``lmlab.training.job.run_job`` the
+rest (resume, identity, ``loop.fit`` with its checkpoints, exact resume, signals, progress, metrics.jsonl
+and loss.png; the best/final saves; the final ROUGE as the job's ``finish`` step; summary.json).
 
 Why merge first: DPO needs the *starting* policy as a frozen reference. With the starting adapter
 folded in, the model with its (new) adapters switched off is exactly that policy, so the reference costs

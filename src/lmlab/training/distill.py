@@ -1,8 +1,10 @@
 """Knowledge distillation with unlabeled data: a teacher's knowledge into a smaller student, in the one loop.
 
 ``distill(config)`` loads the teacher (with its LoRA adapter folded in: by default the DialogSum
-summarizer lmlab ships), builds a student, and hands a ``Job`` to ``loop.fit`` — the same loop,
-schedule, checkpoints, exact resume and metrics as pre-training and fine-tuning. Two methods:
+summarizer lmlab ships), builds a student, and trains it through ``lmlab.training.job.run_job`` — the
+same outline, loop, schedule, checkpoints, exact resume and metrics as pre-training and fine-tuning.
+Everything that can be checked without weights (files, ranges, the student's layers and vocabulary
+against the model configs) is checked before the teacher loads. Two methods:
 
 * ``sequence`` (Kim & Rush, 2016): the teacher summarizes every unlabeled input once (greedy, the
   prompt of its recipe; ``lmlab.training.pseudo_labels`` caches them in ``OUT/pseudo_labels.jsonl``,

@@ -2,9 +2,11 @@
 
 ``finetune(config)`` loads the base model and its tokenizer, optionally wraps target linears in LoRA,
 builds prompts with ``lmlab.prompting`` (the same builder the lab and ``lmlab summarize`` use, so the
-prompt at inference is the prompt the model was trained on), and hands a ``Job`` to ``loop.fit``:
-AdamW + warm-up/cosine, accumulation, clipping, atomic checkpoints, exact resume, signals, progress,
-metrics.jsonl and loss.png all come from there. During training it measures the validation loss and
+prompt at inference is the prompt the model was trained on): that is its ``build`` function, which
+``lmlab.training.job.run_job`` runs in the one outline (resume, identity, run_config.json, ``loop.fit``,
+best/final saves, summary.json). AdamW + warm-up/cosine, accumulation, clipping, atomic checkpoints,
+exact resume, signals, progress, metrics.jsonl and loss.png all come from the loop. The data side
+(reading, prompting, tokenizing, batching, evaluating pairs) is ``lmlab.training.sft_data``. During training it measures the validation loss and
 ROUGE on a validation slice with real generation, keeps the best checkpoint by ``eval.select`` and
 can stop early.
 

@@ -1,8 +1,8 @@
 """Pre-training: corpus -> tokenizer -> token shards -> objective -> model, trained by the one loop.
 
-``pretrain(config)`` runs a whole job described by a ``PretrainConfig``; the objective (clm, mlm,
-span), the model (any ``ModelConfig``) and the data plug into ``loop.fit``, which knows none of their
-details. At the end the final model + tokenizer are written in lmlab's format into the run directory
+``pretrain(config)`` runs a whole job described by a ``PretrainConfig`` through
+``lmlab.training.job.run_job``; ``build`` prepares the objective (clm, mlm, span), the model (any
+``ModelConfig``) and the data, which plug into ``loop.fit``, which knows none of their details. At the end the final model + tokenizer are written in lmlab's format into the run directory
 (so ``lmlab generate OUT_DIR`` loads it).
 
 Run directory layout::
