@@ -69,6 +69,10 @@ class Built:
 
 def check_schedule(t) -> None:
     """The ranges of a training section, one line naming the value."""
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every"):
+        value = getattr(t, name)
+        if isinstance(value, float) and value.is_integer():  # "--set train.steps=1e3" reads as a float
+            setattr(t, name, int(value))
     for name in ("batch_size", "grad_accum", "log_every"):
         value = getattr(t, name)
         if not isinstance(value, int) or value < 1:
