@@ -40,21 +40,29 @@ def _decoder(n_layers: int = 4, vocab: int = 50) -> Transformer:
 
 
 # --- the KL loss ------------------------------------------------------------------------------
-def test_kl_matches_a_hand_computation_and_scales_by_tau_squared():
-    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
-    teacher = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    for tau in (1.0, 2.0):
-        expected = []
-        for s_row, t_row in zip(student.tolist(), teacher.tolist()):
-            zs = sum(math.exp(v / tau) for v in s_row)
-            zt = sum(math.exp(v / tau) for v in t_row)
-            p = [math.exp(v / tau) / zt for v in t_row]
-            q = [math.exp(v / tau) / zs for v in s_row]
-            expected.append(tau**2 * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)))
-        got = distillation_kl(student, teacher, tau)
-        # fp32 log-softmax of O(1) logits: each term is exact to ~1e-7 relative
-        assert torch.allclose(got, torch.tensor(expected), atol=1e-6, rtol=1e-5)
+def test_kl_matches_closed_forms_and_scales_by_tau_squared():
+    # distributions chosen so that KL has a closed form (no softmax recomputed here):
+    # teacher logits (2 ln 3, 0) at tau=2 -> p = (3/4, 1/4); student (0, 0) -> q = (1/2, 1/2)
+    teacher = torch.tensor([[2 * math.log(3.0), 0.0], [0.0, 0.0]])
+    student = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])  # row 2 at tau=1: q = (3/4, 1/4), p = (1/2, 1/2)
+    got = distillation_kl(student, teacher, 2.0)
+    row1 = 4 * (0.75 * math.log(1.5) + 0.25 * math.log(0.5))  # tau^2 * KL((3/4, 1/4) || (1/2, 1/2))
+    assert got[0].item() == pytest.approx(row1, rel=1e-5)
+    # row 2 at tau=1: KL((1/2, 1/2) || (3/4, 1/4)) = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3); tau = 1 scales by 1
+    assert distillation_kl(student, teacher, 1.0)[1].item() == pytest.approx(0.5 * math.log(4 / 3), rel=1e-5)
     assert distillation_kl(teacher, teacher, 3.0).abs().max() < 1e-6  # a student equal to its teacher: zero
+
+
+def test_kl_stays_finite_where_the_teacher_masks_tokens_with_minus_inf():
+    # the teacher rules out token 2: p = (1/2, 1/2, 0); the student is uniform, q = (1/3, 1/3, 1/3)
+    teacher = torch.tensor([[0.0, 0.0, float("-inf")]])
+    student = torch.zeros(1, 3, requires_grad=True)
+    kl = distillation_kl(student, teacher, 1.0)
+    assert kl.item() == pytest.approx(math.log(1.5), rel=1e-5)  # 2 * 1/2 ln((1/2) / (1/3))
+    kl.sum().backward()
+    assert torch.isfinite(student.grad).all()
+    # d KL / d student logit = q - p (softmax gradient): (1/3 - 1/2, 1/3 - 1/2, 1/3)
+    assert torch.allclose(student.grad, torch.tensor([[-1 / 6, -1 / 6, 1 / 3]]), atol=1e-6)
 
 
 def test_token_loss_counts_response_positions_only_and_mixes_hard_labels():
@@ -67,7 +75,8 @@ def test_token_loss_counts_response_positions_only_and_mixes_hard_labels():
     loss, n = objective.loss(student, batch)
     # by hand from the full (B, T, V) logits: padding and prompt positions never enter
     s_logits, t_logits = student(batch["input_ids"])[keep], teacher(batch["input_ids"])[keep]
-    kl = (F.softmax(t_logits / 2, -1) * (F.log_softmax(t_logits / 2, -1) - F.log_softmax(s_logits / 2, -1))).sum(-1)
+    # torch's own KL (F.kl_div: target p, input log q), not the formula distillation_kl writes
+    kl = F.kl_div(F.log_softmax(s_logits / 2, -1), F.softmax(t_logits / 2, -1), reduction="none").sum(-1)
     ce = F.cross_entropy(s_logits, batch["labels"][keep], reduction="none")
     hard = batch["hard"][keep].float()
     expected = (0.75 * 4 * kl + 0.25 * hard * ce).sum() / 5
@@ -201,6 +210,18 @@ def test_training_on_held_out_records_is_refused(tmp_path):
     with pytest.raises(DataError, match="mine.jsonl' holds 1 dialogue\\(s\\) of the held-out"):
         check_holdout([{"path": str(dev), "records": "0:8"}, {"path": str(copy)}], holdout, "dialogue")
     check_holdout([{"path": str(dev), "records": None}], None, "dialogue")  # data.holdout: null turns it off
+
+
+def test_the_guard_reads_a_file_edited_since_its_last_check(tmp_path):
+    # a long-lived process (a notebook) checks, the user edits a training file, the process checks again
+    dev = _dev_file(tmp_path / "d")
+    holdout = {"path": str(dev), "records": "8:12"}
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"dialogue": "#Person1#: something else"}) + "\n")
+    check_holdout([{"path": str(mine)}], holdout, "dialogue")
+    mine.write_text(dev.read_text().splitlines()[10] + "\n")  # now a held-out dialogue
+    with pytest.raises(DataError, match="mine.jsonl' holds 1 dialogue"):
+        check_holdout([{"path": str(mine)}], holdout, "dialogue")
 
 
 def test_the_default_guard_keeps_dialogsum_dev_400_to_500_out(tmp_path):

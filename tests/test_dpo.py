@@ -82,6 +82,31 @@ def test_collate_puts_chosen_then_rejected_and_counts_pairs():
     assert _counted(sft, batch) == int((batch["labels"] != IGNORE_INDEX).sum())  # and SFT's by tokens
 
 
+def test_more_ranks_than_pairs_count_each_pair_once():
+    from lmlab.training.align import PairBatches, TokenizedPair
+    from lmlab.training.distributed import DistEnv
+
+    pairs = [TokenizedPair(f"f:{i}", f"p{i}", [5, 6, 10 + i], [8, 1], [9, 9, 1], False) for i in range(3)]
+    dpo = DirectPreference("decoder", pad_token_id=0, beta=0.1)
+    world = 4
+    ranks = [PairBatches(pairs, dpo, batch_size=2, seed=0, env=DistEnv(rank=r, world_size=world)) for r in range(world)]
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-decoder", vocab_size=32)).eval()
+    for step in range(ranks[0].batches_per_epoch):
+        batch = ranks[0]._batches[ranks[0].position]
+        micro = [r.next_micro_batches(step, 1)[0] for r in ranks]
+        assert [dpo.count(m) for m in micro] == [1] * len(batch) + [0] * (world - len(batch))
+        seen = [m["input_ids"][0, 2].item() for m, n in zip(micro, map(dpo.count, micro)) if n]
+        assert sorted(seen) == sorted(p.prompt[2] for p in batch)  # every pair of the batch, each on one rank
+        # a rank with nothing of its own runs a filler: zero loss and count, absent from the training metrics
+        filler = micro[-1]
+        loss, n = dpo.loss(model, filler)
+        assert int(n) == 0 and loss.item() == 0.0 and loss.requires_grad
+        assert dpo.train_metrics() == {}
+    loss, n = dpo.loss(model, micro[0])  # a real pair still counts
+    assert int(n) == 1 and set(dpo.train_metrics()) >= {"dpo_loss", "reward_accuracy"}
+
+
 def test_bad_beta_is_one_clear_error():
     with pytest.raises(ConfigError, match="beta=0"):
         DirectPreference("decoder", 0, beta=0)
@@ -167,8 +192,7 @@ def test_folded_starting_adapter_is_the_reference_and_the_saved_stack_is_the_pol
     assert (reference - started).abs().max() < 1e-4  # adapters off = the starting policy (merge vs unmerged: fp32 rounding)
     assert (policy - reference).abs().max() > 1e-2
     # saved as one adapter for the base model: SFT (r 4) and DPO (r 2) stacked, rank 6
-    cfg = load_align_config(None, [f"base_model={tiny_model_dir}"])
-    save_policy(model, tmp_path / "out", cfg, lora, first, Recipe.load(sft_dir))
+    save_policy(model, tmp_path / "out", str(tiny_model_dir), lora, first, Recipe.load(sft_dir))
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 6
     assert Recipe.load(tmp_path / "out") == Recipe.load(sft_dir)
     with torch.no_grad():
@@ -296,7 +320,12 @@ def test_cli_align_from_a_starting_adapter_end_to_end(tiny_model_dir, prefs, tmp
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["r"] == 4 + 2 and config["lora_alpha"] == 6  # SFT and DPO stacked, scale 1
     assert Recipe.load(out / "final").instruction == "Summarize the dialogue."  # the starting adapter's prompt
-    assert lmlab.load_model(tiny_model_dir, adapter=out / "final") is not None
+    # the saved adapter holds both updates: on the base it is neither the base nor the starting policy
+    ids = torch.arange(10).unsqueeze(0)
+    with torch.no_grad():
+        base, start, policy = (lmlab.load_model(tiny_model_dir, adapter=a)(ids) for a in (None, sft_dir, out / "final"))
+    # DPO moved the policy away from where it started (2 steps at lr 1e-3 with beta 0.2 move the logits by ~0.1)
+    assert (policy - start).abs().max() > 1e-2 and (policy - base).abs().max() > 1e-2
     # a second run into the same directory without --resume is refused; with --resume and another beta too
     assert main(argv) == 2 and "already holds a checkpoint" in capsys.readouterr().err
     assert main([*argv[:-3], "--beta", "0.3", "--out", str(out), "--resume", "--no-progress"]) == 2

@@ -18,7 +18,8 @@ from lmlab.model import Transformer
 from lmlab.objectives.base import IGNORE_INDEX
 from lmlab.objectives.sft import SupervisedFineTuning
 from lmlab.tasks.summarize.data import load_dialogues
-from lmlab.training.finetune import SFTBatches, Tokenized, finetune, load_finetune_config
+from lmlab.training.finetune import finetune, load_finetune_config
+from lmlab.training.sft_data import SFTBatches, Tokenized
 from lmlab.training.loop import Job, fit
 
 
@@ -76,6 +77,26 @@ def test_loss_equals_full_logits_cross_entropy_on_response_positions():
     assert (alone - logits[1:, :3]).abs().max() < 1e-5  # same numbers up to fp32 kernel rounding
     with pytest.raises(ConfigError, match="arch='encoder'"):
         SupervisedFineTuning("encoder", pad_token_id=0)
+
+
+def test_more_ranks_than_examples_count_each_example_once():
+    from lmlab.training.distributed import DistEnv
+
+    # 3 examples in batches of 2 over 4 ranks: in every batch at least two ranks have nothing of their own
+    examples = [Tokenized(f"e{i}", [5, 6], [7 + i] * (i + 1) + [1], False) for i in range(3)]  # 2, 3, 4 labels
+    sft = SupervisedFineTuning("decoder", pad_token_id=0)
+    world = 4
+    ranks = [SFTBatches([(examples, 1.0)], sft, batch_size=2, seed=0, env=DistEnv(rank=r, world_size=world))
+             for r in range(world)]
+    for step in range(len(ranks[0]._epoch_batches(0))):
+        batch = ranks[0]._batches[ranks[0].position]
+        micro = [r.next_micro_batches(step, 1)[0] for r in ranks]
+        counts = [sft.count(m) for m in micro]
+        # each example's labels are counted once over all ranks: its response length (+ eos), no more
+        assert sum(counts) == sum(len(e.response) for e in batch)
+        assert sorted(c for c in counts if c) == sorted(len(e.response) for e in batch)
+        assert counts[len(batch):] == [0] * (world - len(batch))  # the ranks left over count for nothing
+        assert all(m["input_ids"].shape[0] == 1 for m in micro)  # ... but still run a forward/backward
 
 
 def test_batches_mix_sources_by_weight_bucket_by_length_and_resume():
@@ -275,7 +296,7 @@ def test_lab_finetuned_experiment_switches_the_adapter_on_only_for_itself(tiny_m
                      "train.lr=5e-2"), show_progress=False)
     adapter = tmp_path / "run" / "final"
     quiet = {"echo": lambda text: None, "progress": False}
-    common = dict(model=str(tiny_model_dir), limit=3, max_new_tokens=6)
+    common = dict(model=str(tiny_model_dir), limit=3, max_new_tokens=6, precision="fp32")  # fp32: compared below
     with_adapter = run_lab(LabSettings(**common, experiments="zero-shot-instruction,finetuned", adapter=adapter,
                                        out=tmp_path / "lab"), **quiet)
     without = run_lab(LabSettings(**common, experiments="zero-shot-instruction", out=tmp_path / "plain"), **quiet)
@@ -286,13 +307,23 @@ def test_lab_finetuned_experiment_switches_the_adapter_on_only_for_itself(tiny_m
     for (experiment, example_id), row in rows.items():
         if experiment == "zero-shot-instruction":  # the adapter is off: exactly the base model's output
             assert row["output"] == plain[example_id]["output"]
-        else:  # the prompt the adapter was trained on, and the adapter's own output
+        else:  # the prompt the adapter was trained on
             dialogue = next(d.dialogue for d in load_dialogues().records if d.id == example_id)
             assert row["prompt"] == recipe.prompt(dialogue, tokenizer).text
     base = lmlab.load_model(tiny_model_dir)
     tuned = lmlab.load_model(tiny_model_dir, adapter=adapter)
     ids = torch.randint(0, base.config.vocab_size, (1, 8))
     assert (tuned(ids) - base(ids)).abs().max() > 1e-3  # so "off" above really switched something off
+    # ... and the adapter's own output: the base + adapter model, loaded apart from the lab, greedy on those
+    # prompts (one batch, as in the lab) writes exactly the finetuned rows
+    from lmlab.generation import generate
+    from lmlab.tasks.summarize.experiments import generation_config, parse_experiments
+
+    tuned_ids = [i for e, i in rows if e == "finetuned"]
+    config = generation_config(parse_experiments("finetuned")[0], 6, 0, recipe.chat)
+    own = generate(tuned, tokenizer, [rows[("finetuned", i)]["prompt"] for i in tuned_ids], config)
+    assert len(tuned_ids) == 3 and [rows[("finetuned", i)]["output"] for i in tuned_ids] == own
+    assert generate(base, tokenizer, [rows[("finetuned", i)]["prompt"] for i in tuned_ids], config) != own
 
 
 def test_lab_finetuned_needs_an_adapter_for_models_lmlab_ships_none_for(tiny_model_dir, tmp_path):

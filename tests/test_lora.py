@@ -34,14 +34,20 @@ def test_fresh_adapter_leaves_the_model_unchanged_and_trains_only_a_and_b():
     model = _tiny_llama()
     ids = torch.randint(0, 128, (2, 9))
     before = model(ids)
+    original = model.decoder.layers[0].attn.q.weight  # the nn.Linear's own Parameter, before the swap
+    n_before = sum(p.numel() for p in model.parameters())
     report = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets="q,v,down"))
     assert len(report.replaced) == 6 and all(isinstance(model.get_submodule(n), LoRALinear) for n in report.replaced)
     assert torch.equal(model(ids), before)  # B starts at zero
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert report.trainable == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
-    # the base weight is the original tensor: held, not copied
-    assert model.decoder.layers[0].attn.q.base.weight.requires_grad is False
+    # the base weight is the original tensor: held, not copied (the very Parameter object and its storage,
+    # frozen), and the model grew by the adapters' A and B only, not by a second copy of any base weight
+    held = [p for p in model.decoder.layers[0].attn.q.parameters() if p is original]
+    assert len(held) == 1 and held[0].data_ptr() == original.data_ptr() and original.requires_grad is False
+    adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert sum(p.numel() for p in model.parameters()) == n_before + adapters
 
 
 def test_gradient_reaches_only_the_adapters_and_changes_the_output():

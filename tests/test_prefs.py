@@ -93,28 +93,36 @@ def _settings(model, data, out, **kw):
 
 
 def test_build_pairs_chosen_is_the_reference_and_drops_follow_the_threshold(tiny_model_dir, dialogsum_like, tmp_path):
-    from lmlab.tasks.summarize.rouge import score_example
-
     data, records = dialogsum_like
-    out = tmp_path / "pairs.jsonl"
-    # a tiny threshold: every model output sharing any word with the reference is dropped
-    result = build_preferences(_settings(tiny_model_dir, data, out, rouge_threshold=1e-6), echo=lambda s: None,
-                               progress=False)
-    log = [json.loads(line) for line in log_path(out).read_text().splitlines()[1:]]
-    assert [item["id"] for item in log] == [r.id for r in records[:6]]
-    pairs = read_preferences(out) if out.exists() else []
     by_id = {r.id: r for r in records}
+    # a first run keeps every non-empty output (threshold 1.0) and logs each one's ROUGE-1 against its reference
+    probe = tmp_path / "probe.jsonl"
+    build_preferences(_settings(tiny_model_dir, data, probe, rouge_threshold=1.0, records="0:12", max_new_tokens=12),
+                      echo=lambda s: None, progress=False)
+    scored = {item["id"]: item["rouge1"] for item in map(json.loads, log_path(probe).read_text().splitlines()[1:])
+              if item["output"]}
+    values = sorted(set(scored.values()))
+    assert len(values) >= 2, f"the tiny model's outputs all score {values}: no threshold could split them"
+    # a threshold between two observed scores: the outputs below it are kept, the others dropped
+    threshold = (values[0] + values[1]) / 2
+    expected = sorted(i for i, r1 in scored.items() if r1 < threshold)
+    out = tmp_path / "pairs.jsonl"
+    result = build_preferences(_settings(tiny_model_dir, data, out, rouge_threshold=threshold, records="0:12",
+                                         max_new_tokens=12), echo=lambda s: None, progress=False)
+    log = [json.loads(line) for line in log_path(out).read_text().splitlines()[1:]]
+    assert [item["id"] for item in log] == [r.id for r in records[:12]]
+    pairs = read_preferences(out)
     kept = [item for item in log if item["kept"]]
+    assert sorted(item["id"] for item in kept) == expected and 0 < len(kept) < len(scored)
     assert len(pairs) == len(kept) == result.kept
     for pair, item in zip(pairs, kept):
         record = by_id[item["id"]]
         assert pair.prompt == record.dialogue and pair.chosen == record.references[0] and pair.rejected == item["output"]
         assert pair.source == f"{record.id} human>base@T1"
-        assert score_example(pair.rejected, record.references[0]).best["rouge1"] == 0
-    for item in log:
-        if not item["kept"]:
-            assert item["output"] == "" or item["rouge1"] >= 1e-6
-    assert sum(result.dropped.values()) == len(log) - len(kept)
+    dropped = [item for item in log if not item["kept"]]
+    assert all(item["reason"] == "empty output" if not item["output"] else item["rouge1"] >= threshold
+               for item in dropped)
+    assert sum(result.dropped.values()) == len(dropped)
 
 
 def test_build_resumes_to_the_same_pairs_as_one_run(tiny_model_dir, dialogsum_like, tmp_path):

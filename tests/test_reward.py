@@ -193,7 +193,7 @@ def test_resume_with_other_settings_is_refused_and_a_finished_run_needs_resume(t
         train_reward(settings, show_progress=False)
     import dataclasses
 
-    with pytest.raises(Exception, match="lr"):
+    with pytest.raises(CheckpointError, match=r"made for another model or job \(reward differs in: lr\)"):
         train_reward(dataclasses.replace(settings, lr=1e-4), resume=True, show_progress=False)
 
 

@@ -76,6 +76,17 @@ def hf_module_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
+def check_savable(model: nn.Module) -> None:
+    """Refuse, before any training, LoRA layers that ``save_adapter`` could not write in PEFT's format
+    (a layer whose weight has no 1:1 Hugging Face module, e.g. an ``lm_head`` tied to the embedding)."""
+    mapping = hf_module_names(model)
+    unmapped = [name for name, _ in lora_modules(model) if name not in mapping]
+    if unmapped:
+        raise ConfigError(f"lora.targets: LoRA layer {unmapped[0]!r} cannot be saved in PEFT format (its weight has "
+                          f"no Hugging Face module of its own in this model family: tied to the embedding, or "
+                          f"reshaped or fused by the converter); leave it out of the targets")
+
+
 def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig, base_model: str = "") -> Path:
     """Write the model's LoRA adapters as a PEFT directory (atomically: a temp dir renamed into place)."""
     from safetensors.torch import save_file

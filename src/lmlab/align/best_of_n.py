@@ -16,6 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lmlab.errors import ConfigError, DataError
+from lmlab.generation import generate_tokens
+from lmlab.generation.decode import encode_prompts, resolve_config
+from lmlab.generation.stopping import trim_stop_strings
 
 
 @dataclass
@@ -44,10 +47,6 @@ def best_of_n(model, tokenizer, prompts: Sequence[str], inputs: Sequence[str], n
     candidate (for summarization, the dialogues). `config` must sample (n greedy runs are one text);
     `seeds` gives one seed per prompt (default: ``config.seed`` or 0 for all).
     """
-    from lmlab.generation import generate_tokens
-    from lmlab.generation.decode import encode_prompts, resolve_config
-    from lmlab.generation.stopping import trim_stop_strings
-
     if n < 1:
         raise ConfigError(f"--best-of {n} must be >= 1")
     if n > 1 and not config.do_sample:

@@ -34,6 +34,7 @@ Sampling is seeded per (dialogue, policy), so a resumed run writes what an unint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -41,8 +42,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from tqdm.auto import tqdm
+
 from lmlab.align.prefs import PreferencePair, append_preference, read_preferences
 from lmlab.errors import ConfigError, DataError, choices_error
+from lmlab.prompting import build_prompt
+from lmlab.tasks.summarize.data import load_dialogues, require_references
+from lmlab.tasks.summarize.experiments import INSTRUCTION, clean_summary, example_seed
+from lmlab.tasks.summarize.lab import _generate as generate_batch
+from lmlab.tasks.summarize.rouge import score_example
 
 POLICIES = ("base", "finetuned")
 HELD_OUT = range(400, 500)  # DialogSum dev records that evaluate and are never trained on
@@ -170,8 +178,6 @@ def pair_source(record_id: str, policy: str, s: BuildSettings) -> str:
 
 def build_preferences(s: BuildSettings, echo: Callable[[str], None] = print, progress: bool = True) -> BuildResult:
     """Build (or resume) the pairs file ``s.out``; see the module docstring."""
-    from lmlab.tasks.summarize.data import load_dialogues, require_references
-
     t0 = time.perf_counter()
     validate(s)
     out = Path(s.out)
@@ -200,18 +206,12 @@ def build_preferences(s: BuildSettings, echo: Callable[[str], None] = print, pro
 
 
 def _generate(todo, s: BuildSettings, out: Path, done: dict, signature: dict, progress: bool) -> int:
-    import contextlib
-
-    from tqdm.auto import tqdm
-
+    # lazy: these import torch, and `lmlab --help` imports this module (commands/prefs.py) for its flags
     from lmlab.adapt.lora import lora_disabled
     from lmlab.adapt.recipe import Recipe, shipped_adapter
     from lmlab.checkpoints import load_model, load_tokenizer
     from lmlab.generation import GenerationConfig
-    from lmlab.prompting import build_prompt
-    from lmlab.tasks.summarize.experiments import INSTRUCTION, clean_summary, example_seed
-    from lmlab.tasks.summarize.lab import _generate as generate_batch
-    from lmlab.tasks.summarize.rouge import score_example
+    from lmlab.precision import apply_precision
 
     adapter = None
     if "finetuned" in s.policies:
@@ -220,8 +220,6 @@ def _generate(todo, s: BuildSettings, out: Path, done: dict, signature: dict, pr
             raise ConfigError(f"--policy finetuned needs --adapter DIR: lmlab ships no adapter for {s.model!r}")
     tokenizer = load_tokenizer(s.model)
     model = load_model(s.model, adapter=adapter)
-    from lmlab.precision import apply_precision
-
     apply_precision(model, s.precision)
     chat = bool(getattr(tokenizer, "chat_template", None))
     budget = model.config.max_seq_len - s.max_new_tokens

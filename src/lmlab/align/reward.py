@@ -19,13 +19,13 @@ encoding already starts with [CLS] and ends with [SEP]). A long dialogue is cut 
 ``max_len``, as fine-tuning cuts it. The recipe (template, instruction, chat) is saved with the model so
 scoring writes the input exactly as training did.
 
-``train_reward(RewardSettings)`` runs a ``Job`` through ``lmlab.training.loop.fit`` (AdamW, warm-up +
-cosine, checkpoints, exact resume, progress, metrics.jsonl), optionally through LoRA, evaluating
-pairwise accuracy on held-out pairs and keeping the best. Run directory::
+``train_reward(RewardSettings)`` runs its ``build`` through ``lmlab.training.job.run_job`` and the one
+loop (AdamW, warm-up + cosine, checkpoints, exact resume, progress, metrics.jsonl), optionally through
+LoRA, evaluating pairwise accuracy on held-out pairs and keeping the best. Run directory::
 
     OUT/best/, OUT/final/   the reward model: reward_config.json, reward_head.safetensors and either
                             backbone/ (every weight, lmlab format, with its tokenizer) or adapter/ (LoRA)
-    OUT/checkpoint.pt, OUT/metrics.jsonl, OUT/loss.png, OUT/summary.json
+    OUT/checkpoint.pt, OUT/metrics.jsonl, OUT/loss.png, OUT/run_config.json, OUT/summary.json
 
 ``load_reward(DIR)`` reads one back; ``RewardScorer`` scores (prompt, response) texts in batches.
 """
@@ -43,8 +43,19 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from safetensors.torch import load_file, save_file
+
+from lmlab.adapt.lora import LoraConfig, apply_lora, linear_names
+from lmlab.adapt.peft import check_savable, save_adapter
+from lmlab.adapt.recipe import Recipe
 from lmlab.align.prefs import PreferencePair, read_preferences
+from lmlab.checkpoints import load_model, load_tokenizer, save_model
 from lmlab.errors import CheckpointError, ConfigError, DataError, LmlabError
+from lmlab.objectives.reward import PairwiseReward, bradley_terry_loss, pad_rows, response_mask
+from lmlab.tasks.summarize.experiments import INSTRUCTION
+from lmlab.training.config import TrainSection
+from lmlab.training.job import Built, JobSpec, run_job
+from lmlab.training.sft_data import SFTBatches
 
 CONFIG_FILE, HEAD_FILE = "reward_config.json", "reward_head.safetensors"
 POOLING = {"decoder": "last", "encoder": "mean", "encoder_decoder": "mean"}  # the default per architecture
@@ -166,8 +177,6 @@ def encode_parts(prompt: str, response: str, tokenizer, config: RewardConfig, wh
 
     Only the dialogue is ever cut to fit: the response keeps up to half of max_len (a summary is far
     shorter; only a long recitation reaches that) and the prompt gets the rest."""
-    from lmlab.adapt.recipe import Recipe
-
     lead = "" if config.chat else " "  # plain templates end at "Summary:"; the response follows a space
     body = tokenizer.encode(lead + response.strip())[: config.max_len // 2]  # never more than half the budget
     body = body + [end_token(tokenizer, config.arch)]
@@ -182,24 +191,16 @@ def encode_parts(prompt: str, response: str, tokenizer, config: RewardConfig, wh
 
 def default_recipe(arch: str, tokenizer) -> dict[str, Any]:
     """The prompt the summarization policy is given: the lab's instruction, in the chat template for decoders."""
-    from lmlab.tasks.summarize.experiments import INSTRUCTION
-
     chat = arch == "decoder" and bool(getattr(tokenizer, "chat_template", None))
     return {"template": "instruction", "instruction": INSTRUCTION, "chat": chat}
 
 
 # --- saving and loading ------------------------------------------------------------------------------
 def save_reward(model: RewardModel, directory: Path, config: RewardConfig, tokenizer, lora=None) -> None:
-    from safetensors.torch import save_file
-
     directory.mkdir(parents=True, exist_ok=True)
     if lora is not None:
-        from lmlab.adapt.peft import save_adapter
-
         save_adapter(model.backbone, directory / "adapter", lora, base_model=config.base)
     else:
-        from lmlab.checkpoints import save_model
-
         was_training = model.training
         save_model(model.backbone, directory / "backbone", tokenizer)
         model.train(was_training)
@@ -210,10 +211,6 @@ def save_reward(model: RewardModel, directory: Path, config: RewardConfig, token
 
 def load_reward(directory: str | Path) -> tuple[RewardModel, Any, RewardConfig]:
     """A saved reward model -> (model in eval mode, its tokenizer, its config)."""
-    from safetensors.torch import load_file
-
-    from lmlab.checkpoints import load_model, load_tokenizer
-
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"--reward {str(directory)!r} is not a directory (pass OUT/best from lmlab reward train)")
@@ -237,8 +234,6 @@ def _trained_tokenizer(config: RewardConfig, saved: Path):
     """The tokenizer that encodes exactly as in training: the base's own where it still loads, else the copy
     saved beside the weights. (A saved copy can encode differently: a BERT tokenizer written by
     ``Tokenizer.save`` and read back by ``from_dir`` loses its [CLS] ... [SEP] post-processor.)"""
-    from lmlab.checkpoints import load_tokenizer
-
     candidates = []
     try:
         candidates.append(load_tokenizer(config.base))
@@ -265,8 +260,6 @@ class RewardScorer:
     def score_ids(self, rows: Sequence[Sequence[int]], response_lengths: Sequence[int] | None = None) -> list[float]:
         """Scores of rows of ids; `response_lengths` (each row's response ids, end token included) are
         needed by ``response_mean`` pooling."""
-        from lmlab.objectives.reward import pad_rows, response_mask
-
         if self.model.pooling == "response_mean" and response_lengths is None:
             raise ValueError("a response_mean reward model needs each row's response length")
 
@@ -304,8 +297,6 @@ class RewardScorer:
 
 
 def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
-    from lmlab.objectives.reward import bradley_terry_loss
-
     margin = chosen - rejected
     return {"accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()),
             "val_loss": float(bradley_terry_loss(chosen, rejected)), "pairs": int(margin.numel())}
@@ -366,8 +357,6 @@ def tokenize_preferences(pairs: Sequence[PreferencePair], tokenizer, config: Rew
 
 
 def _lora_targets(model, requested) -> tuple[str, ...]:
-    from lmlab.adapt.lora import linear_names
-
     if requested:
         return tuple(requested)
     short = set(linear_names(model))  # short name -> full names
@@ -377,75 +366,61 @@ def _lora_targets(model, requested) -> tuple[str, ...]:
 
 def train_reward(s: RewardSettings, resume: bool = False, show_progress: bool = True) -> dict:
     """Train (or resume) a reward model -> summary (steps, held-out accuracy, paths)."""
-    import lmlab
-    from lmlab.objectives.reward import PairwiseReward
-    from lmlab.training import distributed as dist
-    from lmlab.training.config import TrainSection
-    from lmlab.training.finetune import SFTBatches
-    from lmlab.training.loop import Job, check_identity, fit, read_resume_state
-
     for name in ("batch_size", "grad_accum", "max_len"):
         if getattr(s, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(s, name)} must be >= 1")
     if not s.epochs > 0:
         raise ConfigError(f"--epochs {s.epochs} must be > 0")
+    if not s.lr > 0:
+        raise ConfigError(f"--lr {s.lr} must be > 0")
     if s.pooling is not None and s.pooling not in POOLINGS:
         raise ConfigError(f"--pooling {s.pooling!r}: choose one of {', '.join(POOLINGS)}")
-    out = Path(s.out)
-    saved = read_resume_state(out, resume)
-    identity = {"reward": {k: v for k, v in dataclasses.asdict(s).items() if k not in ("stop_after", "out")}}
-    if saved is not None:
-        check_identity(saved, identity, out / "checkpoint.pt")
     train_pairs = read_preferences(s.prefs)
     eval_pairs = read_preferences(s.eval_prefs) if s.eval_prefs else []
     if not train_pairs:
         raise DataError(f"--prefs {s.prefs!r} holds no preference pairs")
+    if s.eval_prefs and not eval_pairs:
+        raise DataError(f"--eval-prefs {s.eval_prefs!r} holds no preference pairs")
+    # the schedule's length is set by build, once the batches per epoch are known
+    t = TrainSection(steps=1, batch_size=s.batch_size, grad_accum=s.grad_accum, lr=s.lr,
+                     warmup_steps=s.warmup_steps, weight_decay=s.weight_decay,
+                     eval_every=s.eval_every if eval_pairs else 0, ckpt_every=s.ckpt_every, log_every=1, seed=s.seed,
+                     precision=s.precision, stop_after=s.stop_after, min_lr_ratio=0.1)
+    identity = {"reward": {k: v for k, v in dataclasses.asdict(s).items() if k not in ("stop_after", "out")}}
+    spec = JobSpec(s.out, t, dataclasses.asdict(s), identity, resume, show_progress)
+    return run_job(spec, lambda env: build(s, t, train_pairs, eval_pairs, env, show_progress))
 
-    env = dist.setup("none", "auto")
-    tokenizer = lmlab.load_tokenizer(s.base)
-    backbone = lmlab.load_model(s.base).to(env.device)
+
+def build(s: RewardSettings, t: TrainSection, train_pairs, eval_pairs, env, show_progress: bool = True) -> Built:
+    """The backbone with its scalar head (LoRA or every weight trainable), the tokenized pairs and how to save."""
+    tokenizer = load_tokenizer(s.base)
+    backbone = load_model(s.base).to(env.device)
     arch = backbone.config.arch
     config = RewardConfig(base=s.base, arch=arch, pooling=s.pooling or POOLING[arch], **default_recipe(arch, tokenizer),
                           max_len=min(s.max_len, backbone.config.max_seq_len), tokenizer=tokenizer_fingerprint(tokenizer))
-    train = tokenize_preferences(train_pairs, tokenizer, config, str(s.prefs))
-    held_out = tokenize_preferences(eval_pairs, tokenizer, config, str(s.eval_prefs)) if eval_pairs else []
-
     torch.manual_seed(s.seed)
     model = RewardModel(backbone, config.pooling)
     lora = None
     if s.lora:
-        from lmlab.adapt.lora import LoraConfig, apply_lora
-
         lora = LoraConfig(r=s.lora_r, alpha=s.lora_alpha, targets=_lora_targets(backbone, s.lora_targets))
         report = apply_lora(backbone, lora)
+        check_savable(backbone)
         config.lora = dataclasses.asdict(lora)
         if show_progress:
             print(report)
     else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    for p in model.head.parameters():
-        p.requires_grad_(True)
+        model.requires_grad_(True)
+    model.head.requires_grad_(True)
     model.train()
+    train = tokenize_preferences(train_pairs, tokenizer, config, str(s.prefs))
+    held_out = tokenize_preferences(eval_pairs, tokenizer, config, str(s.eval_prefs)) if eval_pairs else []
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     objective = PairwiseReward(pad)
-
-    class PairBatches(SFTBatches):  # SFTBatches' shuffled, length-bucketed, resumable order; pairs per batch
-        def collate_examples(self, batch):
-            lengths = [(e.chosen_n, e.rejected_n) for e in batch] if config.pooling == "response_mean" else None
-            return objective.collate([(e.chosen, e.rejected) for e in batch], lengths)
-
-    batches = PairBatches([(train, 1.0)], objective, s.batch_size, s.seed, env)
-    steps = max(1, math.ceil(s.epochs * batches.batches_per_epoch / s.grad_accum))
-    t = TrainSection(steps=steps, batch_size=s.batch_size, grad_accum=s.grad_accum, lr=s.lr,
-                     warmup_steps=min(s.warmup_steps, steps // 2), weight_decay=s.weight_decay,
-                     eval_every=s.eval_every if held_out else 0, ckpt_every=s.ckpt_every, log_every=1, seed=s.seed,
-                     precision=s.precision, stop_after=s.stop_after, min_lr_ratio=0.1)
-    if show_progress:
-        print(f"reward model on {s.base} ({arch}, {config.pooling} pooling{', LoRA' if lora else ''}): "
-              f"{len(train)} training pairs, {len(held_out)} held-out pairs, {steps} steps of {s.batch_size} x "
-              f"{s.grad_accum} pairs")
+    batches = RewardBatches([(train, 1.0)], objective, s.batch_size, s.seed, env,
+                            with_lengths=config.pooling == "response_mean")
+    t.steps = max(1, math.ceil(s.epochs * batches.batches_per_epoch / s.grad_accum))
+    t.warmup_steps = min(s.warmup_steps, t.steps // 2)
 
     def evaluate(m) -> dict[str, float]:
         scorer = RewardScorer(model, tokenizer, config, batch_size=max(8, 2 * s.batch_size))
@@ -460,19 +435,22 @@ def train_reward(s: RewardSettings, resume: bool = False, show_progress: bool = 
                              "eval_pairs": len(held_out), **({"held_out": metrics} if metrics else {})}
         save_reward(model, directory, config, tokenizer, lora)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(s), indent=2, default=str) + "\n")
-    job = Job(name=f"reward · {s.base}", model=model, objective=objective, batches=batches,
-              evaluate=evaluate if held_out else None, select="accuracy" if held_out else None,
-              on_best=lambda step, metrics: save(out / "best", metrics), trainable_only=lora is not None,
-              identity=identity)
-    summary = fit(job, t, env, out, saved, show_progress)
-    summary.pop("wrapped")
-    if summary["finished"]:
-        save(out / "final", summary.get("metrics") or None)
-        if not (out / "best").exists():
-            save(out / "best")
-    summary.update(train_pairs=len(train), eval_pairs=len(held_out), best_dir=str(out / "best"),
-                   final_dir=str(out / "final"))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return summary
+    return Built(
+        name=f"reward · {s.base}", model=model, objective=objective, batches=batches, save=save,
+        evaluate=evaluate if held_out else None, select="accuracy", trainable_only=lora is not None,
+        announce=lambda: (f"reward model on {s.base} ({arch}, {config.pooling} pooling{', LoRA' if lora else ''}): "
+                          f"{len(train)} training pairs, {len(held_out)} held-out pairs, {t.steps} steps of "
+                          f"{s.batch_size} x {s.grad_accum} pairs"),
+        summary={"train_pairs": len(train), "eval_pairs": len(held_out)})
+
+
+class RewardBatches(SFTBatches):
+    """SFTBatches' shuffled, length-bucketed, resumable order over tokenized preferences; pairs per batch."""
+
+    def __init__(self, sources, objective, batch_size: int, seed: int, env, with_lengths: bool = False):
+        super().__init__(sources, objective, batch_size, seed, env)
+        self.with_lengths = with_lengths  # response_mean pooling needs each row's response length
+
+    def collate_examples(self, batch):
+        lengths = [(e.chosen_n, e.rejected_n) for e in batch] if self.with_lengths else None
+        return self.objective.collate([(e.chosen, e.rejected) for e in batch], lengths)

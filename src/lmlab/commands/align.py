@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 
+from lmlab.commands._training import (add_run_flags, add_schedule_flags, data_source, flag_overrides,
+                                       unfinished_exit)
+
 # flag -> config key it overrides
 _FLAGS = {
     "method": "method", "base": "base_model", "adapter": "adapter", "prefs": "data.train",
@@ -20,8 +23,6 @@ _FLAGS = {
 
 
 def add_arguments(parser) -> None:
-    from lmlab.commands._loop import add_run_flags, add_schedule_flags
-
     parser.add_argument("--config", default=None, help="YAML/JSON alignment config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set lora.dropout=0.0 (repeatable)")
@@ -48,13 +49,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from lmlab.commands._loop import flag_overrides, unfinished_exit
-    from lmlab.commands.finetune import _source
+    # lazy: it imports torch, and `lmlab --help` imports every command module for its flags
     from lmlab.training.align import align, load_align_config
 
     overrides = flag_overrides(args, _FLAGS)
     if args.rouge_data:
-        overrides.append(f"data.rouge={json.dumps(_source(args.rouge_data))}")
+        overrides.append(f"data.rouge={json.dumps(data_source(args.rouge_data))}")
     cfg = load_align_config(args.config, overrides)
     summary = align(cfg, resume=args.resume, show_progress=not args.no_progress)
     if (code := unfinished_exit(summary)) is not None:

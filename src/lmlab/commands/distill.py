@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 
-from lmlab.commands.finetune import _source
+from lmlab.commands._training import (add_run_flags, add_schedule_flags, data_source, flag_overrides,
+                                       unfinished_exit)
 
 # flag -> config key it overrides
 _FLAGS = {
@@ -22,8 +23,6 @@ _FLAGS = {
 
 
 def add_arguments(parser) -> None:
-    from lmlab.commands._loop import add_run_flags, add_schedule_flags
-
     parser.add_argument("--config", default=None, help="YAML/JSON distillation config (e.g. configs/distill-smollm2-dialogsum.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set token.temperature=1.0 (repeatable)")
@@ -61,7 +60,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from lmlab.commands._loop import flag_overrides, unfinished_exit
+    # lazy: it imports torch, and `lmlab --help` imports every command module for its flags
     from lmlab.training.distill import distill, load_distill_config
 
     overrides = flag_overrides(args, _FLAGS)
@@ -70,9 +69,9 @@ def run(args) -> int:
     if args.keep_layers is not None:
         overrides.append(f"student.keep_layers={json.dumps(args.keep_layers)}")
     if args.data:
-        overrides.append(f"data.train={json.dumps([_source(s) for s in args.data])}")
+        overrides.append(f"data.train={json.dumps([data_source(s) for s in args.data])}")
     if args.validation:
-        overrides.append(f"data.validation={json.dumps(_source(args.validation))}")
+        overrides.append(f"data.validation={json.dumps(data_source(args.validation))}")
     if args.no_holdout:
         overrides.append("data.holdout=null")
     cfg = load_distill_config(args.config, overrides)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 
+from lmlab.commands._training import (add_run_flags, add_schedule_flags, data_source, flag_overrides,
+                                       unfinished_exit)
+
 # flag -> config key it overrides
 _FLAGS = {
     "base": "base_model", "method": "method", "out": "out_dir", "task": "data.task", "epochs": "train.epochs",
@@ -19,8 +22,6 @@ _FLAGS = {
 
 
 def add_arguments(parser) -> None:
-    from lmlab.commands._loop import add_run_flags, add_schedule_flags
-
     parser.add_argument("--config", default=None, help="YAML/JSON fine-tuning config "
                         "(e.g. configs/finetune-smollm2-dialogsum-lora.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -44,28 +45,15 @@ def add_arguments(parser) -> None:
     add_run_flags(parser, seed="seed for the adapter init, data order and dropout", distributed=True)
 
 
-def _source(spec: str) -> dict:
-    """FILE[:START:STOP][@WEIGHT] -> {path, records, weight}."""
-    spec, _, weight = spec.partition("@")
-    path, records = spec, None
-    parts = spec.rsplit(":", 2)
-    if len(parts) == 3 and all(p.isdigit() or p == "" for p in parts[1:]):
-        path, records = parts[0], f"{parts[1]}:{parts[2]}"
-    source = {"path": path, "records": records}
-    if weight:
-        source["weight"] = float(weight)
-    return source
-
-
 def run(args) -> int:
-    from lmlab.commands._loop import flag_overrides, unfinished_exit
+    # lazy: it imports torch, and `lmlab --help` imports every command module for its flags
     from lmlab.training.finetune import finetune, load_finetune_config
 
     overrides = flag_overrides(args, _FLAGS)
     if args.data:
-        overrides.append(f"data.train={json.dumps([_source(s) for s in args.data])}")
+        overrides.append(f"data.train={json.dumps([data_source(s) for s in args.data])}")
     if args.validation:
-        overrides.append(f"data.validation={json.dumps(_source(args.validation))}")
+        overrides.append(f"data.validation={json.dumps(data_source(args.validation))}")
     if args.prompt_field:
         overrides.append(f"data.prompt_field={json.dumps(args.prompt_field)}")
     if args.response_field:

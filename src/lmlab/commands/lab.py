@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lmlab.tasks.summarize.experiments import DEFAULT_EXPERIMENTS, EXPERIMENTS
+from lmlab.tasks.summarize.lab import DEFAULT_MODEL, DEFAULT_POOL_SIZE, LabInterrupted, LabSettings, run_lab
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lmlab.tasks.summarize.experiments import DEFAULT_EXPERIMENTS, EXPERIMENTS
-    from lmlab.tasks.summarize.lab import DEFAULT_MODEL, DEFAULT_POOL_SIZE
-
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or checkpoint path (default: {DEFAULT_MODEL})")
     parser.add_argument("--data", default=None,
                         help="dialogues: a DialogSum .jsonl, a Hugging Face style .csv, or hf:ID[:SPLIT] "
@@ -49,8 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmlab.tasks.summarize.lab import LabInterrupted, LabSettings, run_lab
-
     settings = LabSettings(
         model=args.model, data=args.data, experiments=args.experiments, shots=args.shots,
         shots_from=args.shots_from, pool_size=args.pool_size, limit=args.limit, seed=args.seed,

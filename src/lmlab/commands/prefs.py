@@ -7,12 +7,14 @@ pairs' format is ``lmlab.align.prefs``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from lmlab.align.build import DEFAULT_DATA, POLICIES, BuildSettings, build_preferences
+from lmlab.align.label import label_pairs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lmlab.align.build import DEFAULT_DATA, POLICIES
-
     sub = parser.add_subparsers(dest="prefs_command", metavar="{build,label}", required=True)
     b = sub.add_parser("build", help="pairs: the human summary (chosen) against the model's own sampled one",
                        description="Pairs from labeled dialogues: chosen = the human summary, rejected = a summary "
@@ -50,16 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.prefs_command == "build":
-        from lmlab.align.build import BuildSettings, build_preferences
-
         build_preferences(BuildSettings(
             out=args.out, data=args.data, records=args.records, held_out=args.held_out, model=args.model,
             policies=args.policy or ["base"], adapter=args.adapter, temperature=args.temperature, top_p=args.top_p,
             max_new_tokens=args.max_new_tokens, rouge_threshold=args.rouge_threshold, seed=args.seed,
             batch_size=args.batch_size, precision=args.precision))
         return 0
-    from lmlab.align.label import label_pairs
-
     def write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -72,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
         # the reader went away (`lmlab prefs label ... | head`): the choices made so far are already on
         # disk (appended and fsynced one by one), so stop quietly; stdout goes to /dev/null so that the
         # interpreter's final flush does not raise again
-        import os
-
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)

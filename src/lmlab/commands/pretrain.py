@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmlab.commands._training import add_run_flags, add_schedule_flags, flag_overrides, unfinished_exit
+
 # flag -> config key it overrides
 _FLAGS = {
     "out": "out_dir", "files": "data.files", "field": "data.field", "tokenizer": "data.tokenizer",
@@ -25,8 +27,6 @@ def _preset_names() -> str:
 
 
 def add_arguments(parser) -> None:
-    from lmlab.commands._loop import add_run_flags, add_schedule_flags
-
     parser.add_argument("--config", default=None, help=f"YAML/JSON run config, or a preset: {_preset_names()}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set train.lr=3e-4 --set model.dropout=0.1 (repeatable)")
@@ -43,7 +43,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from lmlab.commands._loop import flag_overrides, unfinished_exit
+    # lazy: it imports torch, and `lmlab --help` imports every command module for its flags
     from lmlab.training import load_config, pretrain
 
     overrides = flag_overrides(args, _FLAGS)

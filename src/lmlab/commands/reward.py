@@ -10,6 +10,11 @@ import argparse
 import json
 import sys
 
+from lmlab.align.prefs import read_preferences
+from lmlab.errors import DataError
+from lmlab.jsonl import iter_objects
+from lmlab.tasks.summarize.data import read_utf8
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="reward_command", metavar="{train,score,eval}", required=True)
@@ -54,10 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmlab.errors import DataError
+    # lazy: lmlab.align.reward imports torch, and `lmlab --help` imports every command module for its flags
+    from lmlab.align.reward import RewardScorer, RewardSettings, train_reward
 
     if args.reward_command == "train":
-        from lmlab.align.reward import RewardSettings, train_reward
 
         summary = train_reward(RewardSettings(
             base=args.base, prefs=args.prefs, eval_prefs=args.eval_prefs, out=args.out, lora=args.lora,
@@ -71,11 +76,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"reward model {done} at step {summary['step']}{acc}; best: {summary['best_dir']}")
         return 0
 
-    from lmlab.align.reward import RewardScorer
-
     if args.reward_command == "eval":
-        from lmlab.align.prefs import read_preferences
-
         pairs = read_preferences(args.prefs)
         metrics = RewardScorer.load(args.reward, args.batch_size).accuracy(pairs)
         print(f"pairwise accuracy {metrics['accuracy']:.3f} on {metrics['pairs']} pairs of {args.prefs} "
@@ -85,9 +86,6 @@ def run(args: argparse.Namespace) -> int:
     if args.file is not None:
         if args.prompt is not None or args.prompt_file is not None or args.summary is not None:
             raise DataError("give --file, or --prompt/--prompt-file with --summary, not both")
-        from lmlab.jsonl import iter_objects
-        from lmlab.tasks.summarize.data import read_utf8
-
         records = []
         for lineno, record in iter_objects(read_utf8(args.file).splitlines(), args.file):
             prompt = record.get("prompt", record.get("dialogue"))
@@ -106,8 +104,6 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("give --prompt or --prompt-file, not both")
     prompt = args.prompt
     if args.prompt_file is not None:
-        from lmlab.tasks.summarize.data import read_utf8
-
         prompt = read_utf8(args.prompt_file)
     if prompt is None or args.summary is None:
         raise DataError("score needs --prompt (or --prompt-file) and --summary, or --file")

@@ -41,11 +41,16 @@ from lmlab.objectives.sft import SupervisedFineTuning
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """τ² · KL(softmax(teacher/τ) || softmax(student/τ)) per row: (N, V), (N, V) -> (N,), in fp32."""
+    """τ² · KL(softmax(teacher/τ) || softmax(student/τ)) per row: (N, V), (N, V) -> (N,), in fp32.
+
+    A token the teacher rules out (logit −inf, e.g. a masked vocabulary) has p = 0 and adds nothing:
+    its term is taken as 0 rather than computed as 0 · (−inf − log q), which is NaN.
+    """
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
     log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (N, V)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)  # (N,)
-    return kl * temperature**2
+    p_teacher = log_p_teacher.exp()  # (N, V)
+    terms = torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0)  # (N, V)
+    return terms.sum(dim=-1) * temperature**2  # (N,)
 
 
 class TokenDistillation(SupervisedFineTuning):

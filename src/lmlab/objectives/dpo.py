@@ -121,8 +121,18 @@ class DirectPreference(Objective):
         return self.sft.collate(rows)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
-        """The loss is a mean over pairs, so the loop weights this micro-batch by its pair count."""
-        return batch["labels"].shape[0] // 2
+        """The loss is a mean over pairs, so the loop weights this micro-batch by its pair count.
+
+        A pair whose labels are all ignored (a filler a rank runs when its share of a batch is empty, to
+        take part in the gradient all-reduce) counts for nothing."""
+        return int(self._real_pairs(batch).sum())
+
+    @staticmethod
+    def _real_pairs(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(P,) True for pairs with labelled responses in both rows."""
+        labelled = (batch["labels"] != IGNORE_INDEX).any(dim=1)  # (2P,)
+        P = labelled.shape[0] // 2
+        return labelled[:P] & labelled[P:]
 
     # --- log-probabilities --------------------------------------------------------------------------
     def logprobs(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -154,10 +164,16 @@ class DirectPreference(Objective):
     # --- the loss the loop calls ------------------------------------------------------------------
     def loss(self, model, batch):
         stats = self.stats(model, batch)
+        real = self._real_pairs(batch).to(stats.loss.device)  # (P,)
+        if not bool(real.all()):  # filler pairs enter neither the loss nor the training metrics
+            stats = PreferenceStats(stats.loss[real], stats.chosen_logratio[real], stats.rejected_logratio[real],
+                                    stats.beta)
         for name, value in stats.sums().items():
             self._sums[name] = self._sums.get(name, 0.0) + value
-        self._pairs += stats.loss.shape[0]
-        return stats.loss.mean(), torch.tensor(stats.loss.shape[0])
+        n = stats.loss.shape[0]
+        self._pairs += n
+        # sum / max(n, 1): a mean over the real pairs, an exact 0 that still carries a graph when there are none
+        return stats.loss.sum() / max(n, 1), torch.tensor(n)
 
     def train_metrics(self) -> dict[str, float]:
         """Means over the pairs seen by ``loss`` since the last call (this rank's), then reset."""

@@ -1,9 +1,10 @@
 """Alignment with preference pairs: Direct Preference Optimization (DPO) of a LoRA policy, in the one loop.
 
 ``align(config)`` loads the base model, folds the starting adapter (a supervised fine-tune, e.g. the
-DialogSum summarizer lmlab ships) into the base weights *in memory*, puts a fresh LoRA on top, and hands
-a ``Job`` with the ``DirectPreference`` objective to ``loop.fit``: checkpoints, exact resume, signals,
-progress, metrics.jsonl and loss.png come from there.
+DialogSum summarizer lmlab ships) into the base weights *in memory*, puts a fresh LoRA on top, and trains
+it with the ``DirectPreference`` objective: ``build`` does the above and ``lmlab.training.job.run_job`` the
+rest (resume, identity, ``loop.fit`` with its checkpoints, exact resume, signals, progress, metrics.jsonl
+and loss.png; the best/final saves; the final ROUGE as the job's ``finish`` step; summary.json).
 
 Why merge first: DPO needs the *starting* policy as a frozen reference. With the starting adapter
 folded in, the model with its (new) adapters switched off is exactly that policy, so the reference costs
@@ -57,8 +58,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,13 +66,20 @@ from typing import Any
 import torch
 from torch import nn
 
+import lmlab
+from lmlab.adapt.lora import LoraConfig, apply_lora, lora_modules, merge_lora
+from lmlab.adapt.peft import check_savable, load_adapter, save_adapter
 from lmlab.adapt.recipe import Recipe, shipped_adapter
+from lmlab.align.prefs import read_preferences
 from lmlab.errors import ConfigError, DataError, choices_error
 from lmlab.objectives.dpo import DirectPreference
 from lmlab.training import distributed as dist
-from lmlab.training.config import _deep_merge, _section, apply_overrides, read_config_file
-from lmlab.training.finetune import EvalSection, FinetuneSection, LoraSection, TASKS
-from lmlab.training.loop import Job, check_identity, fit, read_resume_state
+from lmlab.training.config import (EvalSection, FinetuneSection, LoraSection, _deep_merge, _section, apply_overrides,
+                                   check_eval, check_lora, read_config_file)
+from lmlab.training.job import Built, JobSpec, run_job
+from lmlab.training.metrics import MetricsLog
+from lmlab.training.sft_data import (TASKS, check_source, eval_set, evaluate_sft, filler, read_pairs,
+                                     resolve_recipe)
 
 METHODS = ("dpo",)
 
@@ -135,29 +141,28 @@ def load_align_config(source: str | Path | None, overrides: list[str] | None = N
 
 
 def validate(cfg: AlignConfig) -> None:
+    """Every setting and file that can be checked without loading a model (``run_job`` checks ``train``)."""
     if cfg.method not in METHODS:
         raise choices_error("method", cfg.method, METHODS)
     if not isinstance(cfg.beta, (int, float)) or not cfg.beta > 0:
         raise ConfigError(f"beta={cfg.beta!r} must be a number > 0 (typical values 0.05-0.5)")
-    t = cfg.train
-    for name in ("batch_size", "grad_accum", "log_every"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name}={getattr(t, name)!r} must be >= 1")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr={t.lr!r} must be > 0")
-    if t.epochs is not None and t.epochs <= 0:
-        raise ConfigError(f"train.epochs={t.epochs!r} must be > 0")
+    check_lora(cfg.lora)
+    check_eval(cfg.eval)
     if not cfg.data.train:
         raise ConfigError("data.train is empty; give the preference pairs, e.g. --prefs prefs.jsonl")
+    for key in ("train", "validation"):
+        path = getattr(cfg.data, key)
+        if path and not Path(path).is_file():
+            raise DataError(f"data.{key}: preferences file {str(path)!r} does not exist")
+    if cfg.data.rouge:
+        check_source(cfg.data.rouge, "data.rouge")
     if cfg.data.holdout < 0:
         raise ConfigError(f"data.holdout={cfg.data.holdout!r} must be >= 0")
     if cfg.data.task is not None and cfg.data.task not in TASKS:
         raise choices_error("data.task", cfg.data.task, sorted(TASKS))
     if cfg.data.max_seq_len < 16:
         raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} is too small (at least 16)")
-    if cfg.eval.rouge_examples < 0 or cfg.eval.max_new_tokens < 1 or cfg.eval.batch_size < 1:
-        raise ConfigError(f"eval.rouge_examples={cfg.eval.rouge_examples} must be >= 0, eval.max_new_tokens="
-                          f"{cfg.eval.max_new_tokens} and eval.batch_size={cfg.eval.batch_size} >= 1")
+    resolve_adapter(cfg.adapter, cfg.base_model)
 
 
 # --- the starting policy -------------------------------------------------------------------------
@@ -186,9 +191,6 @@ class FoldedAdapter:
 
 def fold_adapter(model: nn.Module, directory: Path) -> FoldedAdapter:
     """Attach the adapter in `directory`, keep a copy of its matrices, merge it into the weights (in place)."""
-    from lmlab.adapt.lora import lora_modules, merge_lora
-    from lmlab.adapt.peft import load_adapter
-
     config = load_adapter(model, directory)
     modules = {name: (m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone(), m.scaling)
                for name, m in lora_modules(model)}
@@ -203,8 +205,6 @@ def stacked(model: nn.Module, first: FoldedAdapter):
     Ranks r1 + r2: A = [A1; A2] (r1+r2, I), B = [s1 B1, s2 B2] (O, r1+r2), so B A = s1 B1 A1 + s2 B2 A2,
     the sum of both updates. A module `first` did not adapt gets zero rows/columns there.
     """
-    from lmlab.adapt.lora import lora_modules
-
     saved = []
     try:
         for name, m in lora_modules(model):
@@ -228,19 +228,16 @@ def stacked(model: nn.Module, first: FoldedAdapter):
             m.lora_A, m.lora_B, m.r, m.scaling = lora_A, lora_B, r, scaling
 
 
-def save_policy(model: nn.Module, directory: Path, cfg: AlignConfig, lora, first: FoldedAdapter | None,
+def save_policy(model: nn.Module, directory: Path, base_model: str, lora: LoraConfig, first: FoldedAdapter | None,
                 recipe: Recipe) -> None:
     """The policy as one PEFT adapter for the base model (the starting adapter stacked under DPO's) + recipe."""
-    from lmlab.adapt.lora import LoraConfig
-    from lmlab.adapt.peft import save_adapter
-
     if first is None:
-        save_adapter(model, directory, lora, base_model=cfg.base_model)
+        save_adapter(model, directory, lora, base_model=base_model)
     else:
         r = first.r + lora.r
         with stacked(model, first):  # alpha = r: scale 1, the scales are folded into B
             save_adapter(model, directory, LoraConfig(r=r, alpha=float(r), dropout=lora.dropout, targets=lora.targets),
-                         base_model=cfg.base_model)
+                         base_model=base_model)
     recipe.save(directory)
 
 
@@ -306,10 +303,15 @@ def split_holdout(pairs: list[TokenizedPair], n: int, seed: int) -> tuple[list[T
 
 
 class PairBatches:
-    """Shuffled micro-batches of preference pairs, a fresh seeded order each epoch; (epoch, position) is the state."""
+    """Shuffled micro-batches of preference pairs, a fresh seeded order each epoch; (epoch, position) is the state.
+
+    Under data parallelism rank r takes pairs r, r + world, ... of each batch; a rank left without any
+    runs a ``filler`` (its first pair with every label ignored: it counts for nothing)."""
 
     def __init__(self, pairs: list[TokenizedPair], objective: DirectPreference, batch_size: int, seed: int,
                  env: dist.DistEnv):
+        if not pairs:
+            raise DataError("no preference pairs to train on")
         self.pairs, self.objective, self.batch_size, self.seed = pairs, objective, batch_size, seed
         self.rank, self.world = env.rank, env.world_size
         self.epoch, self.position = 0, 0
@@ -330,10 +332,14 @@ class PairBatches:
             if self.position >= len(self._batches):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._batches = self._epoch_batches(self.epoch)
-            batch = self._batches[self.position][self.rank::self.world] or self._batches[self.position][:1]
+            batch = self._batches[self.position]
             self.position += 1
-            out.append(self.objective.collate([(p.prompt, p.chosen, p.rejected) for p in batch]))
+            mine = batch[self.rank::self.world]
+            out.append(self._collate(mine) if mine else filler(self._collate(batch[:1])))
         return out
+
+    def _collate(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
+        return self.objective.collate([(p.prompt, p.chosen, p.rejected) for p in pairs])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -364,119 +370,91 @@ def evaluate_pairs(model, objective: DirectPreference, pairs: list[TokenizedPair
 def align(cfg: AlignConfig, resume: bool = False, show_progress: bool = True) -> dict:
     """Run (or resume) the alignment job `cfg` -> summary dict (steps, metrics, final ROUGE, paths)."""
     validate(cfg)
-    with dist.session(cfg.train) as env:
-        return _run(cfg, env, resume, show_progress)
-
-
-def _run(cfg: AlignConfig, env: dist.DistEnv, resume: bool, show_progress: bool) -> dict:
-    import lmlab
-    from lmlab.adapt.lora import LoraConfig, apply_lora
-    from lmlab.align.prefs import read_preferences
-    from lmlab.training.finetune import read_pairs, resolve_recipe, tokenize_pairs
-
-    t, out = cfg.train, Path(cfg.out_dir)
-    saved = read_resume_state(out, resume)
     # beta first, so a resume with another beta names it
     identity = {"beta": float(cfg.beta),
                 "align_config": {k: v for k, v in cfg.to_dict().items() if k not in ("train", "beta")},
-                "train": {k: v for k, v in dataclasses.asdict(t).items() if k not in ("stop_after", "device")}}
-    if saved is not None:
-        check_identity(saved, identity, out / "checkpoint.pt")
+                "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("stop_after", "device")}}
+    spec = JobSpec(cfg.out_dir, cfg.train, cfg.to_dict(), identity, resume, show_progress)
+    return run_job(spec, lambda env: build(cfg, env, show_progress))
+
+
+def read_pairs_file(path: str, key: str) -> list:
+    """The preference pairs of data.`key`; a file without any is an error naming it."""
+    pairs = read_preferences(path)
+    if not pairs:
+        raise DataError(f"data.{key}: {str(path)!r} holds no preference pairs (one JSON object per line: "
+                        f"prompt, chosen, rejected)")
+    return pairs
+
+
+def build(cfg: AlignConfig, env: dist.DistEnv, show_progress: bool = True) -> Built:
+    """The starting policy with a fresh LoRA on top, the tokenized pairs, held-out pairs and ROUGE records."""
+    d, t = cfg.data, cfg.train
     adapter_dir = resolve_adapter(cfg.adapter, cfg.base_model)
-    train_pairs = read_preferences(cfg.data.train)
-    val_file_pairs = read_preferences(cfg.data.validation) if cfg.data.validation else None
+    train_pairs = read_pairs_file(d.train, "train")
+    val_file_pairs = read_pairs_file(d.validation, "validation") if d.validation else None
 
     # 1. the starting policy: the base with its adapter folded in (this is also the reference)
     tokenizer = lmlab.load_tokenizer(cfg.base_model)
     model = lmlab.load_model(cfg.base_model).to(env.device)
     first = fold_adapter(model, adapter_dir) if adapter_dir is not None else None
-    recipe = (Recipe.load(adapter_dir) if adapter_dir is not None else None) or resolve_recipe(cfg, tokenizer)
+    recipe = ((Recipe.load(adapter_dir) if adapter_dir is not None else None)
+              or resolve_recipe(d, tokenizer, cfg.eval.max_new_tokens, cfg.base_model))
     recipe.max_new_tokens = cfg.eval.max_new_tokens
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     objective = DirectPreference(model.config.arch, pad, cfg.beta, model.config.decoder_start_token_id)
 
-    # 2. data: every pair tokenized up front (a bad record fails before any training)
-    context = model.config.max_seq_len
-    pairs = tokenize_preferences(train_pairs, cfg.data.train, recipe, tokenizer, cfg.data.max_seq_len, context)
-    if val_file_pairs is not None:
-        validation = tokenize_preferences(val_file_pairs, cfg.data.validation, recipe, tokenizer,
-                                          cfg.data.max_seq_len, context)
-    else:
-        pairs, validation = split_holdout(pairs, cfg.data.holdout, t.seed)
-    rouge_examples, references, prompts = [], {}, {}
-    if cfg.data.rouge and cfg.eval.rouge_examples:
-        rouge_pairs = read_pairs(cfg.data.rouge, recipe, "data.rouge")[: cfg.eval.rouge_examples]
-        rouge_examples = tokenize_pairs(rouge_pairs, recipe, tokenizer, cfg.data.max_seq_len)
-        references = {pid: answer for pid, _, answer in rouge_pairs}
-        budget = cfg.data.max_seq_len - cfg.eval.max_new_tokens
-        prompts = {pid: recipe.prompt(text, tokenizer, max_prompt_tokens=budget).text for pid, text, _ in rouge_pairs}
-    batches = PairBatches(pairs, objective, t.batch_size, t.seed, env)
-    if t.epochs is not None:
-        t.steps = max(1, math.ceil(t.epochs * batches.batches_per_epoch / t.grad_accum))
-    n_cut = sum(p.truncated for p in pairs + validation)
-    if env.is_main and show_progress:
-        start = f"{cfg.base_model} + {adapter_dir}" if adapter_dir is not None else cfg.base_model
-        print(f"dpo (beta {cfg.beta}) from {start}: {len(pairs)} training pairs, {len(validation)} held-out pairs "
-              f"({n_cut} prompts cut in the middle to fit data.max_seq_len={cfg.data.max_seq_len}), "
-              f"{t.steps} steps of {t.batch_size} x {t.grad_accum} pairs; reference: the starting policy "
-              f"(adapters off)")
-
-    # 3. what trains: a fresh LoRA on the (merged) starting policy
+    # 2. what trains: a fresh LoRA on the (merged) starting policy; refused now if it could not be saved
     torch.manual_seed(t.seed)
-    lora = LoraConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
-                      rslora=cfg.lora.rslora)
+    lora = cfg.lora.to_lora()
     report = apply_lora(model, lora)
     if first is not None:
-        from lmlab.adapt.lora import lora_modules
-
         missing = sorted(set(first.modules) - {name for name, _ in lora_modules(model)})
         if missing:
             raise ConfigError(f"lora.targets={list(lora.targets)} leaves out {missing[0]!r}, which the starting "
                               f"adapter adapts; the saved adapter stacks both, so adapt every module it does")
+    check_savable(model)
     if env.is_main and show_progress:
         print(report)
     model.train()
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-    def save(directory: Path) -> None:
-        save_policy(model, directory, cfg, lora, first, recipe)
+    # 3. data: every pair tokenized up front (a bad record fails before any training)
+    context = model.config.max_seq_len
+    pairs = tokenize_preferences(train_pairs, d.train, recipe, tokenizer, d.max_seq_len, context)
+    if val_file_pairs is not None:
+        validation = tokenize_preferences(val_file_pairs, d.validation, recipe, tokenizer, d.max_seq_len, context)
+    else:
+        pairs, validation = split_holdout(pairs, d.holdout, t.seed)
+    rouge = None
+    if d.rouge and cfg.eval.rouge_examples:
+        rouge_pairs = read_pairs(d.rouge, recipe, "data.rouge")[: cfg.eval.rouge_examples]
+        rouge = eval_set(rouge_pairs, recipe, tokenizer, d.max_seq_len, cfg.eval.max_new_tokens)
+    batches = PairBatches(pairs, objective, t.batch_size, t.seed, env)
+    n_cut = sum(p.truncated for p in pairs + validation)
 
-    job = Job(name=f"dpo · {cfg.base_model}", model=model, objective=objective, batches=batches,
-              evaluate=(lambda m: evaluate_pairs(m, objective, validation, cfg.eval.batch_size, env))
-              if validation else None,
-              select=cfg.eval.select if validation else None, on_best=lambda step, metrics: save(out / "best"),
-              patience=cfg.eval.patience, trainable_only=True, identity=identity)
-    summary = fit(job, t, env, out, saved, show_progress)
-    summary.pop("wrapped")
-    if summary["finished"]:
+    def finish(summary: dict, wrapped) -> dict:
+        """Fine-tuning's evaluation after training: ROUGE, empty and recited greedy summaries; into metrics.jsonl."""
+        if rouge is None:
+            return {}
+        model.eval()
+        with torch.no_grad():
+            metrics = evaluate_sft(model, objective.sft, rouge, tokenizer, cfg.eval, env)
+        model.train()
+        metrics["examples"] = float(len(rouge.examples))
         if env.is_main:
-            save(out / "final")
-            if not (out / "best").exists():  # nothing selected: the final weights are the best
-                save(out / "best")
-        if rouge_examples:
-            summary["rouge"] = _final_rouge(model, objective, rouge_examples, references, prompts, tokenizer, cfg, env,
-                                            out, summary["step"])
-    summary.update(method=cfg.method, beta=cfg.beta, train_pairs=len(pairs), heldout_pairs=len(validation),
-                   truncated_prompts=n_cut, trainable_parameters=report.trainable,
-                   best_dir=str(out / "best"), final_dir=str(out / "final"))
-    if env.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    dist.barrier(env)
-    return summary
+            MetricsLog(Path(cfg.out_dir) / "metrics.jsonl", fresh=False).write(kind="rouge", step=summary["step"],
+                                                                               **metrics)
+        return {"rouge": metrics}
 
-
-def _final_rouge(model, objective, examples, references, prompts, tokenizer, cfg, env, out: Path, step: int) -> dict:
-    """Fine-tuning's evaluation after training: ROUGE, empty and recited greedy summaries; into metrics.jsonl."""
-    from lmlab.training.finetune import evaluate_sft
-    from lmlab.training.metrics import MetricsLog
-
-    model.eval()
-    with torch.no_grad():
-        metrics = evaluate_sft(model, objective.sft, examples, references, prompts, tokenizer, cfg, env)
-    model.train()
-    metrics["examples"] = float(len(examples))
-    if env.is_main:
-        MetricsLog(out / "metrics.jsonl", fresh=False).write(kind="rouge", step=step, **metrics)
-    return metrics
+    start = f"{cfg.base_model} + {adapter_dir}" if adapter_dir is not None else cfg.base_model
+    return Built(
+        name=f"dpo · {cfg.base_model}", model=model, objective=objective, batches=batches,
+        save=lambda directory, metrics=None: save_policy(model, directory, cfg.base_model, lora, first, recipe),
+        evaluate=(lambda m: evaluate_pairs(m, objective, validation, cfg.eval.batch_size, env)) if validation else None,
+        select=cfg.eval.select, patience=cfg.eval.patience, trainable_only=True, finish=finish,
+        announce=lambda: (f"dpo (beta {cfg.beta}) from {start}: {len(pairs)} training pairs, {len(validation)} held-out "
+                          f"pairs ({n_cut} prompts cut in the middle to fit data.max_seq_len={d.max_seq_len}), "
+                          f"{t.steps} steps of {t.batch_size} x {t.grad_accum} pairs; reference: the starting policy "
+                          f"(adapters off)"),
+        summary={"method": cfg.method, "beta": cfg.beta, "train_pairs": len(pairs), "heldout_pairs": len(validation),
+                 "truncated_prompts": n_cut, "trainable_parameters": report.trainable})

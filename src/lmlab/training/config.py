@@ -20,9 +20,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from lmlab.config import PRESETS, ModelConfig
 from lmlab.errors import ConfigError, choices_error
 
 
@@ -73,6 +77,54 @@ class TrainSection:
 
 
 @dataclass
+class FinetuneSection(TrainSection):
+    """The training section of jobs that count passes over their data (fine-tuning, alignment, distillation)."""
+
+    epochs: float | None = None  # when set, steps = ceil(epochs * batches per epoch / grad_accum)
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    rslora: bool = False
+
+    def to_lora(self):
+        """The ``lmlab.adapt.lora.LoraConfig`` of this section."""
+        from lmlab.adapt.lora import LoraConfig  # lazy: reading a config file does not import torch
+
+        return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
+                          rslora=self.rslora)
+
+
+@dataclass
+class EvalSection:
+    rouge_examples: int = 24  # validation examples summarized with real generation at each evaluation (0: none)
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    select: str | None = "rouge1"  # metric that picks the best checkpoint; "-val_loss" for the lowest loss
+    patience: int | None = None  # evaluations without improvement before stopping early
+
+
+def check_eval(e: EvalSection) -> None:
+    if e.rouge_examples < 0 or e.max_new_tokens < 1 or e.batch_size < 1:
+        raise ConfigError(f"eval.rouge_examples={e.rouge_examples} must be >= 0, eval.max_new_tokens="
+                          f"{e.max_new_tokens} and eval.batch_size={e.batch_size} >= 1")
+    if e.patience is not None and e.patience < 1:
+        raise ConfigError(f"eval.patience={e.patience!r} must be >= 1 (or null: never stop early)")
+
+
+def check_lora(lora: LoraSection) -> None:
+    if not isinstance(lora.r, int) or lora.r < 1 or not lora.alpha > 0 or not 0 <= lora.dropout < 1:
+        raise ConfigError(f"lora.r={lora.r!r} must be an integer >= 1, lora.alpha={lora.alpha!r} > 0 and "
+                          f"lora.dropout={lora.dropout!r} in [0, 1)")
+    if not lora.targets:
+        raise ConfigError("lora.targets is empty; name the linears to adapt, e.g. q,k,v,o,gate,up,down")
+
+
+@dataclass
 class PretrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -100,8 +152,6 @@ class PretrainConfig:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; valid keys: base, {', '.join(sorted(sections))}")
         model = dict(merged.get("model") or {})
         preset = model.pop("preset", ModelSection.preset)
-        from lmlab.config import PRESETS, ModelConfig
-
         if preset not in PRESETS:
             raise choices_error("model.preset", preset, sorted(PRESETS))
         model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -132,8 +182,6 @@ def _deep_merge(base: dict, update: dict) -> dict:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config dict."""
-    import yaml
-
     data = _deep_merge({}, data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -162,8 +210,6 @@ def _looks_numeric(text: str) -> bool:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """A YAML (or .json) run config file -> its mapping; a one-line ConfigError when it is not one."""
-    import yaml
-
     try:
         data = (json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())) or {}
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
@@ -194,10 +240,6 @@ def _read_presets() -> dict[str, dict[str, Any]]:
 
     The YAML files are the only source: ``--config NAME``, ``base: NAME`` and this dict all read them.
     """
-    from importlib.resources import files
-
-    import yaml
-
     presets = {}
     for entry in sorted(files("lmlab.training").joinpath("presets").iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):

@@ -1,8 +1,10 @@
 """Knowledge distillation with unlabeled data: a teacher's knowledge into a smaller student, in the one loop.
 
 ``distill(config)`` loads the teacher (with its LoRA adapter folded in: by default the DialogSum
-summarizer lmlab ships), builds a student, and hands a ``Job`` to ``loop.fit`` — the same loop,
-schedule, checkpoints, exact resume and metrics as pre-training and fine-tuning. Two methods:
+summarizer lmlab ships), builds a student, and trains it through ``lmlab.training.job.run_job`` — the
+same outline, loop, schedule, checkpoints, exact resume and metrics as pre-training and fine-tuning.
+Everything that can be checked without weights (files, ranges, the student's layers and vocabulary
+against the model configs) is checked before the teacher loads. Two methods:
 
 * ``sequence`` (Kim & Rush, 2016): the teacher summarizes every unlabeled input once (greedy, the
   prompt of its recipe; ``lmlab.training.pseudo_labels`` caches them in ``OUT/pseudo_labels.jsonl``,
@@ -57,25 +59,34 @@ Config (YAML or JSON; every field can be overridden with ``--set section.key=val
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmlab.adapt.recipe import Recipe
+import lmlab
+from lmlab.adapt.lora import merge_lora
+from lmlab.adapt.peft import WEIGHTS_FILE
+from lmlab.adapt.recipe import Recipe, shipped_adapter
+from lmlab.checkpoints import load_config, save_model
+from lmlab.config import PRESETS, ModelConfig
 from lmlab.errors import ConfigError, DataError, choices_error
 from lmlab.jsonl import iter_objects
+from lmlab.model import Transformer
+from lmlab.objectives.distill import TokenDistillation
+from lmlab.objectives.sft import SupervisedFineTuning
+from lmlab.tasks.summarize.experiments import INSTRUCTION
 from lmlab.training import distributed as dist
-from lmlab.training.config import _deep_merge, _section, apply_overrides, read_config_file
-from lmlab.training.finetune import (EvalSection, FinetuneSection, SFTBatches, Tokenized, _record_range, evaluate_sft,
-                                     read_pairs, tokenize_pairs)
-from lmlab.training.loop import Job, check_identity, fit, read_resume_state
-from lmlab.training.pseudo_labels import CACHE_FILE, generate_pseudo_labels, text_key
+from lmlab.training.config import (EvalSection, FinetuneSection, _deep_merge, _section, apply_overrides, check_eval,
+                                   read_config_file)
+from lmlab.training.job import Built, JobSpec, run_job
+from lmlab.training.pseudo_labels import CACHE_FILE, generate_pseudo_labels, read_cache, text_key
+from lmlab.training.sft_data import (SFTBatches, Tokenized, check_source, eval_set, evaluate_sft, read_pairs,
+                                     record_range, tokenize_pairs)
 
 METHODS = ("sequence", "token")
 DEFAULT_HOLDOUT = {"path": "dev.jsonl", "records": "400:500"}  # the lab's DialogSum evaluation range
@@ -158,22 +169,71 @@ def load_distill_config(source: str | Path | None, overrides: list[str] | None =
 
 
 def validate(cfg: DistillConfig) -> None:
+    """Every setting, file and shape that can be checked without loading weights (``run_job`` checks ``train``):
+    above all the student's layers, which would otherwise fail only after the teacher labelled every input."""
     if cfg.method not in METHODS:
         raise choices_error("method", cfg.method, METHODS)
     if not cfg.data.train:
         raise ConfigError("data.train is empty; give the unlabeled inputs, e.g. --data unlabeled.jsonl")
-    t = cfg.train
-    for name in ("batch_size", "grad_accum", "log_every"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"train.{name}={getattr(t, name)!r} must be >= 1")
-    if t.lr <= 0 or (t.epochs is not None and t.epochs <= 0):
-        raise ConfigError(f"train.lr={t.lr!r} and train.epochs={t.epochs!r} must be > 0")
+    for i, source in enumerate(cfg.data.train):
+        check_source(source, f"data.train[{i}]")
+        weight = source.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"data.train[{i}].weight={weight!r} must be a number > 0")
+    if cfg.data.validation:
+        check_source(cfg.data.validation, "data.validation")
     if cfg.data.max_seq_len < 16:
         raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} is too small (at least 16)")
     if cfg.pseudo.batch_size < 1 or cfg.pseudo.max_new_tokens < 1:
         raise ConfigError(f"pseudo.batch_size={cfg.pseudo.batch_size} and pseudo.max_new_tokens="
                           f"{cfg.pseudo.max_new_tokens} must be >= 1")
-    parse_keep_layers(cfg.student.keep_layers, None)  # syntax only; the range is checked against the model
+    check_eval(cfg.eval)
+    if cfg.method == "token":  # the objective's own checks, before the teacher loads
+        if not cfg.token.temperature > 0:
+            raise ConfigError(f"token.temperature={cfg.token.temperature!r} must be > 0")
+        if not 0.0 <= cfg.token.alpha <= 1.0:
+            raise ConfigError(f"token.alpha={cfg.token.alpha!r} must be in [0, 1] (the weight of the hard-label loss)")
+        if cfg.token.positions not in ("response", "all"):
+            raise choices_error("token.positions", cfg.token.positions, ("response", "all"))
+    teacher_adapter(cfg)
+    check_student(cfg.student, cfg.teacher)
+
+
+# --- the student -----------------------------------------------------------------------------
+def _spec_text(spec) -> str:
+    """keep_layers as the user wrote it: 9 (not 9.0, as --set reads a number), "0,2,4", [0, 2]."""
+    def one(i):
+        return str(int(i)) if isinstance(i, float) and i.is_integer() else str(i)
+
+    if isinstance(spec, (list, tuple)):
+        return ",".join(one(i) for i in spec)
+    return one(spec)
+
+
+def _student_config(section: StudentSection) -> ModelConfig | None:
+    """The config of a student built from a preset or a config.json (None: the student is a model source)."""
+    if section.model in PRESETS:
+        return ModelConfig.from_name(section.model)
+    if str(section.model).endswith(".json") and not Path(section.model).is_dir():
+        if not Path(section.model).is_file():
+            raise ConfigError(f"student.model={section.model!r}: no such ModelConfig JSON file")
+        return ModelConfig.from_json(section.model)
+    return None
+
+
+def check_student(section: StudentSection, teacher: str) -> None:
+    """The student's vocabulary and ``keep_layers`` checked against the model configs (no weights are read)."""
+    teacher_config = load_config(teacher)[0]
+    if section.model is None:
+        config = teacher_config
+    else:
+        config = _student_config(section) or load_config(section.model)[0]
+    check_vocabulary(config.vocab_size, teacher_config.vocab_size, section.model)
+    spec = section.keep_layers if section.keep_layers is not None else ("every-other" if section.model is None
+                                                                         else "all")
+    if parse_keep_layers(spec, config.n_layers) is not None and config.arch != "decoder":
+        raise ConfigError(f"student.keep_layers builds students of decoder-only models; the student has "
+                          f"arch={config.arch!r} (set student.keep_layers: all)")
 
 
 # --- the student -----------------------------------------------------------------------------
@@ -193,11 +253,14 @@ def parse_keep_layers(spec, n_layers: int | None) -> list[int] | None:
         indices = [int(i) if isinstance(i, (int, float)) and float(i).is_integer() else int(str(i).strip())
                    for i in items]
     except (TypeError, ValueError):
-        raise ConfigError(f"student.keep_layers={spec!r} must be every-other or layer indices like 0,2,4") from None
+        raise ConfigError(f"student.keep_layers={_spec_text(spec)!r} must be every-other or layer indices like "
+                          f"0,2,4") from None
     if not indices or len(set(indices)) != len(indices):
-        raise ConfigError(f"student.keep_layers={spec!r} must name distinct layers")
+        raise ConfigError(f"student.keep_layers={_spec_text(spec)!r} must name distinct layers")
     if n_layers is not None and not all(0 <= i < n_layers for i in indices):
-        raise ConfigError(f"student.keep_layers={spec!r}: the model has layers 0..{n_layers - 1}")
+        bad = next(i for i in indices if not 0 <= i < n_layers)
+        raise ConfigError(f"student.keep_layers={_spec_text(spec)!r}: layer {bad} does not exist; the model has "
+                          f"layers 0..{n_layers - 1}")
     return sorted(indices)
 
 
@@ -207,8 +270,6 @@ def keep_layers(model, indices: list[int]):
     Everything outside the stack (embeddings, final norm, head) is copied as is; layer ``indices[j]``
     becomes layer ``j``. RoPE positions and the KV cache are per layer, so nothing else changes.
     """
-    from lmlab.model import Transformer
-
     if model.config.arch != "decoder":
         raise ConfigError(f"keep_layers builds students of decoder-only models; the teacher has "
                           f"arch={model.config.arch!r}")
@@ -228,16 +289,11 @@ def keep_layers(model, indices: list[int]):
 
 def build_student(cfg: StudentSection, teacher, seed: int = 0):
     """The student model (train mode, every weight trainable); its vocabulary must be the teacher's."""
-    import lmlab
-    from lmlab.model import Transformer
-
     if cfg.model is None:
         student = teacher
     else:
-        from lmlab.config import PRESETS, ModelConfig
-
-        if cfg.model in PRESETS or str(cfg.model).endswith(".json") and not Path(cfg.model).is_dir():
-            config = (ModelConfig.from_name(cfg.model) if cfg.model in PRESETS else ModelConfig.from_json(cfg.model))
+        config = _student_config(cfg)
+        if config is not None:
             torch.manual_seed(seed)
             student = Transformer(config)
         else:
@@ -248,8 +304,6 @@ def build_student(cfg: StudentSection, teacher, seed: int = 0):
     if indices is not None:
         student = keep_layers(student, indices)
     elif student is teacher:
-        import copy
-
         student = copy.deepcopy(teacher)
     return student.float().train().requires_grad_(True)
 
@@ -277,7 +331,7 @@ def read_inputs(source: dict, text_field: str, label_field: str | None, where: s
         raise DataError(f"{where}: data file {str(path)!r} does not exist")
     records = [obj for _, obj in iter_objects(path.read_text(encoding="utf-8").splitlines(), str(path))]
     out = []
-    for i in _record_range(source.get("records"), len(records), where):
+    for i in record_range(source.get("records"), len(records), where):
         obj = records[i]
         text = obj.get(text_field)
         if not isinstance(text, str) or not text.strip():
@@ -299,14 +353,15 @@ def check_holdout(sources: list[dict], holdout: dict | None, text_field: str) ->
     """
     if not holdout:
         return
+    records = _Records()
     name, spec = Path(str(holdout.get("path", ""))).name, holdout.get("records")
     held_texts: set[str] = set()
     candidates = [Path(str(holdout.get("path", "")))] + [Path(s.get("path", "")) for s in sources
                                                         if Path(s.get("path", "")).name == name]
     for path in candidates:
         if path.is_file():
-            for i in _record_range(spec, sum(1 for _ in _lines(path)), "data.holdout"):
-                text = _record_text(path, i, text_field)
+            for i in record_range(spec, len(records(path)), "data.holdout"):
+                text = records.text(path, i, text_field)
                 if text:
                     held_texts.add(text_key(text))
             break
@@ -314,10 +369,10 @@ def check_holdout(sources: list[dict], holdout: dict | None, text_field: str) ->
         path = Path(source.get("path", ""))
         if not path.is_file():
             continue
-        n = sum(1 for _ in _lines(path))
-        chosen = _record_range(source.get("records"), n, f"data.train[{k}]")
+        n = len(records(path))
+        chosen = record_range(source.get("records"), n, f"data.train[{k}]")
         if path.name == name:
-            held = _record_range(spec, n, "data.holdout")
+            held = record_range(spec, n, "data.holdout")
             overlap = sorted(set(chosen) & set(held))
             if overlap:
                 raise DataError(f"data.train[{k}] {str(path)!r} records {source.get('records') or 'all'} include "
@@ -325,26 +380,29 @@ def check_holdout(sources: list[dict], holdout: dict | None, text_field: str) ->
                                 f"{name} {spec}); train on records outside {spec}, e.g. {path}:0:{held.start}, "
                                 f"or set data.holdout to null to train on them anyway")
         if held_texts:
-            leaked = [i for i in chosen if (t := _record_text(path, i, text_field)) and text_key(t) in held_texts]
+            leaked = [i for i in chosen if (t := records.text(path, i, text_field)) and text_key(t) in held_texts]
             if leaked:
                 raise DataError(f"data.train[{k}] {str(path)!r} holds {len(leaked)} dialogue(s) of the held-out "
                                 f"evaluation set ({name} records {spec}), e.g. record {leaked[0]}; remove them, or set "
                                 f"data.holdout to null to train on them anyway")
 
 
-_LINE_CACHE: dict[Path, list[dict]] = {}
+class _Records:
+    """The records of JSONL files, each read at most once per ``check_holdout`` call (never kept longer:
+    a file edited between two calls is read again)."""
 
+    def __init__(self):
+        self._files: dict[Path, list[dict]] = {}
 
-def _lines(path: Path) -> list[dict]:
-    key = path.resolve()
-    if key not in _LINE_CACHE:
-        _LINE_CACHE[key] = [obj for _, obj in iter_objects(path.read_text(encoding="utf-8").splitlines(), str(path))]
-    return _LINE_CACHE[key]
+    def __call__(self, path: Path) -> list[dict]:
+        key = path.resolve()
+        if key not in self._files:
+            self._files[key] = [obj for _, obj in iter_objects(path.read_text(encoding="utf-8").splitlines(), str(path))]
+        return self._files[key]
 
-
-def _record_text(path: Path, i: int, text_field: str) -> str | None:
-    value = _lines(path)[i].get(text_field)
-    return value.strip() if isinstance(value, str) else None
+    def text(self, path: Path, i: int, text_field: str) -> str | None:
+        value = self(path)[i].get(text_field)
+        return value.strip() if isinstance(value, str) else None
 
 
 class DistillBatches(SFTBatches):
@@ -368,31 +426,38 @@ def distill(cfg: DistillConfig, resume: bool = False, show_progress: bool = True
     ``pseudo_stop_after`` (a testing knob): stop generating after that many new labels, as a kill would.
     """
     validate(cfg)
-    with dist.session(cfg.train) as env:
-        return _run(cfg, env, resume, show_progress, pseudo_only, pseudo_stop_after)
+    identity = {"distill_config": {k: v for k, v in cfg.to_dict().items() if k != "train"},
+                "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("stop_after", "device")}}
+    spec = JobSpec(cfg.out_dir, cfg.train, cfg.to_dict(), identity, resume, show_progress)
+    return run_job(spec, lambda env: build(cfg, env, show_progress, pseudo_only, pseudo_stop_after))
+
+
+def teacher_adapter(cfg: DistillConfig) -> Path | None:
+    """The teacher's adapter directory: ``shipped`` -> the one lmlab ships for the teacher; None: no adapter."""
+    adapter = cfg.teacher_adapter
+    if adapter in (None, "", "none", "null"):
+        return None
+    if adapter == "shipped":
+        path = shipped_adapter(cfg.teacher)
+        if path is None:
+            raise ConfigError(f"teacher_adapter=shipped: lmlab ships no adapter for {cfg.teacher!r}; pass "
+                              f"--teacher-adapter DIR or --no-teacher-adapter")
+        return Path(path)
+    if not Path(adapter).is_dir():
+        raise ConfigError(f"teacher_adapter {adapter!r} is not a directory (a PEFT LoRA adapter, e.g. from lmlab "
+                          f"finetune)")
+    return Path(adapter)
 
 
 def load_teacher(cfg: DistillConfig):
     """(teacher with its adapter merged, eval mode, frozen; tokenizer; prompt recipe; adapter identity)."""
-    import lmlab
-    from lmlab.adapt.lora import merge_lora
-    from lmlab.adapt.recipe import shipped_adapter
-    from lmlab.tasks.summarize.experiments import INSTRUCTION
-
-    adapter = cfg.teacher_adapter
-    if adapter == "shipped":
-        adapter = shipped_adapter(cfg.teacher)
-        if adapter is None:
-            raise ConfigError(f"teacher_adapter=shipped: lmlab ships no adapter for {cfg.teacher!r}; pass "
-                              f"--teacher-adapter DIR or --no-teacher-adapter")
+    adapter = teacher_adapter(cfg)
     tokenizer = lmlab.load_tokenizer(cfg.teacher)
     teacher = lmlab.load_model(cfg.teacher, adapter=adapter)
     adapter_id = None
     if adapter is not None:
         merge_lora(teacher)  # W + scale * B A: one matmul per linear when the teacher generates and scores
-        from lmlab.adapt.peft import WEIGHTS_FILE
-
-        adapter_id = hashlib.sha256((Path(adapter) / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
+        adapter_id = hashlib.sha256((adapter / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
     teacher.eval().requires_grad_(False)
     recipe = Recipe.load(adapter) if adapter is not None else None
     if recipe is None:  # a teacher without a recipe gets the lab's instruction prompt
@@ -403,28 +468,19 @@ def load_teacher(cfg: DistillConfig):
     return teacher, tokenizer, recipe, (str(adapter) if adapter is not None else None, adapter_id)
 
 
-def _run(cfg: DistillConfig, env: dist.DistEnv, resume: bool, show_progress: bool, pseudo_only: bool,
-         pseudo_stop_after: int | None) -> dict:
-    from lmlab.objectives.distill import TokenDistillation
-    from lmlab.objectives.sft import SupervisedFineTuning
-
+def build(cfg: DistillConfig, env: dist.DistEnv, show_progress: bool, pseudo_only: bool,
+          pseudo_stop_after: int | None) -> Built | dict:
+    """The teacher's pseudo-labels, the student, its objective and batches (or, pseudo_only, the labels alone)."""
     t, out = cfg.train, Path(cfg.out_dir)
     echo = print if (env.is_main and show_progress) else (lambda *_: None)
-    saved = read_resume_state(out, resume)
-    identity = {"distill_config": {k: v for k, v in cfg.to_dict().items() if k != "train"},
-                "train": {k: v for k, v in dataclasses.asdict(t).items() if k not in ("stop_after", "device")}}
-    if saved is not None:
-        check_identity(saved, identity, out / "checkpoint.pt")
 
     # 1. data first (a bad file or a leak of evaluation records fails before any model is loaded)
     check_holdout(cfg.data.train, cfg.data.holdout, cfg.data.field)
+    if cfg.data.validation:
+        check_holdout([cfg.data.validation], cfg.data.holdout, cfg.data.field)
     label_field = cfg.data.label_field if cfg.method == "token" else None  # sequence ignores human labels
-    sources = []
-    for i, source in enumerate(cfg.data.train):
-        weight = float(source.get("weight", 1.0))
-        if weight <= 0:
-            raise ConfigError(f"data.train[{i}].weight={weight} must be > 0")
-        sources.append((read_inputs(source, cfg.data.field, label_field, f"data.train[{i}]"), weight))
+    sources = [(read_inputs(source, cfg.data.field, label_field, f"data.train[{i}]"), float(source.get("weight", 1.0)))
+               for i, source in enumerate(cfg.data.train)]
 
     # 2. the teacher, and its summaries of every input that has no human label
     teacher, tokenizer, recipe, (adapter, adapter_id) = load_teacher(cfg)
@@ -440,8 +496,6 @@ def _run(cfg: DistillConfig, env: dist.DistEnv, resume: bool, show_progress: boo
                                             progress=show_progress, stop_after=pseudo_stop_after)
         dist.barrier(env)
         if not env.is_main:
-            from lmlab.training.pseudo_labels import read_cache
-
             pseudo = {k: r["summary"] for k, r in read_cache(out / CACHE_FILE, signature).items()}
     missing = sum(text_key(text) not in pseudo for _, text in unlabeled)
     if missing or pseudo_only:  # stopped during generation (the testing knob), or asked to stop here
@@ -484,55 +538,30 @@ def _run(cfg: DistillConfig, env: dist.DistEnv, resume: bool, show_progress: boo
         del teacher  # the sequence method is done with the teacher: free its memory for training
     batches = (DistillBatches if cfg.method == "token" else SFTBatches)(train_sources, objective, t.batch_size,
                                                                         t.seed, env)
-    if t.epochs is not None:
-        t.steps = max(1, math.ceil(t.epochs * batches.batches_per_epoch / t.grad_accum))
-
-    validation, references, prompts = [], {}, {}
+    validation = None
     if cfg.data.validation:
-        check_holdout([cfg.data.validation], cfg.data.holdout, cfg.data.field)
         val_recipe = dataclasses.replace(recipe, response_field=cfg.data.label_field or "summary")
-        val_pairs = read_pairs(cfg.data.validation, val_recipe, "data.validation")
-        validation = tokenize_pairs(val_pairs, recipe, tokenizer, cfg.data.max_seq_len)
-        references = {pid: answer for pid, _, answer in val_pairs}
-        budget = cfg.data.max_seq_len - cfg.eval.max_new_tokens
-        prompts = {pid: recipe.prompt(text, tokenizer, max_prompt_tokens=budget).text for pid, text, _ in val_pairs}
-
-    n_layers = student.config.n_layers
-    echo(f"distill ({cfg.method}) {cfg.teacher}{' + ' + adapter if adapter else ''} -> student with {n_layers} "
-         f"layers, {student.num_parameters():,} parameters: {n_train} training pairs ({n_hard} human labels, "
-         f"{n_train - n_hard} teacher summaries, {n_empty} empty teacher summaries skipped, {n_truncated} prompts "
-         f"cut), {t.steps} steps of {t.batch_size} x {t.grad_accum}")
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        validation = eval_set(read_pairs(cfg.data.validation, val_recipe, "data.validation"), recipe, tokenizer,
+                              cfg.data.max_seq_len, cfg.eval.max_new_tokens)
     torch.manual_seed(t.seed)
 
-    def save(directory: Path) -> None:
-        from lmlab.checkpoints import save_model
-
+    def save(directory: Path, metrics: dict | None = None) -> None:
         was_training = student.training
         save_model(student, directory, tokenizer)
         student.train(was_training)
         dataclasses.replace(recipe, prompt_field=cfg.data.field).save(directory)
 
-    job = Job(name=f"distill {cfg.method} · {n_layers}-layer student", model=student, objective=objective,
-              batches=batches,
-              evaluate=(lambda m: evaluate_sft(m, sft, validation, references, prompts, tokenizer, cfg, env))
-              if validation else None,
-              select=cfg.eval.select if validation else None, on_best=lambda step, metrics: save(out / "best"),
-              patience=cfg.eval.patience, identity=identity)
-    summary = fit(job, t, env, out, saved, show_progress)
-    summary.pop("wrapped")
-    if summary["finished"] and env.is_main:
-        save(out / "final")
-        if not (out / "best").exists():
-            save(out / "best")
-    summary.update(method=cfg.method, student_layers=n_layers, student_parameters=student.num_parameters(),
-                   train_pairs=n_train, human_labels=n_hard, hard_label_rows=n_hard_rows if cfg.method == "token" else 0,
-                   empty_teacher_summaries=n_empty,
-                   truncated_prompts=n_truncated, pseudo_labels=str(out / CACHE_FILE),
-                   best_dir=str(out / "best"), final_dir=str(out / "final"))
-    if env.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    dist.barrier(env)
-    return summary
+    n_layers = student.config.n_layers
+    return Built(
+        name=f"distill {cfg.method} · {n_layers}-layer student", model=student, objective=objective, batches=batches,
+        save=save, evaluate=(lambda m: evaluate_sft(m, sft, validation, tokenizer, cfg.eval, env)) if validation else None,
+        select=cfg.eval.select, patience=cfg.eval.patience,
+        announce=lambda: (f"distill ({cfg.method}) {cfg.teacher}{' + ' + adapter if adapter else ''} -> student with "
+                          f"{n_layers} layers, {student.num_parameters():,} parameters: {n_train} training pairs "
+                          f"({n_hard} human labels, {n_train - n_hard} teacher summaries, {n_empty} empty teacher "
+                          f"summaries skipped, {n_truncated} prompts cut), {t.steps} steps of {t.batch_size} x "
+                          f"{t.grad_accum}"),
+        summary={"method": cfg.method, "student_layers": n_layers, "student_parameters": student.num_parameters(),
+                 "train_pairs": n_train, "human_labels": n_hard,
+                 "hard_label_rows": n_hard_rows if cfg.method == "token" else 0, "empty_teacher_summaries": n_empty,
+                 "truncated_prompts": n_truncated, "pseudo_labels": str(out / CACHE_FILE)})

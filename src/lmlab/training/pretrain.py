@@ -1,8 +1,8 @@
 """Pre-training: corpus -> tokenizer -> token shards -> objective -> model, trained by the one loop.
 
-``pretrain(config)`` runs a whole job described by a ``PretrainConfig``; the objective (clm, mlm,
-span), the model (any ``ModelConfig``) and the data plug into ``loop.fit``, which knows none of their
-details. At the end the final model + tokenizer are written in lmlab's format into the run directory
+``pretrain(config)`` runs a whole job described by a ``PretrainConfig`` through
+``lmlab.training.job.run_job``; ``build`` prepares the objective (clm, mlm, span), the model (any
+``ModelConfig``) and the data, which plug into ``loop.fit``, which knows none of their details. At the end the final model + tokenizer are written in lmlab's format into the run directory
 (so ``lmlab generate OUT_DIR`` loads it).
 
 Run directory layout::
@@ -18,15 +18,16 @@ Run directory layout::
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 from lmlab.config import ModelConfig
+from lmlab.checkpoints.native import write
 from lmlab.corpus import BlockSampler, PackedBlocks, TokenStore, iter_documents, tokenize_corpus
 from lmlab.errors import ConfigError, DataError, choices_error
 from lmlab.model import Transformer
@@ -35,19 +36,21 @@ from lmlab.objectives.base import ARCH_OBJECTIVE, OBJECTIVES, Objective
 from lmlab.tokenizer_train import DEFAULT_SPECIAL_TOKENS, special_token_ids, train_tokenizer, with_sentinels
 from lmlab.training import distributed as dist
 from lmlab.training.config import PretrainConfig
-from lmlab.training.loop import PRECISIONS, Job, check_identity, fit, read_resume_state
+from lmlab.training.job import Built, JobSpec, run_job
+from lmlab.training.loop import PRECISIONS
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, show_progress: bool = True) -> dict:
     """Run (or resume) the pre-training job `cfg` -> summary dict (steps, losses, throughput, paths)."""
     validate(cfg)
-    with dist.session(cfg.train) as env:
-        return _run(cfg, env, resume, show_progress)
+    # the model config depends on the tokenizer, so the identity (model_config) is checked once built
+    spec = JobSpec(cfg.out_dir, cfg.train, cfg.to_dict(), {}, resume, show_progress)
+    return run_job(spec, lambda env: build(cfg, env, show_progress))
 
 
-def _run(cfg: PretrainConfig, env: dist.DistEnv, resume: bool, show_progress: bool) -> dict:
+def build(cfg: PretrainConfig, env: dist.DistEnv, show_progress: bool = True) -> Built:
+    """Tokenizer (trained or given), token shards, the objective, a fresh model; the final save from every rank."""
     t, out = cfg.train, Path(cfg.out_dir)
-    saved = read_resume_state(out, resume)
     base_model = ModelConfig.from_name(cfg.model.preset, **dict(cfg.model.overrides))
     objective_name = t.objective or ARCH_OBJECTIVE[base_model.arch]
     seq_len = cfg.data.seq_len or base_model.max_seq_len
@@ -60,14 +63,9 @@ def _run(cfg: PretrainConfig, env: dist.DistEnv, resume: bool, show_progress: bo
     n_sentinels = cfg.data.n_sentinels if objective_name == "span" else 0
     tokenizer_dir = prepare_tokenizer(cfg, out, base_model.vocab_size, n_sentinels, env)
     ids = special_token_ids(tokenizer_dir)
-    from tokenizers import Tokenizer
-
     vocab_size = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
     model_cfg = build_model_config(cfg, vocab_size, ids)
     objective = build_objective_for(objective_name, model_cfg, ids, cfg)
-    identity = {"model_config": model_cfg.to_dict()}
-    if saved is not None:
-        check_identity(saved, identity, out / "checkpoint.pt")
 
     # 2. data: token shards -> fixed-length blocks -> this rank's batches
     data_dir = out / "data"
@@ -81,28 +79,23 @@ def _run(cfg: PretrainConfig, env: dist.DistEnv, resume: bool, show_progress: bo
     val_blocks = PackedBlocks(store, block_len, "validation", cfg.data.val_fraction)
     batches = BlockBatches(train_blocks, objective, t.batch_size, t.seed, env)
 
-    # 3. the model, then the loop
+    # 3. the model
     torch.manual_seed(t.seed)
     model = Transformer(model_cfg).to(env.device)
-    if env.is_main:
-        (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    job = Job(name=f"{cfg.model.preset} · {objective_name}", model=model, objective=objective, batches=batches,
-              evaluate=lambda m: validation_loss(m, objective, val_blocks, t, env), identity=identity)
-    summary = fit(job, t, env, out, saved, show_progress)
-    wrapped = summary.pop("wrapped")
 
-    # 4. the final model + tokenizer, in lmlab's format
-    if summary["finished"]:
+    def finish(summary: dict, wrapped) -> dict:
+        """The final model + tokenizer in lmlab's format, into OUT itself (gathered from every rank's shards)."""
         final_state = dist.model_state_dict(wrapped, env)
         if env.is_main:
             final = Transformer(model_cfg)
             final.load_state_dict(final_state)
             save_final_model(final, tokenizer_dir, out)
-    summary.update(objective=objective_name, n_params=model.num_parameters())
-    if env.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    dist.barrier(env)  # ranks leave together: one tearing down gloo while another still writes can abort it
-    return summary
+        return {}
+
+    return Built(name=f"{cfg.model.preset} · {objective_name}", model=model, objective=objective, batches=batches,
+                 evaluate=lambda m: validation_loss(m, objective, val_blocks, t, env),
+                 identity={"model_config": model_cfg.to_dict()}, finish=finish,
+                 summary={"objective": objective_name, "n_params": model.num_parameters()})
 
 
 # --- set-up ----------------------------------------------------------------------------------
@@ -234,8 +227,6 @@ def save_final_model(model: Transformer, tokenizer_dir: Path, out: Path) -> None
     Files are written into a temporary sibling directory and moved in one by one with os.replace, so
     the run's other files (checkpoint, metrics) are untouched and no file is ever half-written.
     """
-    from lmlab.checkpoints.native import write
-
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
     try:
         write(model, tmp)

@@ -27,7 +27,11 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from lmlab import generation
 from lmlab.errors import ConfigError, DataError
+from lmlab.tasks.summarize.experiments import EXPERIMENTS, clean_summary, generation_config
 
 CACHE_FILE = "pseudo_labels.jsonl"
 
@@ -74,11 +78,6 @@ def generate_pseudo_labels(model, tokenizer, recipe, inputs: Sequence[tuple[str,
     each finished batch is appended and fsynced before the next starts. ``stop_after`` (a testing
     knob) stops after that many new rows, as a kill would.
     """
-    from tqdm.auto import tqdm
-
-    from lmlab.generation import generate
-    from lmlab.tasks.summarize.experiments import EXPERIMENTS, clean_summary, generation_config
-
     if batch_size < 1:
         raise ConfigError(f"pseudo-label batch_size={batch_size} must be >= 1")
     done = read_cache(path, signature)
@@ -104,7 +103,7 @@ def generate_pseudo_labels(model, tokenizer, recipe, inputs: Sequence[tuple[str,
                 f.write(json.dumps({"signature": signature}, sort_keys=True) + "\n")
             for start in range(0, len(order), batch_size):
                 keys = order[start:start + batch_size]
-                outputs = generate(model, tokenizer, [prompts[k] for k in keys], config)
+                outputs = generation.generate(model, tokenizer, [prompts[k] for k in keys], config)
                 for key, output in zip(keys, outputs):
                     row = {"key": key, "id": todo[key][0], "summary": clean_summary(output)}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")

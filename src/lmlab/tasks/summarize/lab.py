@@ -310,6 +310,10 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
     data = load_dialogues(settings.data)
     for msg in data.skipped:
         echo(f"warning: {msg}")
+    if not data.records:
+        skipped = f" ({len(data.skipped)} records skipped, see the warnings above)" if data.skipped else ""
+        raise DataError(f"--data {data.source} holds no dialogues{skipped}; give a DialogSum .jsonl or a .csv with "
+                        f"a dialogue column")
     pool, evaluated, pool_desc = split_pool(data, settings)
     if not evaluated:
         raise DataError(f"{data.source}: no dialogues to evaluate")

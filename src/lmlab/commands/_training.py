@@ -1,9 +1,12 @@
-"""What the training commands (`pretrain`, `finetune`, `distill`, `align`) share: their flags become
-config overrides the same way, and a run that did not finish ends the same way."""
+"""What the training commands (`pretrain`, `finetune`, `distill`, `align`) share: the same schedule and run
+flags, data sources written the same way (``FILE[:START:STOP][@WEIGHT]``), flags that become config
+overrides the same way, and a run that did not finish ends the same way."""
 
 from __future__ import annotations
 
 import json
+
+from lmlab.errors import ConfigError
 
 
 def flag_overrides(args, flags: dict[str, str]) -> list[str]:
@@ -65,3 +68,19 @@ def add_run_flags(parser, *, seed: str, distributed: bool) -> None:
     parser.add_argument("--seed", type=int, help=seed)
     parser.add_argument("--stop-after", type=int, help="stop with a checkpoint after this many steps (resume later)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def data_source(spec: str) -> dict:
+    """FILE[:START:STOP][@WEIGHT] -> {path, records, weight}."""
+    spec, _, weight = spec.partition("@")
+    path, records = spec, None
+    parts = spec.rsplit(":", 2)
+    if len(parts) == 3 and all(p.isdigit() or p == "" for p in parts[1:]):
+        path, records = parts[0], f"{parts[1]}:{parts[2]}"
+    source = {"path": path, "records": records}
+    if weight:
+        try:
+            source["weight"] = float(weight)
+        except ValueError:
+            raise ConfigError(f"data source {spec + '@' + weight!r}: the weight after @ must be a number") from None
+    return source

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from lmlab.commands._loop import flag_overrides, unfinished_exit
+import pytest
+
+from lmlab.commands._training import flag_overrides, unfinished_exit
 
 FLAGS = {"epochs": "train.epochs", "steps": "train.steps", "lr": "train.lr", "out": "out_dir"}
 
@@ -28,3 +30,14 @@ def test_unfinished_runs_exit_with_their_reason(capsys):
     assert "stopped at step 9" in capsys.readouterr().out
     assert unfinished_exit({**done, "rank": 1, "interrupted": 2}) == 130
     assert unfinished_exit({**done, "rank": 1, "finished": False}) == 0 and capsys.readouterr().out == ""
+
+
+def test_data_source_reads_a_file_a_record_range_and_a_weight():
+    from lmlab.commands._training import data_source
+    from lmlab.errors import ConfigError
+
+    assert data_source("dev.jsonl") == {"path": "dev.jsonl", "records": None}
+    assert data_source("dev.jsonl:0:400") == {"path": "dev.jsonl", "records": "0:400"}
+    assert data_source("C:/data/dev.jsonl:400:@0.5") == {"path": "C:/data/dev.jsonl", "records": "400:", "weight": 0.5}
+    with pytest.raises(ConfigError, match=r"'dev.jsonl@half': the weight after @ must be a number"):
+        data_source("dev.jsonl@half")
