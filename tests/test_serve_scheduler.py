@@ -17,7 +17,7 @@ from lmlab.errors import DataError
 from lmlab.generation import GenerationConfig, generate_tokens
 from lmlab.generation.decode import resolve_config
 from lmlab.model import Transformer
-from lmlab.nn.slot_cache import SlotCache
+from lmlab.nn.slot_cache import DecodeView, SlotCache
 from lmlab.serve.scheduler import Scheduler
 from serving import Gate, tiny_model, tiny_tokenizer
 
@@ -34,18 +34,19 @@ class Recording(Scheduler):
     def __init__(self, model, **kw):
         self.log: list[tuple] = []
         self.after_token = None  # called with the request after each of its tokens (in the loop thread)
-        self._hook = model.decoder.register_forward_pre_hook(self._forward)
+        self._hook = model.decoder.register_forward_pre_hook(self._forward, with_kwargs=True)
         super().__init__(model, _NoText(), **kw)
 
-    def _forward(self, module, args):
+    def _forward(self, module, args, kwargs):
         B, T = args[0].shape[:2]  # the embedded input (B, T, C)
-        self.log.append(("decode", B) if T == 1 and self.cache.mode == "decode" else ("prefill", B * T))
+        decode = isinstance(kwargs.get("cache"), DecodeView)  # the view a decode step hands the stack
+        self.log.append(("decode", B) if decode else ("prefill", B * T))
 
-    def _accept(self, req, state, token):
-        self.log.append(("token", req.id, len(req.tokens)))
-        finished = super()._accept(req, state, token)
+    def _accept(self, seq, out, token):
+        self.log.append(("token", seq.id, len(seq.tokens)))
+        finished = super()._accept(seq, out, token)
         if self.after_token is not None:
-            self.after_token(req)
+            self.after_token(seq)
         return finished
 
     def close(self, *a, **kw):
@@ -222,13 +223,13 @@ def test_load_row_moves_a_chunked_prefill_into_a_slot():
         for start in range(0, len(seq), 5):  # chunks of 5, 5, 3
             model(torch.tensor([seq[start:start + 5]]), cache=private, logits_to_keep=1)
         slots.add(), slots.add()
-        slots.bind_prefill(0, 3)  # row 0 holds something else
-        model(torch.tensor([[1, 2, 3]]), cache=slots, logits_to_keep=1)
+        view, _ = slots.prefill(0, 3)  # row 0 holds something else
+        model(torch.tensor([[1, 2, 3]]), cache=view, logits_to_keep=1)
         slots.load_row(1, private)
         assert slots.lengths == [3, 13]
         new = torch.tensor([5, 6])
-        position_ids, mask = slots.bind_decode()
-        got = model(new[:, None], attention_mask=mask, position_ids=position_ids, cache=slots,
+        view, position_ids, mask = slots.decode()
+        got = model(new[:, None], attention_mask=mask, position_ids=position_ids, cache=view,
                     mask_has_padding=mask is not None)[1, -1]  # (V,)
         want = model(torch.tensor([seq + [6]]))[0, -1]
     # fp32, a few hundred O(1) products per logit summed in another order: ~1e-6 of the scale; 1e-4 headroom
