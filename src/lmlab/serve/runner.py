@@ -33,6 +33,14 @@ from lmlab.nn.packed import maybe_packed_linears
 from lmlab.nn.slot_cache import SlotCache
 
 
+def check_servable(config) -> None:
+    """ConfigError unless a model of this ``ModelConfig`` can be served: decoder-only, with per-row positions."""
+    if config.arch != "decoder":
+        raise ConfigError(f"lmlab serve runs decoder-only models; this model has arch={config.arch!r}")
+    if config.positional == "t5_relative":
+        raise ConfigError("lmlab serve needs per-row positions; the T5 relative bias has one offset per batch")
+
+
 class DecodeStep(Protocol):
     """One decode step over the slot cache's active rows: tokens (A,) -> next-token logits (A, V)."""
 
@@ -59,8 +67,7 @@ class ModelRunner:
     """
 
     def __init__(self, model, slots: int, context_window: int, decode_step: DecodeStep | None = None):
-        if model.config.arch != "decoder":
-            raise ConfigError(f"lmlab serve runs decoder-only models; this model has arch={model.config.arch!r}")
+        check_servable(model.config)
         self.model = model.eval()
         self.slots = slots
         self.cache = SlotCache.for_model(model, slots, context_window)

@@ -52,7 +52,7 @@ from lmlab.generation.config import GenerationConfig
 from lmlab.nn.kv_cache import Cache
 from lmlab.serve.metrics import Metrics
 from lmlab.serve.output import SequenceOutput, sample
-from lmlab.serve.runner import DecodeStep, ModelRunner
+from lmlab.serve.runner import DecodeStep, ModelRunner, check_servable
 
 
 class QueueFull(LmlabError):
@@ -123,8 +123,7 @@ class Scheduler:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, timeout: float | None = 600.0,
                  metrics: Metrics | None = None, max_context: int | None = None, prefill_tokens: int = 512,
                  decode_step: DecodeStep | None = None):
-        if model.config.arch != "decoder":
-            raise ConfigError(f"lmlab serve runs decoder-only models; this model has arch={model.config.arch!r}")
+        check_servable(model.config)
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_tokens", prefill_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 1")
