@@ -315,6 +315,7 @@ def test_summarize_uses_the_lab_recipe(server, pair):
     url = server[0]
     listing = httpx.get(f"{url}/v1/summarize/dialogues").json()
     assert listing["recipes"] == ["zero-shot", "one-shot", "few-shot"] and len(listing["dialogues"]) == 28
+    assert listing["default_recipe"] == "few-shot"  # no fine-tuned summarizer served: the best prompting recipe
     dialogue = load_sample().records[3].dialogue
     r = httpx.post(f"{url}/v1/summarize", json={"dialogue": dialogue, "recipe": "zero-shot", "max_tokens": 12},
                    timeout=60)
@@ -340,8 +341,9 @@ def test_summarize_uses_the_lab_recipe(server, pair):
 
 
 def test_fine_tuned_recipe_with_an_adapter(pair):
-    """With --adapter the served model is the fine-tuned summarizer: the recipe appears and uses the prompt
-    the adapter was trained with (here the lab's instruction prompt, what an adapter without a recipe gets)."""
+    """With an adapter the served model is the fine-tuned summarizer: the recipe appears, is the default of
+    /v1/summarize and of the playground, and uses the prompt the adapter was trained with (here the lab's
+    instruction prompt, what an adapter without a recipe gets)."""
     from lmlab.serve.app import InstructionRecipe, finetuned_recipe
     from lmlab.tasks.summarize.data import load_sample
     from lmlab.tasks.summarize.experiments import CHAT_STOP_STRINGS, clean_summary
@@ -349,13 +351,14 @@ def test_fine_tuned_recipe_with_an_adapter(pair):
     model, tok = pair
     assert isinstance(finetuned_recipe("/nonexistent-adapter-dir"), InstructionRecipe)
     with running_server(lambda: (model, tok), finetuned=InstructionRecipe()) as (url, _):
-        assert "fine-tuned" in httpx.get(f"{url}/v1/summarize/dialogues").json()["recipes"]
+        listing = httpx.get(f"{url}/v1/summarize/dialogues").json()
+        assert listing["recipes"][0] == "fine-tuned" and listing["default_recipe"] == "fine-tuned"
         dialogue = load_sample().records[5].dialogue
-        r = httpx.post(f"{url}/v1/summarize", json={"dialogue": dialogue, "recipe": "fine-tuned", "max_tokens": 10},
-                       timeout=60)
+        r = httpx.post(f"{url}/v1/summarize", json={"dialogue": dialogue, "max_tokens": 10}, timeout=60)
     prompt = InstructionRecipe().prompt(dialogue, tok, max_prompt_tokens=model.config.max_seq_len - 10)
     want = generate(model, tok, prompt.text, GenerationConfig(max_new_tokens=10, stop_strings=CHAT_STOP_STRINGS))
-    assert r.status_code == 200 and r.json()["summary"] == clean_summary(want) and r.json()["recipe"] == "fine-tuned"
+    assert r.status_code == 200 and r.json()["recipe"] == "fine-tuned" and r.json()["shots"] == 0
+    assert r.json()["summary"] == clean_summary(want)
 
 
 # --- the model loop --------------------------------------------------------------------------------

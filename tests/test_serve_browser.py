@@ -78,6 +78,8 @@ def test_playground_streams_summaries_and_chat(browser, tmp_path):
             wait.until(lambda d: len(Select(d.find_element(By.ID, "dialogue-pick")).options) == 29)
             recipes = [o.text for o in Select(browser.find_element(By.ID, "recipe")).options]
             assert recipes == ["zero-shot", "one-shot", "few-shot"]
+            selected = Select(browser.find_element(By.ID, "recipe")).first_selected_option.text
+            assert selected == "few-shot"  # no fine-tuned summarizer served: the best prompting recipe
 
             # --- summarize: type a dialogue, press the button, watch the summary stream in ----------
             box = browser.find_element(By.ID, "dialogue")
@@ -130,6 +132,25 @@ def test_playground_streams_summaries_and_chat(browser, tmp_path):
         finally:
             hook.remove()
     assert (tmp_path / "playground.png").stat().st_size > 10_000
+
+
+def test_playground_picks_the_fine_tuned_summarizer_by_default(browser):
+    """Served with a fine-tuned summarizer (lmlab serve's default for a model lmlab ships one for), the
+    playground lists its recipe first and selects it, as lmlab summarize would use it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from lmlab.serve.app import InstructionRecipe
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size, max_seq_len=2048)
+    with running_server(lambda: (model, tok), shot_method="random", finetuned=InstructionRecipe()) as (url, _):
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 60, poll_frequency=0.01)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "recipe")).options) == 4)
+        picker = Select(browser.find_element(By.ID, "recipe"))
+        assert [o.text for o in picker.options] == ["fine-tuned", "zero-shot", "one-shot", "few-shot"]
+        assert picker.first_selected_option.text == "fine-tuned"
 
 
 def test_compare_tab_records_the_choice(browser, tmp_path):
