@@ -256,3 +256,34 @@ def test_serve_settings_prefill_tokens_reach_the_loop_over_http():
         got = client.completions.create(model="tiny", prompt=text, max_tokens=6, temperature=0)
         assert state.scheduler.prefill_tokens == 8 and state.scheduler.prefills == -(-n_prompt // 8)
     assert got.choices[0].text == generate(model, tok, text, GenerationConfig(max_new_tokens=6))
+
+
+def test_the_runner_decode_step_can_be_replaced(model):
+    """An engine takes the runner's place for decode steps through ``decode_step``: every decode step, and
+    nothing else, goes through it (here a stand-in that records each call's rows and positions, then runs
+    the eager step), and the tokens stay those generated alone."""
+    from lmlab.serve.runner import EagerDecodeStep
+
+    calls: list[tuple[int, list[int]]] = []
+
+    class Recorded:
+        def __init__(self):
+            self.eager = EagerDecodeStep(model)
+
+        def __call__(self, tokens, cache):
+            calls.append((len(tokens), list(cache.lengths)))  # (A, each row's position before the step)
+            return self.eager(tokens, cache)
+
+    scheduler = Scheduler(model, _NoText(), max_batch=4, decode_step=Recorded())
+    gate = Gate(model)
+    try:
+        first, q0 = submit(scheduler, prompt(6, 0), 5)
+        assert gate.entered.wait(30)
+        second, q1 = submit(scheduler, prompt(9, 1), 3)
+        gate.open()
+        wait_all([q0, q1])
+    finally:
+        scheduler.close()
+    # the second is prefilled after the first's first step; then rows decode together at their own positions
+    assert calls == [(1, [6]), (2, [7, 9]), (2, [8, 10]), (1, [9])] and scheduler.steps == 4
+    assert first.tokens == alone(model, prompt(6, 0), 5) and second.tokens == alone(model, prompt(9, 1), 3)
