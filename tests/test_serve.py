@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -21,10 +22,23 @@ import pytest
 import torch
 
 import lmlab
+import lmlab.serve
+from lmlab.adapt.lora import LoraConfig, LoRALinear, apply_lora, lora_modules
+from lmlab.adapt.peft import save_adapter
+from lmlab.adapt.recipe import Recipe, shipped_adapter
+from lmlab.checkpoints import save_model
 from lmlab.cli import main
+from lmlab.commands.serve import load_for_serving
+from lmlab.config import ModelConfig
 from lmlab.generation import GenerationConfig, generate
 from lmlab.generation.decode import resolve_config
+from lmlab.model import Transformer
+from lmlab.prompting import build_prompt
+from lmlab.quant.linear import Int8Linear
+from lmlab.serve.app import InstructionRecipe, finetuned_recipe
 from lmlab.serve.scheduler import Scheduler
+from lmlab.tasks.summarize.data import load_sample
+from lmlab.tasks.summarize.experiments import CHAT_STOP_STRINGS, INSTRUCTION, clean_summary
 from serving import Gate, free_port, running_server, slow_down, tiny_model, tiny_tokenizer, wait_ready
 
 PROMPT = "#Person1#: Hello, how are you today?\n#Person2#:"
@@ -308,10 +322,6 @@ def test_metrics_are_prometheus_text(client, server):
 
 # --- summarize -------------------------------------------------------------------------------------
 def test_summarize_uses_the_lab_recipe(server, pair):
-    from lmlab.prompting import build_prompt
-    from lmlab.tasks.summarize.data import load_sample
-    from lmlab.tasks.summarize.experiments import CHAT_STOP_STRINGS, INSTRUCTION, clean_summary
-
     url = server[0]
     listing = httpx.get(f"{url}/v1/summarize/dialogues").json()
     assert listing["recipes"] == ["zero-shot", "one-shot", "few-shot"] and len(listing["dialogues"]) == 28
@@ -344,10 +354,6 @@ def test_fine_tuned_recipe_with_an_adapter(pair):
     """With an adapter the served model is the fine-tuned summarizer: the recipe appears, is the default of
     /v1/summarize and of the playground, and uses the prompt the adapter was trained with (here the lab's
     instruction prompt, what an adapter without a recipe gets)."""
-    from lmlab.serve.app import InstructionRecipe, finetuned_recipe
-    from lmlab.tasks.summarize.data import load_sample
-    from lmlab.tasks.summarize.experiments import CHAT_STOP_STRINGS, clean_summary
-
     model, tok = pair
     assert isinstance(finetuned_recipe("/nonexistent-adapter-dir"), InstructionRecipe)
     with running_server(lambda: (model, tok), finetuned=InstructionRecipe()) as (url, _):
@@ -363,8 +369,6 @@ def test_fine_tuned_recipe_with_an_adapter(pair):
 
 # --- the model loop --------------------------------------------------------------------------------
 def collect_events(scheduler, prompt_ids, config):
-    import queue
-
     q = queue.Queue()
     req = scheduler.submit(prompt_ids, config, q.put)
     return req, q
@@ -423,10 +427,6 @@ def test_short_requests_do_not_wait_for_long_ones(pair):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """The tiny model and tokenizer saved as an lmlab checkpoint, and a LoRA adapter (q and v) for it."""
-    from lmlab.adapt.lora import LoraConfig, apply_lora, lora_modules
-    from lmlab.adapt.peft import save_adapter
-    from lmlab.checkpoints import save_model
-
     root = tmp_path_factory.mktemp("served")
     tok = tiny_tokenizer()
     model = tiny_model(tok.vocab_size)
@@ -452,10 +452,6 @@ def import_seconds() -> float:
 def test_serve_fails_fast_with_one_line(case, model_dir, tmp_path):
     """Each of these ends `lmlab serve` with exit status 2 and one line naming the offending value, within
     5 s of its imports, without ever answering HTTP (before: 60 s and more of 500s, or uvicorn's log)."""
-    from lmlab.checkpoints import save_model
-    from lmlab.config import ModelConfig
-    from lmlab.model import Transformer
-
     model, _ = model_dir
     port = free_port()
     args, named = {
@@ -490,10 +486,6 @@ def test_serve_fails_fast_with_one_line(case, model_dir, tmp_path):
 def test_flags_reach_load_model(model_dir):
     """--adapter and --quantize reach the loaded model: LoRA layers on q and v only, every frozen base linear
     quantized to int8, and outputs of neither the float base nor the float adapted model."""
-    from lmlab.adapt.lora import LoRALinear
-    from lmlab.commands.serve import load_for_serving
-    from lmlab.quant.linear import Int8Linear
-
     path, adapter = model_dir
     model, tok = load_for_serving(str(path), adapter, "int8")
     lora = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -513,8 +505,6 @@ def test_flags_reach_load_model(model_dir):
 
 def captured_serve(monkeypatch) -> dict:
     """Replace lmlab.serve.serve (what the command calls once the model is loaded) with a recorder."""
-    import lmlab.serve
-
     seen = {}
 
     def record(loader, settings, **kw):
@@ -528,9 +518,6 @@ def captured_serve(monkeypatch) -> dict:
 def test_serve_defaults_to_the_shipped_summarizer(monkeypatch, smollm2_path):
     """Like `lmlab summarize`, `lmlab serve smollm2-135m-instruct` serves the shipped LoRA summarizer and its
     recipe is /v1/summarize's and the playground's default; --no-adapter serves the base model."""
-    from lmlab.adapt.lora import LoRALinear
-    from lmlab.adapt.recipe import Recipe, shipped_adapter
-
     shipped = shipped_adapter("smollm2-135m-instruct")
     assert shipped is not None
     seen = captured_serve(monkeypatch)
@@ -547,8 +534,6 @@ def test_serve_defaults_to_the_shipped_summarizer(monkeypatch, smollm2_path):
 
 def test_cli_serve_drains_on_sigterm(tmp_path):
     """`lmlab serve DIR` in its own process: SIGTERM while a stream runs lets it finish, then exits 0."""
-    from lmlab.checkpoints import save_model
-
     tok = tiny_tokenizer()
     model = tiny_model(tok.vocab_size, d_model=256, n_heads=8, n_kv_heads=4, d_ff=512, n_layers=4)
     save_model(model, tmp_path / "m", tok)

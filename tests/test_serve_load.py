@@ -6,21 +6,26 @@ has a timeout); it asserts behaviour, never speed (benchmarks/serve.py measures 
 
 from __future__ import annotations
 
+import collections
 import gc
 import sys
 import threading
+import time
 
 import httpx
 import openai
 import psutil
 import pytest
 import torch
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from lmlab.config import ModelConfig
+from lmlab.errors import ConfigError, DataError
 from lmlab.generation import GenerationConfig, generate
 from lmlab.model import Transformer
 from lmlab.nn.slot_cache import SlotCache
 from lmlab.serve.scheduler import Sequence
+from lmlab.tasks.summarize.data import load_sample
 from serving import SERVERS, running_server, tiny_model, tiny_tokenizer
 
 
@@ -69,8 +74,6 @@ def test_slot_cache_rows_match_a_full_recompute(positional):
 
 
 def test_slot_cache_refuses_what_does_not_fit():
-    from lmlab.errors import ConfigError, DataError
-
     model = Transformer(ModelConfig.from_name("tiny-decoder")).eval()
     cache = SlotCache.for_model(model, slots=1, max_capacity=16)
     cache.add()
@@ -90,8 +93,6 @@ WARMUP_ROUNDS = 1  # not measured: connection pools, lazy imports and caches fil
 def test_32_concurrent_clients(tmp_path):
     """0 errors; every greedy answer equals the same request alone; memory flat over three rounds;
     a client that disconnects mid-stream frees its slot."""
-    from lmlab.tasks.summarize.data import load_sample
-
     tok = tiny_tokenizer()
     model = tiny_model(tok.vocab_size, max_seq_len=2048)
     lines = [line for d in load_sample().records for line in d.dialogue.splitlines()][:CLIENTS - 1]
@@ -187,8 +188,6 @@ _SERVER_MODULES = ("lmlab", "starlette", "uvicorn", "h11", "anyio", "httpcore", 
 
 def _server_side_objects() -> dict[str, int]:
     """How many objects of each type from the serving stack's own packages the garbage collector tracks."""
-    import collections
-
     counts = collections.Counter()
     for obj in gc.get_objects():
         module = getattr(type(obj), "__module__", None)
@@ -202,10 +201,6 @@ def _wait_closed(server, timeout: float = 30.0) -> None:
     and its protocol objects are garbage. uvicorn (0.54) cancels a connection's keep-alive timer only when
     the connection ends without an error: after a reset (the client that leaves early) the timer keeps the
     protocol, its request cycle and parser alive until it fires, one keep-alive timeout later."""
-    import time
-
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
     deadline = time.monotonic() + timeout
     while True:
         gc.collect()
@@ -217,8 +212,6 @@ def _wait_closed(server, timeout: float = 30.0) -> None:
 
 
 def _wait_idle(scheduler, timeout: float = 30.0) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while scheduler.pending() != (0, 0):
         assert time.monotonic() < deadline, f"the scheduler still has {scheduler.pending()} (running, waiting)"
@@ -227,8 +220,6 @@ def _wait_idle(scheduler, timeout: float = 30.0) -> None:
 
 def _wait_released(timeout: float = 10.0) -> None:
     """Every Sequence object (one per choice) is garbage once its HTTP exchange has wound down (a leak never gets there)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         gc.collect()

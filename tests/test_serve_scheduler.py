@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import queue
 
+import openai
 import pytest
 import torch
 
 from lmlab.config import ModelConfig
-from lmlab.errors import DataError
-from lmlab.generation import GenerationConfig, generate_tokens
+from lmlab.errors import ConfigError, DataError
+from lmlab.generation import GenerationConfig, generate, generate_tokens
 from lmlab.generation.decode import resolve_config
 from lmlab.model import Transformer
 from lmlab.nn.slot_cache import DecodeView, SlotCache
+from lmlab.serve.runner import EagerDecodeStep
 from lmlab.serve.scheduler import Scheduler
-from serving import Gate, tiny_model, tiny_tokenizer
+from serving import Gate, running_server, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +206,6 @@ def test_a_cancelled_chunked_prompt_frees_its_place(model):
 
 
 def test_prefill_tokens_must_be_positive(model):
-    from lmlab.errors import ConfigError
-
     with pytest.raises(ConfigError, match="prefill_tokens=0"):
         Scheduler(model, None, prefill_tokens=0)
 
@@ -241,11 +241,6 @@ def test_load_row_moves_a_chunked_prefill_into_a_slot():
 def test_serve_settings_prefill_tokens_reach_the_loop_over_http():
     """`lmlab serve --prefill-tokens N` (ServeSettings.prefill_tokens): a prompt longer than N is served in
     chunks and answers what it answers alone."""
-    import openai
-
-    from lmlab.generation import generate
-    from serving import running_server
-
     tok = tiny_tokenizer()
     model = tiny_model(tok.vocab_size)
     text = "#Person1#: Hello, how are you today? I wanted to ask about the meeting.\n#Person2#:"
@@ -262,8 +257,6 @@ def test_the_runner_decode_step_can_be_replaced(model):
     """An engine takes the runner's place for decode steps through ``decode_step``: every decode step, and
     nothing else, goes through it (here a stand-in that records each call's rows and positions, then runs
     the eager step), and the tokens stay those generated alone."""
-    from lmlab.serve.runner import EagerDecodeStep
-
     calls: list[tuple[int, list[int]]] = []
 
     class Recorded:
