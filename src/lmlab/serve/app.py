@@ -49,7 +49,7 @@ from lmlab.generation import GenerationConfig
 from lmlab.generation.decode import resolve_config
 from lmlab.prompting import Example, SentenceEmbedder, build_prompt, select_shots
 from lmlab.serve.metrics import Metrics
-from lmlab.serve.scheduler import Closing, Event, QueueFull, Scheduler
+from lmlab.serve.scheduler import Closing, Event, QueueFull, Scheduler, Sequence
 from lmlab.tasks.summarize.data import load_sample
 from lmlab.tasks.summarize.experiments import CHAT_STOP_STRINGS, INSTRUCTION, STOP_STRINGS, clean_summary
 
@@ -286,7 +286,8 @@ async def _watch_disconnect(request: Request) -> None:
 
 
 class ChoiceRun:
-    """The requests of one API call (one per choice), submitted at once, and their events as they come.
+    """The scheduler ``Sequence``s of one API call (one per choice), submitted at once, and their events as
+    they come.
 
     Submitting happens in the constructor, before any response starts, so a full queue is still a
     429 rather than a broken stream. Leaving ``events()`` early (the client disconnected, the stream was
@@ -297,7 +298,7 @@ class ChoiceRun:
         self.scheduler = state.require_ready()
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        self.handles = []
+        self.handles: list[Sequence] = []
         try:
             for i, (ids, config) in enumerate(zip(prompts, configs)):
                 emit = (lambda event, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, event)))
