@@ -29,6 +29,13 @@ see its first token before all 8 have been prefilled (``prefill of 8 / prefill o
 interpolation between the 7th and the 8th first token keeps 7.65/8).
 
     python benchmarks/serve.py --threads 1 --rounds 3
+
+``--baseline-src DIR`` compares this tree's server with another checkout's (``DIR`` is that checkout's
+``src``, e.g. ``git archive HEAD~3 src | tar -x -C /tmp/base``): both servers run side by side, the
+rounds alternate between them (the order flips each round, so a change in the machine's load hits both
+alike), and the table shows this tree's throughput and latencies as ratios of the baseline's.
+
+    python benchmarks/serve.py --threads 1 --rounds 3 --baseline-src /tmp/base/src
 """
 
 from __future__ import annotations
@@ -157,14 +164,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, threads: int, max_batch: int, prefill_tokens: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, threads: int, max_batch: int, prefill_tokens: int,
+                 src: str | None = None) -> tuple[subprocess.Popen, str]:
+    """`lmlab serve MODEL` as its own process (from the checkout whose sources are `src`, default this
+    process's) -> (the process, its base url) once /health answers 200. The base model is served (the
+    offline references load it without an adapter), with --no-adapter where the checkout has the flag."""
     import httpx
 
+    env = dict(os.environ, **({"PYTHONPATH": str(Path(src).resolve())} if src else {}))
     port = free_port()
+    usage = subprocess.run([sys.executable, "-m", "lmlab", "serve", "--help"], cwd=REPO, env=env,
+                           capture_output=True, text=True).stdout
     cmd = [sys.executable, "-m", "lmlab", "--threads", str(threads), "serve", model, "--port", str(port),
            "--max-batch", str(max_batch), "--prefill-tokens", str(prefill_tokens), "--max-queue", "256",
-           "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+           "--log-level", "warning", *(["--no-adapter"] if "--no-adapter" in usage else [])]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -184,6 +198,54 @@ def start_server(model: str, threads: int, max_batch: int, prefill_tokens: int) 
     raise RuntimeError("the server did not become ready in 10 minutes")
 
 
+def warm_up(url: str, prompts: list[str], args) -> None:
+    """First-call costs (packing calibration, allocator) out of the numbers."""
+    asyncio.run(scenario(url, prompts, args.max_tokens, concurrent=1))
+
+
+def server_round(url: str, prompts: list[str], args) -> dict:
+    """One round of the server scenarios -> scenario name -> its metrics."""
+    run = lambda **kw: asyncio.run(scenario(url, prompts, args.max_tokens, **kw))  # noqa: E731
+    rows = {"lone": run(concurrent=1), "sequential": run(concurrent=1, total=args.sequential)}
+    for n in (1, 8, 32):
+        rows[f"concurrent-{n}"] = run(concurrent=n)
+    return rows
+
+
+def compare(args, prompts: list[str]) -> None:
+    """This tree's server against --baseline-src's, rounds alternating -> a table of ratios (this / baseline)."""
+    servers = {}
+    try:
+        for name, src in (("baseline", args.baseline_src), ("this", None)):
+            servers[name] = start_server(args.model, args.threads, args.max_batch, args.prefill_tokens, src)
+        for _, url in servers.values():
+            warm_up(url, prompts, args)
+        rounds: dict[str, list[dict]] = {"baseline": [], "this": []}
+        for i in range(args.rounds):
+            for name in (("baseline", "this") if i % 2 == 0 else ("this", "baseline")):
+                rounds[name].append(server_round(url=servers[name][1], prompts=prompts, args=args))
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(120)
+    keys = ("tokens_per_s", "ttft_p50", "ttft_p95", "itl_p50", "itl_p95")
+    print(f"\nthis tree / baseline ({args.baseline_src}), median of {args.rounds} round(s) each, rounds alternating; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("| scenario | tokens/s | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    ratios = {}
+    for scenario_name in rounds["this"][0]:
+        cells = []
+        for key in keys:
+            values = [t[scenario_name][key] / b[scenario_name][key] for t, b in zip(rounds["this"], rounds["baseline"])]
+            ratios[f"{scenario_name}.{key}"] = values
+            cells.append(f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})")
+        print(f"| {scenario_name} | " + " | ".join(cells) + " |")
+    print("(tokens/s above 1 is faster; TTFT and ITL below 1 are faster; in brackets the rounds' spread)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rounds": rounds, "ratios": ratios, "args": vars(args)}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -195,6 +257,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="offline batch runs (best counts)")
     parser.add_argument("--rounds", type=int, default=2, help="server scenario rounds (median shown, ratios' spread)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--baseline-src", default=None, metavar="DIR",
+                        help="another checkout's src/: compare the two servers round by round (no offline runs)")
     args = parser.parse_args()
 
     import torch
@@ -210,16 +274,15 @@ def main() -> None:
           f"{args.max_tokens} new tokens a request (greedy, ignore_eos), prompts {min(n_prompt)}-{max(n_prompt)} "
           f"tokens; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
+    if args.baseline_src:
+        compare(args, prompts)
+        return
     proc, url = start_server(args.model, args.threads, args.max_batch, args.prefill_tokens)
     rounds: list[dict] = []
     try:
-        run = lambda **kw: asyncio.run(scenario(url, prompts, args.max_tokens, **kw))  # noqa: E731
-        run(concurrent=1)  # warm-up: first-call costs (packing calibration, allocator) out of the numbers
+        warm_up(url, prompts, args)
         for _ in range(args.rounds):
-            rows = {"lone": run(concurrent=1), "sequential": run(concurrent=1, total=args.sequential)}
-            for n in (1, 8, 32):
-                rows[f"concurrent-{n}"] = run(concurrent=n)
-            rounds.append(rows)
+            rounds.append(server_round(url, prompts, args))
     finally:
         proc.terminate()
         proc.wait(120)

@@ -10,9 +10,15 @@ import time
 
 import httpx
 import torch
+import uvicorn
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmlab.config import ModelConfig
 from lmlab.model import Transformer
+from lmlab.serve import ServeSettings, create_app
+from lmlab.tasks.summarize.data import load_sample
+from lmlab.tokenizer import Tokenizer
 
 # a plain-text chat template; "<eos>" is a special token, so a turn ends with one id
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<eos>\n{% endfor %}"
@@ -21,12 +27,6 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}
 
 def tiny_tokenizer():
     """A byte-level BPE (400 tokens) trained here on the bundled dialogues, with pad/eos and a chat template."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from lmlab.tasks.summarize.data import load_sample
-    from lmlab.tokenizer import Tokenizer
-
     texts = [d.dialogue + "\n" + d.references[0] for d in load_sample().records]
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -77,10 +77,6 @@ SERVERS: dict[str, object] = {}  # base url -> the uvicorn.Server serving it (te
 def running_server(loader, wait: bool = True, keep_alive: float = 5.0, **settings):
     """Start the app under uvicorn on a free loopback port -> (base url, the app's ServerState); the
     uvicorn server itself is ``SERVERS[url]`` while it runs. `keep_alive`: uvicorn's keep-alive timeout."""
-    import uvicorn
-
-    from lmlab.serve import ServeSettings, create_app
-
     app = create_app(ServeSettings(**{"model_name": "tiny", **settings}), loader)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,13 +19,26 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 import lmlab
+import lmlab.serve
+from lmlab.adapt.lora import LoraConfig, LoRALinear, apply_lora, lora_modules
+from lmlab.adapt.peft import save_adapter
+from lmlab.adapt.recipe import Recipe, shipped_adapter
+from lmlab.checkpoints import save_model
 from lmlab.cli import main
-from lmlab.errors import ConfigError
+from lmlab.commands.serve import load_for_serving
+from lmlab.config import ModelConfig
 from lmlab.generation import GenerationConfig, generate
 from lmlab.generation.decode import resolve_config
+from lmlab.model import Transformer
+from lmlab.prompting import build_prompt
+from lmlab.quant.linear import Int8Linear
+from lmlab.serve.app import InstructionRecipe, finetuned_recipe
 from lmlab.serve.scheduler import Scheduler
+from lmlab.tasks.summarize.data import load_sample
+from lmlab.tasks.summarize.experiments import CHAT_STOP_STRINGS, INSTRUCTION, clean_summary
 from serving import Gate, free_port, running_server, slow_down, tiny_model, tiny_tokenizer, wait_ready
 
 PROMPT = "#Person1#: Hello, how are you today?\n#Person2#:"
@@ -124,10 +139,16 @@ def test_seeded_sampling_and_n_choices(client, pair):
 
 
 def test_lmlab_knobs_reach_the_processor_chain(client, pair):
-    extra = {"repetition_penalty": 1.3, "min_p": 0.1}
-    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, extra_body=extra)
+    # repetition_penalty acts on greedy decoding; min_p only on sampling, so it is checked on a seeded draw
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0,
+                                    extra_body={"repetition_penalty": 1.3})
     assert out.choices[0].text == alone(pair, PROMPT, max_new_tokens=10, repetition_penalty=1.3)
     assert out.choices[0].text != alone(pair, PROMPT, max_new_tokens=10)
+    sampled = dict(max_new_tokens=10, do_sample=True, temperature=1.5, seed=3)
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=1.5, seed=3,
+                                    extra_body={"min_p": 0.2})
+    assert out.choices[0].text == alone(pair, PROMPT, min_p=0.2, **sampled)
+    assert out.choices[0].text != alone(pair, PROMPT, **sampled)  # the same draws without min_p differ
 
 
 def test_ignore_eos_generates_max_tokens(client, pair):
@@ -301,13 +322,10 @@ def test_metrics_are_prometheus_text(client, server):
 
 # --- summarize -------------------------------------------------------------------------------------
 def test_summarize_uses_the_lab_recipe(server, pair):
-    from lmlab.prompting import build_prompt
-    from lmlab.tasks.summarize.data import load_sample
-    from lmlab.tasks.summarize.experiments import CHAT_STOP_STRINGS, INSTRUCTION, clean_summary
-
     url = server[0]
     listing = httpx.get(f"{url}/v1/summarize/dialogues").json()
     assert listing["recipes"] == ["zero-shot", "one-shot", "few-shot"] and len(listing["dialogues"]) == 28
+    assert listing["default_recipe"] == "few-shot"  # no fine-tuned summarizer served: the best prompting recipe
     dialogue = load_sample().records[3].dialogue
     r = httpx.post(f"{url}/v1/summarize", json={"dialogue": dialogue, "recipe": "zero-shot", "max_tokens": 12},
                    timeout=60)
@@ -333,28 +351,24 @@ def test_summarize_uses_the_lab_recipe(server, pair):
 
 
 def test_fine_tuned_recipe_with_an_adapter(pair):
-    """With --adapter the served model is the fine-tuned summarizer: the recipe appears and uses the prompt
-    the adapter was trained with (here the lab's instruction prompt, what an adapter without a recipe gets)."""
-    from lmlab.serve.app import InstructionRecipe, finetuned_recipe
-    from lmlab.tasks.summarize.data import load_sample
-    from lmlab.tasks.summarize.experiments import CHAT_STOP_STRINGS, clean_summary
-
+    """With an adapter the served model is the fine-tuned summarizer: the recipe appears, is the default of
+    /v1/summarize and of the playground, and uses the prompt the adapter was trained with (here the lab's
+    instruction prompt, what an adapter without a recipe gets)."""
     model, tok = pair
     assert isinstance(finetuned_recipe("/nonexistent-adapter-dir"), InstructionRecipe)
     with running_server(lambda: (model, tok), finetuned=InstructionRecipe()) as (url, _):
-        assert "fine-tuned" in httpx.get(f"{url}/v1/summarize/dialogues").json()["recipes"]
+        listing = httpx.get(f"{url}/v1/summarize/dialogues").json()
+        assert listing["recipes"][0] == "fine-tuned" and listing["default_recipe"] == "fine-tuned"
         dialogue = load_sample().records[5].dialogue
-        r = httpx.post(f"{url}/v1/summarize", json={"dialogue": dialogue, "recipe": "fine-tuned", "max_tokens": 10},
-                       timeout=60)
+        r = httpx.post(f"{url}/v1/summarize", json={"dialogue": dialogue, "max_tokens": 10}, timeout=60)
     prompt = InstructionRecipe().prompt(dialogue, tok, max_prompt_tokens=model.config.max_seq_len - 10)
     want = generate(model, tok, prompt.text, GenerationConfig(max_new_tokens=10, stop_strings=CHAT_STOP_STRINGS))
-    assert r.status_code == 200 and r.json()["summary"] == clean_summary(want) and r.json()["recipe"] == "fine-tuned"
+    assert r.status_code == 200 and r.json()["recipe"] == "fine-tuned" and r.json()["shots"] == 0
+    assert r.json()["summary"] == clean_summary(want)
 
 
 # --- the model loop --------------------------------------------------------------------------------
 def collect_events(scheduler, prompt_ids, config):
-    import queue
-
     q = queue.Queue()
     req = scheduler.submit(prompt_ids, config, q.put)
     return req, q
@@ -410,25 +424,116 @@ def test_short_requests_do_not_wait_for_long_ones(pair):
 
 
 # --- the command ---------------------------------------------------------------------------------
-def test_quantize_and_adapter_flags_follow_load_model():
-    import inspect
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny model and tokenizer saved as an lmlab checkpoint, and a LoRA adapter (q and v) for it."""
+    root = tmp_path_factory.mktemp("served")
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size)
+    save_model(model, root / "m", tok)
+    config = LoraConfig(r=2, alpha=4, dropout=0.0, targets=("q", "v"))
+    apply_lora(model, config)
+    for _, layer in lora_modules(model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)  # a non-zero B: the adapter changes the outputs
+    save_adapter(model, root / "adapter", config)
+    return root / "m", root / "adapter"
 
-    from lmlab.commands.serve import load_kwargs
 
-    accepted = inspect.signature(lmlab.load_model).parameters
-    for flag, name in (("--adapter", "adapter"), ("--quantize", "quantize")):
-        if name in accepted:
-            assert load_kwargs(lmlab.load_model, **{"adapter": None, "quantize": None, name: "x"}) == {name: "x"}
-        else:
-            with pytest.raises(ConfigError, match=f"{flag} x: not available yet"):
-                load_kwargs(lmlab.load_model, **{"adapter": None, "quantize": None, name: "x"})
-    assert main(["serve", "missing-model", "--port", "0"]) == 2
+def import_seconds() -> float:
+    """What a cold interpreter takes here and now to import what `lmlab serve` imports (torch among them): a
+    loaded shared machine can stretch it to seconds, and a fail-fast bound is on the work after it."""
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import lmlab.commands.serve"], check=True)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("case", ["missing model", "bad quantize", "quantize the load refuses", "missing adapter",
+                                  "encoder model", "port in use"])
+def test_serve_fails_fast_with_one_line(case, model_dir, tmp_path):
+    """Each of these ends `lmlab serve` with exit status 2 and one line naming the offending value, within
+    5 s of its imports, without ever answering HTTP (before: 60 s and more of 500s, or uvicorn's log)."""
+    model, _ = model_dir
+    port = free_port()
+    args, named = {
+        "missing model": (["missing-model"], "'missing-model'"),
+        "bad quantize": ([str(model), "--quantize", "int3"], "quantize='int3'"),
+        "quantize the load refuses": ([str(model), "--quantize", "native"], "quantize='native'"),
+        "missing adapter": ([str(model), "--adapter", str(tmp_path / "no-adapter")], "--adapter"),
+        "encoder model": ([str(tmp_path / "bert")], "arch='encoder'"),
+        "port in use": (["missing-model"], f"--port {port}"),  # the port is checked before the model
+    }[case]
+    if case == "encoder model":
+        save_model(Transformer(ModelConfig.from_name("tiny-encoder")), tmp_path / "bert")
+    holder = socket.socket()
+    if case == "port in use":
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+    try:
+        baseline = import_seconds()
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "lmlab", "serve", *args, "--port", str(port)], capture_output=True,
+                              text=True, timeout=120, env=dict(os.environ, LMLAB_NUM_THREADS="1"))
+        elapsed = time.monotonic() - start
+    finally:
+        holder.close()
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    if case == "port in use":
+        assert "already in use" in lines[0]
+    assert elapsed < baseline + 5.0, f"{elapsed:.1f} s to fail (imports alone: {baseline:.1f} s)"
+
+
+def test_flags_reach_load_model(model_dir):
+    """--adapter and --quantize reach the loaded model: LoRA layers on q and v only, every frozen base linear
+    quantized to int8, and outputs of neither the float base nor the float adapted model."""
+    path, adapter = model_dir
+    model, tok = load_for_serving(str(path), adapter, "int8")
+    lora = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert lora == {"q", "v"}
+    n_layers = model.config.n_layers
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 2 * n_layers
+    assert isinstance(model.lm_head, Int8Linear)  # the head, and in each layer q k v o gate up down
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 7 * n_layers + 1
+    ids = torch.tensor([tok.encode(PROMPT, add_special_tokens=True)])
+    with torch.no_grad():
+        got = model(ids)[0, -1]
+        base = lmlab.load_model(path)(ids)[0, -1]
+        adapted = lmlab.load_model(path, adapter=adapter)(ids)[0, -1]
+    assert not torch.allclose(got, base, atol=1e-3) and not torch.allclose(got, adapted, atol=1e-6)
+    assert torch.allclose(got, adapted, atol=0.1 * adapted.abs().max().item())  # int8 stays close to the float
+
+
+def captured_serve(monkeypatch) -> dict:
+    """Replace lmlab.serve.serve (what the command calls once the model is loaded) with a recorder."""
+    seen = {}
+
+    def record(loader, settings, **kw):
+        seen.update(loader=loader, settings=settings, **kw)
+
+    monkeypatch.setattr(lmlab.serve, "serve", record)
+    return seen
+
+
+@pytest.mark.slow
+def test_serve_defaults_to_the_shipped_summarizer(monkeypatch, smollm2_path):
+    """Like `lmlab summarize`, `lmlab serve smollm2-135m-instruct` serves the shipped LoRA summarizer and its
+    recipe is /v1/summarize's and the playground's default; --no-adapter serves the base model."""
+    shipped = shipped_adapter("smollm2-135m-instruct")
+    assert shipped is not None
+    seen = captured_serve(monkeypatch)
+    assert main(["serve", "smollm2-135m-instruct", "--port", str(free_port())]) == 0
+    settings, (model, _) = seen["settings"], seen["loader"]()
+    assert settings.finetuned == Recipe.load(shipped) and settings.default_recipe == "fine-tuned"
+    assert any(isinstance(m, LoRALinear) for m in model.modules())
+    assert seen["sock"].fileno() == -1  # the command closed the socket it bound once serve returned
+    assert main(["serve", "smollm2-135m-instruct", "--no-adapter", "--port", str(free_port())]) == 0
+    settings, (model, _) = seen["settings"], seen["loader"]()
+    assert settings.finetuned is None and settings.default_recipe == "few-shot"
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
 def test_cli_serve_drains_on_sigterm(tmp_path):
     """`lmlab serve DIR` in its own process: SIGTERM while a stream runs lets it finish, then exits 0."""
-    from lmlab.checkpoints import save_model
-
     tok = tiny_tokenizer()
     model = tiny_model(tok.vocab_size, d_model=256, n_heads=8, n_kv_heads=4, d_ff=512, n_layers=4)
     save_model(model, tmp_path / "m", tok)

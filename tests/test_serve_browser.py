@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
+import httpx
 import pytest
 
+from lmlab.align.prefs import read_preferences
 from lmlab.generation import GenerationConfig, generate
+from lmlab.serve.app import InstructionRecipe
 from serving import running_server, slow_down, tiny_model, tiny_tokenizer
 
 DIALOGUE = ("#Person1#: Did you book the train tickets for Saturday?\n"
@@ -31,8 +35,6 @@ def _setup_can_install() -> bool:
         return False
     if os.geteuid() == 0:
         return True
-    import subprocess
-
     return shutil.which("sudo") is not None and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0
 
 
@@ -45,6 +47,7 @@ def browser():
                         "(apt-get install chromium chromium-driver)")
         pytest.skip("no headless Chromium: this machine has no apt-get (or no root/sudo) for scripts/setup.sh "
                     "to install chromium + chromium-driver")
+    # selenium is imported in the tests that drive a browser: an optional dev dependency, unused where they skip
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -78,6 +81,8 @@ def test_playground_streams_summaries_and_chat(browser, tmp_path):
             wait.until(lambda d: len(Select(d.find_element(By.ID, "dialogue-pick")).options) == 29)
             recipes = [o.text for o in Select(browser.find_element(By.ID, "recipe")).options]
             assert recipes == ["zero-shot", "one-shot", "few-shot"]
+            selected = Select(browser.find_element(By.ID, "recipe")).first_selected_option.text
+            assert selected == "few-shot"  # no fine-tuned summarizer served: the best prompting recipe
 
             # --- summarize: type a dialogue, press the button, watch the summary stream in ----------
             box = browser.find_element(By.ID, "dialogue")
@@ -99,8 +104,6 @@ def test_playground_streams_summaries_and_chat(browser, tmp_path):
             assert final and len(final) >= len(partial)
 
             # the page shows what the API returns for the same request
-            import httpx
-
             api = httpx.post(f"{url}/v1/summarize", timeout=60,
                              json={"dialogue": DIALOGUE, "recipe": "zero-shot", "max_tokens": 24, "temperature": 0,
                                    "top_k": 0, "top_p": 1}).json()
@@ -132,12 +135,27 @@ def test_playground_streams_summaries_and_chat(browser, tmp_path):
     assert (tmp_path / "playground.png").stat().st_size > 10_000
 
 
+def test_playground_picks_the_fine_tuned_summarizer_by_default(browser):
+    """Served with a fine-tuned summarizer (lmlab serve's default for a model lmlab ships one for), the
+    playground lists its recipe first and selects it, as lmlab summarize would use it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size, max_seq_len=2048)
+    with running_server(lambda: (model, tok), shot_method="random", finetuned=InstructionRecipe()) as (url, _):
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 60, poll_frequency=0.01)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "recipe")).options) == 4)
+        picker = Select(browser.find_element(By.ID, "recipe"))
+        assert [o.text for o in picker.options] == ["fine-tuned", "zero-shot", "one-shot", "few-shot"]
+        assert picker.first_selected_option.text == "fine-tuned"
+
+
 def test_compare_tab_records_the_choice(browser, tmp_path):
     """Compare: two summaries of one dialogue, shown in a random order; clicking one appends the choice."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
-
-    from lmlab.align.prefs import read_preferences
 
     tok = tiny_tokenizer()
     model = tiny_model(tok.vocab_size, max_seq_len=2048)

@@ -6,21 +6,26 @@ has a timeout); it asserts behaviour, never speed (benchmarks/serve.py measures 
 
 from __future__ import annotations
 
+import collections
 import gc
 import sys
 import threading
+import time
 
 import httpx
 import openai
 import psutil
 import pytest
 import torch
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from lmlab.config import ModelConfig
+from lmlab.errors import ConfigError, DataError
 from lmlab.generation import GenerationConfig, generate
 from lmlab.model import Transformer
 from lmlab.nn.slot_cache import SlotCache
-from lmlab.serve.scheduler import Request
+from lmlab.serve.scheduler import Sequence
+from lmlab.tasks.summarize.data import load_sample
 from serving import SERVERS, running_server, tiny_model, tiny_tokenizer
 
 
@@ -39,26 +44,26 @@ def test_slot_cache_rows_match_a_full_recompute(positional):
     with torch.inference_mode():
         # rows 0 and 1 prefilled together (right-padded), row 2 alone
         cache.add(), cache.add()
-        mask = cache.bind_prefill(0, [len(seqs[0]), len(seqs[1])])  # (2, 11)
+        view, mask = cache.prefill(0, [len(seqs[0]), len(seqs[1])])  # mask (2, 11)
         ids = torch.zeros(2, len(seqs[1]), dtype=torch.long)
         ids[0, :len(seqs[0])], ids[1] = torch.tensor(seqs[0]), torch.tensor(seqs[1])
-        hidden = model.decode(ids, attention_mask=mask, cache=cache, return_hidden=True, mask_has_padding=True)
+        hidden = model.decode(ids, attention_mask=mask, cache=view, return_hidden=True, mask_has_padding=True)
         for i, seq in enumerate(seqs[:2]):  # each prompt's last real position predicts like the prompt alone
             want = model(torch.tensor([seq]))[0, -1]
             got = model.logits(hidden[i:i + 1, len(seq) - 1:len(seq)])[0, 0]
             torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
         row = cache.add()
-        assert cache.bind_prefill(row, len(seqs[2])) is None
-        model(torch.tensor([seqs[2]]), cache=cache, logits_to_keep=1)
+        view, mask = cache.prefill(row, len(seqs[2]))
+        assert mask is None
+        model(torch.tensor([seqs[2]]), cache=view, logits_to_keep=1)
         for step in range(6):
             if step == 3:  # row 0 finishes: row 2 moves into slot 0
                 cache.remove(0)
                 seqs = [seqs[2], seqs[1]]
             new = torch.randint(0, cfg.vocab_size, (len(seqs),))
-            position_ids, mask = cache.bind_decode()
-            got = model(new[:, None], attention_mask=mask, position_ids=position_ids, cache=cache,
+            view, position_ids, mask = cache.decode()
+            got = model(new[:, None], attention_mask=mask, position_ids=position_ids, cache=view,
                         mask_has_padding=mask is not None)[:, -1]  # (A, V)
-            cache.advance()
             for i, seq in enumerate(seqs):
                 seq.append(int(new[i]))
                 want = model(torch.tensor([seq]))[0, -1]  # (V,) the whole sequence, no cache
@@ -69,15 +74,13 @@ def test_slot_cache_rows_match_a_full_recompute(positional):
 
 
 def test_slot_cache_refuses_what_does_not_fit():
-    from lmlab.errors import ConfigError, DataError
-
     model = Transformer(ModelConfig.from_name("tiny-decoder")).eval()
     cache = SlotCache.for_model(model, slots=1, max_capacity=16)
     cache.add()
     with pytest.raises(DataError, match="all 1 slots are in use"):
         cache.add()
     with pytest.raises(DataError, match="17 positions exceeds the cache's max_capacity=16"):
-        cache.bind_prefill(0, 17)
+        cache.prefill(0, 17)
     with pytest.raises(ConfigError, match="arch='encoder_decoder'"):
         SlotCache.for_model(Transformer(ModelConfig.from_name("tiny-encoder-decoder")), slots=2)
 
@@ -90,8 +93,6 @@ WARMUP_ROUNDS = 1  # not measured: connection pools, lazy imports and caches fil
 def test_32_concurrent_clients(tmp_path):
     """0 errors; every greedy answer equals the same request alone; memory flat over three rounds;
     a client that disconnects mid-stream frees its slot."""
-    from lmlab.tasks.summarize.data import load_sample
-
     tok = tiny_tokenizer()
     model = tiny_model(tok.vocab_size, max_seq_len=2048)
     lines = [line for d in load_sample().records for line in d.dialogue.splitlines()][:CLIENTS - 1]
@@ -162,7 +163,7 @@ def test_32_concurrent_clients(tmp_path):
     # Flat memory, measured after a warm-up round (it fills lazily built caches once) and with every
     # connection closed (keep-alive connections and their timers otherwise live on for seconds, a varying
     # number of them at each measurement). A leak of anything made per request grows by >= 32 a round:
-    # * no Request outlives its exchange (checked after every round, ``_wait_released``);
+    # * no Sequence outlives its exchange (checked after every round, ``_wait_released``);
     # * no object of the server's own types (lmlab, starlette, uvicorn, h11, anyio) is left over: each
     #   type's count is the same after every measured round (a leak of one per request: +32 a round);
     # * the same tensors live after every round;
@@ -187,8 +188,6 @@ _SERVER_MODULES = ("lmlab", "starlette", "uvicorn", "h11", "anyio", "httpcore", 
 
 def _server_side_objects() -> dict[str, int]:
     """How many objects of each type from the serving stack's own packages the garbage collector tracks."""
-    import collections
-
     counts = collections.Counter()
     for obj in gc.get_objects():
         module = getattr(type(obj), "__module__", None)
@@ -202,10 +201,6 @@ def _wait_closed(server, timeout: float = 30.0) -> None:
     and its protocol objects are garbage. uvicorn (0.54) cancels a connection's keep-alive timer only when
     the connection ends without an error: after a reset (the client that leaves early) the timer keeps the
     protocol, its request cycle and parser alive until it fires, one keep-alive timeout later."""
-    import time
-
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
     deadline = time.monotonic() + timeout
     while True:
         gc.collect()
@@ -217,8 +212,6 @@ def _wait_closed(server, timeout: float = 30.0) -> None:
 
 
 def _wait_idle(scheduler, timeout: float = 30.0) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while scheduler.pending() != (0, 0):
         assert time.monotonic() < deadline, f"the scheduler still has {scheduler.pending()} (running, waiting)"
@@ -226,13 +219,11 @@ def _wait_idle(scheduler, timeout: float = 30.0) -> None:
 
 
 def _wait_released(timeout: float = 10.0) -> None:
-    """Every Request object is garbage once its HTTP exchange has wound down (a leak never gets there)."""
-    import time
-
+    """Every Sequence object (one per choice) is garbage once its HTTP exchange has wound down (a leak never gets there)."""
     deadline = time.monotonic() + timeout
     while True:
         gc.collect()
-        live = sum(type(o) is Request for o in gc.get_objects())  # type(), not isinstance: no lazy attributes
+        live = sum(type(o) is Sequence for o in gc.get_objects())  # type(), not isinstance: no lazy attributes
         if live == 0:
             return
         assert time.monotonic() < deadline, f"{live} finished requests are still referenced"

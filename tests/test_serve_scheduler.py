@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import queue
 
+import openai
 import pytest
 import torch
 
 from lmlab.config import ModelConfig
-from lmlab.errors import DataError
-from lmlab.generation import GenerationConfig, generate_tokens
+from lmlab.errors import ConfigError, DataError
+from lmlab.generation import GenerationConfig, generate, generate_tokens
 from lmlab.generation.decode import resolve_config
 from lmlab.model import Transformer
-from lmlab.nn.slot_cache import SlotCache
+from lmlab.nn.slot_cache import DecodeView, SlotCache
+from lmlab.serve.runner import EagerDecodeStep
 from lmlab.serve.scheduler import Scheduler
-from serving import Gate, tiny_model, tiny_tokenizer
+from serving import Gate, running_server, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +36,19 @@ class Recording(Scheduler):
     def __init__(self, model, **kw):
         self.log: list[tuple] = []
         self.after_token = None  # called with the request after each of its tokens (in the loop thread)
-        self._hook = model.decoder.register_forward_pre_hook(self._forward)
+        self._hook = model.decoder.register_forward_pre_hook(self._forward, with_kwargs=True)
         super().__init__(model, _NoText(), **kw)
 
-    def _forward(self, module, args):
+    def _forward(self, module, args, kwargs):
         B, T = args[0].shape[:2]  # the embedded input (B, T, C)
-        self.log.append(("decode", B) if T == 1 and self.cache.mode == "decode" else ("prefill", B * T))
+        decode = isinstance(kwargs.get("cache"), DecodeView)  # the view a decode step hands the stack
+        self.log.append(("decode", B) if decode else ("prefill", B * T))
 
-    def _accept(self, req, state, token):
-        self.log.append(("token", req.id, len(req.tokens)))
-        finished = super()._accept(req, state, token)
+    def _accept(self, seq, out, token):
+        self.log.append(("token", seq.id, len(seq.tokens)))
+        finished = super()._accept(seq, out, token)
         if self.after_token is not None:
-            self.after_token(req)
+            self.after_token(seq)
         return finished
 
     def close(self, *a, **kw):
@@ -203,8 +206,6 @@ def test_a_cancelled_chunked_prompt_frees_its_place(model):
 
 
 def test_prefill_tokens_must_be_positive(model):
-    from lmlab.errors import ConfigError
-
     with pytest.raises(ConfigError, match="prefill_tokens=0"):
         Scheduler(model, None, prefill_tokens=0)
 
@@ -222,13 +223,13 @@ def test_load_row_moves_a_chunked_prefill_into_a_slot():
         for start in range(0, len(seq), 5):  # chunks of 5, 5, 3
             model(torch.tensor([seq[start:start + 5]]), cache=private, logits_to_keep=1)
         slots.add(), slots.add()
-        slots.bind_prefill(0, 3)  # row 0 holds something else
-        model(torch.tensor([[1, 2, 3]]), cache=slots, logits_to_keep=1)
+        view, _ = slots.prefill(0, 3)  # row 0 holds something else
+        model(torch.tensor([[1, 2, 3]]), cache=view, logits_to_keep=1)
         slots.load_row(1, private)
         assert slots.lengths == [3, 13]
         new = torch.tensor([5, 6])
-        position_ids, mask = slots.bind_decode()
-        got = model(new[:, None], attention_mask=mask, position_ids=position_ids, cache=slots,
+        view, position_ids, mask = slots.decode()
+        got = model(new[:, None], attention_mask=mask, position_ids=position_ids, cache=view,
                     mask_has_padding=mask is not None)[1, -1]  # (V,)
         want = model(torch.tensor([seq + [6]]))[0, -1]
     # fp32, a few hundred O(1) products per logit summed in another order: ~1e-6 of the scale; 1e-4 headroom
@@ -240,11 +241,6 @@ def test_load_row_moves_a_chunked_prefill_into_a_slot():
 def test_serve_settings_prefill_tokens_reach_the_loop_over_http():
     """`lmlab serve --prefill-tokens N` (ServeSettings.prefill_tokens): a prompt longer than N is served in
     chunks and answers what it answers alone."""
-    import openai
-
-    from lmlab.generation import generate
-    from serving import running_server
-
     tok = tiny_tokenizer()
     model = tiny_model(tok.vocab_size)
     text = "#Person1#: Hello, how are you today? I wanted to ask about the meeting.\n#Person2#:"
@@ -255,3 +251,32 @@ def test_serve_settings_prefill_tokens_reach_the_loop_over_http():
         got = client.completions.create(model="tiny", prompt=text, max_tokens=6, temperature=0)
         assert state.scheduler.prefill_tokens == 8 and state.scheduler.prefills == -(-n_prompt // 8)
     assert got.choices[0].text == generate(model, tok, text, GenerationConfig(max_new_tokens=6))
+
+
+def test_the_runner_decode_step_can_be_replaced(model):
+    """An engine takes the runner's place for decode steps through ``decode_step``: every decode step, and
+    nothing else, goes through it (here a stand-in that records each call's rows and positions, then runs
+    the eager step), and the tokens stay those generated alone."""
+    calls: list[tuple[int, list[int]]] = []
+
+    class Recorded:
+        def __init__(self):
+            self.eager = EagerDecodeStep(model)
+
+        def __call__(self, tokens, cache):
+            calls.append((len(tokens), list(cache.lengths)))  # (A, each row's position before the step)
+            return self.eager(tokens, cache)
+
+    scheduler = Scheduler(model, _NoText(), max_batch=4, decode_step=Recorded())
+    gate = Gate(model)
+    try:
+        first, q0 = submit(scheduler, prompt(6, 0), 5)
+        assert gate.entered.wait(30)
+        second, q1 = submit(scheduler, prompt(9, 1), 3)
+        gate.open()
+        wait_all([q0, q1])
+    finally:
+        scheduler.close()
+    # the second is prefilled after the first's first step; then rows decode together at their own positions
+    assert calls == [(1, [6]), (2, [7, 9]), (2, [8, 10]), (1, [9])] and scheduler.steps == 4
+    assert first.tokens == alone(model, prompt(6, 0), 5) and second.tokens == alone(model, prompt(9, 1), 3)

@@ -1,17 +1,40 @@
-"""`lmlab serve MODEL`: an OpenAI-compatible HTTP server with continuous batching and a web playground."""
+"""`lmlab serve MODEL`: an OpenAI-compatible HTTP server with continuous batching and a web playground.
+
+It fails fast, in this order, each with one line and exit status 2 before any request can be taken: a
+bad flag (port, timeout, quantization mode, a missing adapter directory), a port it cannot listen on
+(bound here, before the model loads), a model source it cannot find or serve (its config is read
+first), then the model's own loading. Only then does the server start, on the socket bound here.
+
+Like ``lmlab summarize``, it serves the fine-tuned summarizer lmlab ships for the model (the LoRA adapter
+of ``lmlab.adapt.recipe.shipped_adapter``) unless ``--adapter DIR`` names another or ``--no-adapter``
+asks for the base model; the adapter's prompt recipe is then /v1/summarize's default.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 from pathlib import Path
 
+import lmlab
+import lmlab.serve as serving  # looked up at call time: tests replace lmlab.serve.serve
+from lmlab.adapt.recipe import RECIPE_FILE, Recipe, shipped_adapter
+from lmlab.checkpoints import load_config
 from lmlab.cli import positive_int
+from lmlab.errors import CheckpointError, ConfigError, LmlabError
+from lmlab.quant.model import parse_mode
+from lmlab.serve.app import ServeSettings, finetuned_recipe
+from lmlab.serve.runner import check_servable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="registry name (e.g. smollm2-135m-instruct), .gguf file, or model directory")
-    parser.add_argument("--adapter", default=None, metavar="DIR",
-                        help="a LoRA adapter directory (lmlab finetune writes them); enables the fine-tuned summarizer")
+    adapter = parser.add_mutually_exclusive_group()
+    adapter.add_argument("--adapter", default=None, metavar="DIR",
+                         help="a LoRA adapter directory (lmlab finetune writes them), served as the fine-tuned "
+                              "summarizer. Default: the adapter lmlab ships for the model, as lmlab summarize does")
+    adapter.add_argument("--no-adapter", action="store_true", help="serve the base model, without the shipped adapter")
     parser.add_argument("--quantize", default=None, metavar="MODE",
                         help="weight-only quantization: int8, int4 (int4-g64, int4-g128), or native (a GGUF file at "
                              "its own precision); see docs/quantization.md")
@@ -37,52 +60,72 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
-def load_kwargs(load_model, adapter: str | None, quantize: str | None) -> dict:
-    """Keyword arguments for ``load_model`` from --adapter/--quantize, checked against what it accepts."""
-    import inspect
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port and listening (what uvicorn would open) -> it; ConfigError in one line
+    when that address cannot be had (the port is in use, a privileged port, an unknown host)."""
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} must be in 1..65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a TIME_WAIT port is free
+        sock.bind(address)
+        sock.listen(2048)  # held from now on: connections made while the model loads wait in the backlog
+    except OSError as exc:
+        sock.close()
+        reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise ConfigError(f"--port {port}: cannot listen on {host}:{port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
 
-    from lmlab.errors import ConfigError
 
-    accepted = inspect.signature(load_model).parameters
-    kwargs = {}
-    for flag, name, value in (("--adapter", "adapter", adapter), ("--quantize", "quantize", quantize)):
-        if value is None:
-            continue
-        if name not in accepted:
-            raise ConfigError(f"{flag} {value}: not available yet (lmlab.load_model has no {name!r} option in this version)")
-        kwargs[name] = value
-    return kwargs
+def chosen_adapter(args: argparse.Namespace) -> Path | None:
+    """--adapter DIR (which must exist), else the adapter lmlab ships for the model unless --no-adapter."""
+    if args.adapter is not None:
+        if not Path(args.adapter).is_dir():
+            raise ConfigError(f"--adapter {args.adapter}: no such directory (a LoRA adapter from lmlab finetune)")
+        return Path(args.adapter)
+    return None if args.no_adapter else shipped_adapter(args.model)
+
+
+def load_for_serving(model: str, adapter: Path | None, quantize: str | None):
+    """The model (its adapter attached, quantized if asked) and tokenizer, or a one-line LmlabError: the
+    source is resolved and checked for serving from its config before any weights are read."""
+    try:
+        config, _ = load_config(model)
+        check_servable(config)
+        return lmlab.load_model(model, adapter=adapter, quantize=quantize), lmlab.load_tokenizer(model)
+    except LmlabError:
+        raise
+    except Exception as exc:  # a loader's own error type (safetensors, json, gguf parsing): one line, not a traceback
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(f"cannot load {model!r}: {type(exc).__name__}: {detail}") from None
 
 
 def run(args: argparse.Namespace) -> int:
-    import lmlab
-    from lmlab.errors import ConfigError
-    from lmlab.serve import ServeSettings, serve
-
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port {args.port} must be in 1..65535")
     if not args.timeout > 0:
         raise ConfigError(f"--timeout {args.timeout} must be > 0 seconds")
-    kwargs = load_kwargs(lmlab.load_model, args.adapter, args.quantize)  # before the server starts
-    finetuned = None
-    from lmlab.adapt.recipe import RECIPE_FILE
-
-    if args.adapter:
-        from lmlab.serve.app import finetuned_recipe
-
-        finetuned = finetuned_recipe(args.adapter)
-    elif (Path(args.model) / RECIPE_FILE).is_file():  # a fully fine-tuned or distilled model brings its recipe
-        from lmlab.adapt.recipe import Recipe
-
-        finetuned = Recipe.load(args.model)
-    settings = ServeSettings(model_name=args.model, api_key=args.api_key, max_batch=args.max_batch,
-                             max_queue=args.max_queue, timeout=args.timeout, shot_method=args.shots,
-                             finetuned=finetuned, prefs_out=args.prefs_out, prefill_tokens=args.prefill_tokens)
-
-    def loader():
-        return lmlab.load_model(args.model, **kwargs), lmlab.load_tokenizer(args.model)
-
-    print(f"lmlab serve: loading {args.model}; http://{args.host}:{args.port}/ (playground), "
-          f"/v1 (OpenAI API), /health, /metrics", flush=True)
-    serve(loader, settings, host=args.host, port=args.port, log_level=args.log_level)
+    parse_mode(args.quantize)  # a bad mode fails here, before the port and the model
+    adapter = chosen_adapter(args)
+    sock = listen(args.host, args.port)
+    try:
+        model, tokenizer = load_for_serving(args.model, adapter, args.quantize)
+        if adapter is not None:
+            finetuned = finetuned_recipe(adapter)
+        else:  # a fully fine-tuned or distilled model brings its recipe
+            finetuned = Recipe.load(args.model) if (Path(args.model) / RECIPE_FILE).is_file() else None
+        settings = ServeSettings(model_name=args.model, api_key=args.api_key, max_batch=args.max_batch,
+                                 max_queue=args.max_queue, timeout=args.timeout, shot_method=args.shots,
+                                 finetuned=finetuned, prefs_out=args.prefs_out, prefill_tokens=args.prefill_tokens)
+        summarizer = f"fine-tuned summarizer: adapter {adapter}" if adapter is not None else "no adapter"
+        print(f"lmlab serve: {args.model} ({summarizer}) on http://{args.host}:{args.port}/ (playground), "
+              f"/v1 (OpenAI API), /health, /metrics", flush=True)
+        serving.serve(lambda: (model, tokenizer), settings, host=args.host, port=args.port, log_level=args.log_level,
+                      sock=sock)
+    finally:
+        sock.close()
     return 0

@@ -3,26 +3,33 @@
 ``Cache`` (kv_cache.py) serves one generation: all rows were prefilled together and share one length.
 A server's batch is different: requests join and leave at any step, so each row ("slot") holds a
 sequence of its own length, and a decode step appends one token to every row at that row's own
-position. ``SlotCache`` keeps that bookkeeping and presents the ``Cache`` interface the decoder
-``Stack`` already uses (``layers[i].update(k, v, start)``, ``cross``, ``length``), so the model code
-does not change:
+position. ``SlotCache`` keeps that storage and bookkeeping. For each forward it hands out a *view*
+that presents the ``Cache`` interface the decoder ``Stack`` already uses (``layers[i].update(k, v,
+start)``, ``cross``, ``length``) and carries, as explicit constructor arguments, the rows and positions
+that one forward writes; the cache itself keeps no mode between calls, so the model code does not change
+and nothing depends on the order of calls:
 
-* ``bind_prefill(row, lengths)``: the next forward is new sequences written into rows row, row+1, ...
+* ``prefill(row, lengths) -> (PrefillView, mask)``: new sequences written into rows row, row+1, ...
   from position 0: one prompt alone (exactly a lone prefill), or several as one right-padded batch.
-* ``bind_decode()``: the next forward is one token for each of the `A` active rows (0..A-1). Row i
-  writes its key/value at position ``lengths[i]`` and attends to keys ``0..lengths[i]``; the caller
-  passes ``decode_inputs()``'s per-row positions and key mask. Keys past a row's own length are
-  masked, so a short row never sees a longer row's stale entries.
+* ``decode() -> (DecodeView, position_ids, mask)``: one token for each of the `A` active rows
+  (0..A-1). Row i writes its key/value at position ``lengths[i]`` and attends to keys
+  ``0..lengths[i]``; keys past a row's own length are masked, so a short row never sees a longer
+  row's stale entries.
 * ``load_row(row, cache)``: a prompt prefilled in chunks into a one-row ``Cache`` of its own moves
   into `row` (one copy per layer).
 * ``remove(row)``: a finished row is replaced by the last active row (one copy of that row's
   entries), so the active rows always stay the contiguous prefix 0..A-1 and attention reads a view,
   never a gathered copy.
 
+Both views count their new entries in ``lengths`` as soon as they are made (a prefill's rows hold
+their prompt lengths, a decode step's rows one more each). A forward that fails leaves those rows'
+contents undefined: the caller removes them (the serving scheduler ends their requests).
+
 Capacity grows on demand (doubling, up to `max_capacity`) and never shrinks, so memory follows the
 longest sequence seen rather than the context window times the slot count.
 
-Shapes: N slots, A active rows (A <= N), Hkv key/value heads, L capacity, D head dim, S keys attended.
+Shapes: N slots, A active rows (A <= N), B prompts of a prefill, Hkv key/value heads, L capacity,
+D head dim, T new positions, S keys attended.
 """
 
 from __future__ import annotations
@@ -33,27 +40,59 @@ from lmlab.errors import ConfigError, DataError
 
 
 class SlotLayer:
-    """One layer's keys/values for all slots; writes go where the owning ``SlotCache`` is bound."""
+    """One layer's keys/values for all slots: (N, Hkv, L, D) each. Written only through a view."""
 
-    def __init__(self, owner: "SlotCache", k: torch.Tensor, v: torch.Tensor):
-        self.owner, self.k, self.v = owner, k, v  # (N, Hkv, L, D)
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v  # (N, Hkv, L, D)
+
+
+class _PrefillWrite:
+    """One layer of a ``PrefillView``: the ``KVCache.update`` contract for rows `rows`."""
+
+    def __init__(self, layer: SlotLayer, rows: slice):
+        self.layer, self.rows = layer, rows
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``KVCache.update`` contract for the bound mode -> all keys/values the new queries may read."""
-        owner = self.owner
-        if owner.mode == "prefill":  # k (B, Hkv, T, D) into rows row..row+B-1 at positions start..start+T-1
-            rows, end = slice(owner.row, owner.row + k.shape[0]), start + k.shape[2]
-            self.k[rows, :, start:end] = k
-            self.v[rows, :, start:end] = v
-            return self.k[rows, :, :end], self.v[rows, :, :end]  # (B, Hkv, end, D)
-        if owner.mode == "decode":  # k (A, Hkv, 1, D): row i writes at its own position lengths[i]
-            A = k.shape[0]
-            rows, pos = owner._rows[:A], owner._positions
-            self.k[rows, :, pos] = k[:, :, 0]  # advanced indexing: (A, Hkv, D) slices
-            self.v[rows, :, pos] = v[:, :, 0]
-            S = owner.length + 1
-            return self.k[:A, :, :S], self.v[:A, :, :S]  # (A, Hkv, S, D) views, no copy
-        raise DataError("SlotCache used without bind_prefill() or bind_decode()")
+        """k, v (B, Hkv, T, D) into this view's rows at positions start..start+T-1 -> keys/values (B, Hkv, end, D)."""
+        end = start + k.shape[2]
+        self.layer.k[self.rows, :, start:end] = k
+        self.layer.v[self.rows, :, start:end] = v
+        return self.layer.k[self.rows, :, :end], self.layer.v[self.rows, :, :end]
+
+
+class _DecodeWrite:
+    """One layer of a ``DecodeView``: row i writes at its own position ``positions[i]``."""
+
+    def __init__(self, layer: SlotLayer, rows: torch.Tensor, positions: torch.Tensor, keys: int):
+        self.layer, self.rows, self.positions, self.keys = layer, rows, positions, keys
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (A, Hkv, 1, D) at each row's own position -> keys/values (A, Hkv, S, D), views without a copy."""
+        A = k.shape[0]
+        self.layer.k[self.rows, :, self.positions] = k[:, :, 0]  # advanced indexing: (A, Hkv, D) slices
+        self.layer.v[self.rows, :, self.positions] = v[:, :, 0]
+        return self.layer.k[:A, :, :self.keys], self.layer.v[:A, :, :self.keys]
+
+
+class PrefillView:
+    """The ``Cache`` one prefill forward sees: prompts written into rows ``row..row+B-1`` from position 0."""
+
+    def __init__(self, layers: list[SlotLayer], row: int, n_rows: int):
+        self.row, self.n_rows = row, n_rows
+        self.layers = [_PrefillWrite(layer, slice(row, row + n_rows)) for layer in layers]
+        self.cross: list[None] = [None] * len(layers)  # decoder-only: no cross-attention entries
+        self.length = 0  # past positions: a prefill starts at 0 (the Stack sets it to T afterwards)
+
+
+class DecodeView:
+    """The ``Cache`` one decode step sees: active row i writes at ``positions[i]`` and reads keys 0..S-1
+    (S = the longest row's length + 1; the mask hides each shorter row's keys past its own length)."""
+
+    def __init__(self, layers: list[SlotLayer], rows: torch.Tensor, positions: torch.Tensor, keys: int):
+        self.rows, self.positions = rows, positions  # (A,) each
+        self.layers = [_DecodeWrite(layer, rows, positions, keys) for layer in layers]
+        self.cross: list[None] = [None] * len(layers)
+        self.length = keys - 1  # the Stack's "past": it attends to past + 1 = S keys
 
 
 class SlotCache:
@@ -66,15 +105,10 @@ class SlotCache:
         self.slots, self.max_capacity = slots, max_capacity
         self.shape = (slots, n_kv_heads, min(initial_capacity, max_capacity), head_dim)
         self.dtype, self.device = dtype, device
-        self.layers = [SlotLayer(self, torch.zeros(self.shape, dtype=dtype, device=device),
+        self.layers = [SlotLayer(torch.zeros(self.shape, dtype=dtype, device=device),
                                  torch.zeros(self.shape, dtype=dtype, device=device)) for _ in range(n_layers)]
-        self.cross: list[None] = [None] * n_layers  # decoder-only: no cross-attention entries
         self.lengths: list[int] = []  # tokens cached in each active row; row i is lengths[i]
-        self.length = 0  # what the Stack reads as "past" (and overwrites after a forward)
-        self.mode: str | None = None
-        self.row = 0
         self._rows = torch.arange(slots, device=device)
-        self._positions = torch.zeros(0, dtype=torch.long, device=device)
 
     @classmethod
     def for_model(cls, model, slots: int, max_capacity: int | None = None) -> "SlotCache":
@@ -149,50 +183,48 @@ class SlotCache:
             mine.v[row, :, :n] = theirs.v[0, :, :n]
         self.lengths[row] = n
 
-    # --- binding the next forward ----------------------------------------------------------------
-    def bind_prefill(self, row: int, n_tokens: int | list[int]) -> torch.Tensor | None:
-        """The next forward writes prompts into rows row, row+1, ... from position 0 -> their key mask or None.
+    # --- the view of one forward -----------------------------------------------------------------
+    def prefill(self, row: int, lengths: int | list[int]) -> tuple[PrefillView, torch.Tensor | None]:
+        """Prompts of `lengths` into rows row, row+1, ... from position 0 -> (the forward's cache view,
+        its (B, T) key mask or None).
 
         One prompt (an int length) is the computation of a lone prefill. Several (a list of lengths, for
-        consecutive rows) go as one right-padded (B, T) batch: each row's real tokens keep positions
-        0..T_i-1, so the returned (B, T) mask only has to hide the padding keys at the end of shorter rows;
-        what those padding positions write into the cache lies past the row's length, where the decode
-        mask never looks and the next tokens overwrite it.
+        consecutive active rows) go as one right-padded (B, T) batch: each row's real tokens keep positions
+        0..T_i-1, so the mask only has to hide the padding keys at the end of shorter rows; what those
+        padding positions write into the cache lies past the row's length, where the decode mask never
+        looks and the next tokens overwrite it.
         """
-        lengths = [n_tokens] if isinstance(n_tokens, int) else list(n_tokens)
+        lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+        if not 0 <= row <= row + len(lengths) <= self.active:
+            raise DataError(f"rows {row}..{row + len(lengths) - 1} are not all active (active rows: 0..{self.active - 1})")
         T = max(lengths)
         self.ensure_capacity(T)
-        self.mode, self.row, self.length = "prefill", row, 0
         self.lengths[row:row + len(lengths)] = lengths
+        view = PrefillView(self.layers, row, len(lengths))
         if min(lengths) == T:
-            return None
+            return view, None
         keys = torch.arange(T, device=self.device)  # (T,)
-        return (keys[None, :] < torch.tensor(lengths, device=self.device)[:, None]).long()  # (B, T)
+        return view, (keys[None, :] < torch.tensor(lengths, device=self.device)[:, None]).long()  # (B, T)
 
-    def bind_decode(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The next forward is one token per active row -> (position_ids (A, 1), attention_mask (A, S) or None).
+    def decode(self) -> tuple[DecodeView, torch.Tensor, torch.Tensor | None]:
+        """One new token per active row -> (the forward's cache view, position_ids (A, 1), attention_mask
+        (A, S) or None); every active row then counts one more entry.
 
         The mask is None when every row has the same length: then nothing needs blocking and the step is
         the same computation as an unpadded batch (or a lone sequence).
         """
         A = self.active
         if A == 0:
-            raise DataError("bind_decode() with no active rows")
+            raise DataError("a decode step needs at least one active row")
         longest = max(self.lengths)
         self.ensure_capacity(longest + 1)
-        self.mode, self.length = "decode", longest  # the Stack attends to S = longest + 1 keys
-        self._positions = torch.tensor(self.lengths, dtype=torch.long, device=self.device)  # (A,)
-        position_ids = self._positions[:, None]  # (A, 1) each row's next position
+        positions = torch.tensor(self.lengths, dtype=torch.long, device=self.device)  # (A,) each row's next position
         mask = None
         if min(self.lengths) != longest:
             keys = torch.arange(longest + 1, device=self.device)  # (S,)
-            mask = (keys[None, :] <= self._positions[:, None]).long()  # (A, S) row i sees keys 0..lengths[i]
-        return position_ids, mask
-
-    def advance(self) -> None:
-        """After a decode step: every active row holds one more entry."""
+            mask = (keys[None, :] <= positions[:, None]).long()  # (A, S) row i sees keys 0..lengths[i]
         self.lengths = [n + 1 for n in self.lengths]
-        self.mode = None
+        return DecodeView(self.layers, self._rows[:A], positions, longest + 1), positions[:, None], mask
 
     def nbytes(self) -> int:
         return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)

@@ -7,28 +7,31 @@ Routes (``create_app(settings, loader)`` builds a Starlette app; uvicorn runs it
     GET  /v1/models              the one model served
     POST /v1/completions         prompt (str or list of str) -> text; ``stream: true`` sends SSE chunks
     POST /v1/chat/completions    messages through the checkpoint's chat template -> an assistant message
-    POST /v1/summarize           a dialogue -> a summary with the lab's recipes (zero/one/few-shot, fine-tuned)
+    POST /v1/summarize           a dialogue -> a summary with the lab's recipes (fine-tuned, zero/one/few-shot)
     GET  /v1/summarize/dialogues the bundled dialogues and the recipes available (for the playground)
     POST /v1/preferences         {prompt, chosen, rejected, source?}: a person's choice, appended to --prefs-out FILE
     GET  /                       the playground (static HTML/CSS/JS from ``serve/static``)
 
-This layer holds no model logic: it validates a request, turns it into prompt token ids and a
-``GenerationConfig`` per choice, submits them to the ``Scheduler`` (the one thread that owns the model)
-and relays the scheduler's events, hopping them from the model thread onto the event loop. Errors are
-OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}`` with 400 (bad JSON or parameters,
-naming the field), 401 (API key), 429 (queue full, with ``Retry-After``), 503 (loading or shutting down).
-A client that disconnects cancels its requests, which frees their slots before the next decode step.
+This layer holds no model logic: a route handler (a plain module-level function of the request; the
+server's ``ServerState`` is ``request.app.state.lmlab``) validates a request, turns it into prompt token
+ids and a ``GenerationConfig`` per choice, submits them to the ``Scheduler`` (the one thread that owns
+the model) and relays the scheduler's events, hopping them from the model thread onto the event loop;
+every stream goes through one SSE helper (``sse_response``). Errors are OpenAI-shaped:
+``{"error": {"message", "type", "param", "code"}}`` with 400 (bad JSON or parameters, naming the field),
+401 (API key), 429 (queue full, with ``Retry-After``), 503 (loading or shutting down). A client that
+disconnects cancels its requests, which frees their slots before the next decode step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,14 +42,21 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from lmlab.adapt.recipe import Recipe
+from lmlab.align.prefs import PreferencePair, append_preference
 from lmlab.errors import LmlabError
+from lmlab.generation import GenerationConfig
+from lmlab.generation.decode import resolve_config
+from lmlab.prompting import Example, SentenceEmbedder, build_prompt, select_shots
 from lmlab.serve.metrics import Metrics
-from lmlab.serve.scheduler import Closing, Event, QueueFull, Scheduler
+from lmlab.serve.scheduler import Closing, Event, QueueFull, Scheduler, Sequence
+from lmlab.tasks.summarize.data import load_sample
+from lmlab.tasks.summarize.experiments import CHAT_STOP_STRINGS, INSTRUCTION, STOP_STRINGS, clean_summary
 
 STATIC = Path(__file__).parent / "static"
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
-SUMMARY_RECIPES = {"zero-shot": 0, "one-shot": 1, "few-shot": 3, "fine-tuned": 0}  # recipe -> shots
+SUMMARY_RECIPES = {"fine-tuned": 0, "zero-shot": 0, "one-shot": 1, "few-shot": 3}  # recipe -> shots
 
 
 @dataclass
@@ -60,8 +70,18 @@ class ServeSettings:
     timeout: float = 600.0
     prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (longer prompts: chunks)
     shot_method: str = "nearest"  # summarize shots: "nearest" (MiniLM, the lab's best) or "random"
-    finetuned: Any = None  # a prompt recipe (lmlab.training.finetune.Recipe) when serving a fine-tuned summarizer
+    finetuned: Any = None  # the prompt recipe (lmlab.adapt.recipe.Recipe) when serving a fine-tuned summarizer
     prefs_out: str | None = None  # the preferences JSONL file the playground's compare tab appends to
+
+    @property
+    def default_recipe(self) -> str:
+        """What /v1/summarize and the playground use unless told: the fine-tuned summarizer when one is
+        served (as ``lmlab summarize`` does), else the best prompting recipe."""
+        return "fine-tuned" if self.finetuned is not None else "few-shot"
+
+    @property
+    def recipes(self) -> list[str]:
+        return [r for r in SUMMARY_RECIPES if r != "fine-tuned" or self.finetuned is not None]
 
 
 class ApiError(Exception):
@@ -73,9 +93,11 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
         self.headers = headers or {}
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 @dataclass
@@ -85,21 +107,14 @@ class InstructionRecipe:
     chat: bool | None = None  # None: the chat template when the tokenizer has one
 
     def prompt(self, text: str, tokenizer, max_prompt_tokens: int | None = None):
-        from lmlab.prompting import build_prompt
-        from lmlab.tasks.summarize.experiments import INSTRUCTION
-
         chat = getattr(tokenizer, "chat_template", None) is not None if self.chat is None else self.chat
         return build_prompt(text, [], template="instruction", tokenizer=tokenizer, chat=chat, instruction=INSTRUCTION,
                             max_prompt_tokens=max_prompt_tokens)
 
 
-def finetuned_recipe(adapter_dir: str | Path):
+def finetuned_recipe(adapter_dir: str | Path) -> Recipe | InstructionRecipe:
     """The prompt recipe a fine-tuned summarizer was trained with (``lmlab_recipe.json`` beside its weights,
     written by ``lmlab finetune``), else the lab's zero-shot instruction prompt."""
-    try:
-        from lmlab.training.finetune import Recipe
-    except ImportError:
-        return InstructionRecipe()
     return Recipe.load(adapter_dir) or InstructionRecipe()
 
 
@@ -149,8 +164,6 @@ def generation_configs(body: dict, max_tokens_default: int, n: int = 1, max_toke
     ``repetition_penalty``, and ``ignore_eos`` (as in vLLM: generate exactly ``max_tokens``). With a ``seed``, choice i samples
     with seed + i, so several choices differ but each is reproducible.
     """
-    from lmlab.generation import GenerationConfig
-
     for unsupported in ("logprobs", "top_logprobs", "echo", "suffix", "best_of", "tools", "functions", "logit_bias"):
         if body.get(unsupported) not in (None, False, 1 if unsupported == "best_of" else None):
             raise ApiError(400, f"{unsupported} is not supported by lmlab serve", unsupported)
@@ -179,15 +192,6 @@ def generation_configs(body: dict, max_tokens_default: int, n: int = 1, max_toke
     return [config if seed is None else config.replace(seed=seed + i) for i in range(n)]
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _sse(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-
 # --- the server state --------------------------------------------------------------------------------
 class ServerState:
     """The model, tokenizer and scheduler once loaded (in a background thread, so /health answers 503 meanwhile)."""
@@ -201,6 +205,7 @@ class ServerState:
         self.created = int(time.time())
         self._embedder = None
         self._embedder_lock = threading.Lock()
+        self._prefs_lock = threading.Lock()  # one append at a time, whichever worker thread runs it
 
     def load(self) -> None:
         try:
@@ -221,11 +226,9 @@ class ServerState:
                            headers={"Retry-After": "1"})
         return self.scheduler
 
-    def embedder(self):
+    def embedder(self) -> SentenceEmbedder:
         with self._embedder_lock:
             if self._embedder is None:
-                from lmlab.prompting import SentenceEmbedder
-
                 self._embedder = SentenceEmbedder()
             return self._embedder
 
@@ -234,9 +237,7 @@ class ServerState:
         """A prompt's ids, special tokens as the tokenizer's configuration says (like ``lmlab.generate``)."""
         return self.tokenizer.encode(text, add_special_tokens=True)
 
-    def resolve(self, config):
-        from lmlab.generation.decode import resolve_config
-
+    def resolve(self, config: GenerationConfig) -> GenerationConfig:
         return resolve_config(self.model, config, self.tokenizer)
 
     def check_window(self, prompt_ids: list[int], max_tokens: int, field: str = "max_tokens") -> None:
@@ -245,6 +246,34 @@ class ServerState:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens and {field}={max_tokens}: "
                                 f"{len(prompt_ids) + max_tokens} exceeds the context window of {window} tokens",
                            field if len(prompt_ids) < window else "prompt", code="context_length_exceeded")
+
+    def summarize_prompt(self, dialogue: str, recipe: str, max_tokens: int):
+        """The lab's prompt for `recipe` -> (Prompt, whether it uses the chat template). Runs in a worker
+        thread: nearest shots embed with MiniLM."""
+        window = self.scheduler.context_window
+        chat = getattr(self.tokenizer, "chat_template", None) is not None
+        if recipe == "fine-tuned":
+            tuned = self.settings.finetuned
+            chat = chat if tuned.chat is None else tuned.chat
+            return tuned.prompt(dialogue, self.tokenizer, max_prompt_tokens=window - max_tokens), chat
+        k = SUMMARY_RECIPES[recipe]
+        shots, embedder = [], None
+        method = self.settings.shot_method
+        if k:
+            pool = [Example(d.dialogue, d.references[0]) for d in load_sample().records if d.references]
+            embedder = self.embedder() if method == "nearest" else None
+            shots = select_shots(dialogue, pool, k, method=method, embedder=embedder)
+        prompt = build_prompt(dialogue, shots, template="instruction", tokenizer=self.tokenizer, chat=chat,
+                              instruction=INSTRUCTION, embedder=embedder, context_window=window,
+                              max_new_tokens=max_tokens)
+        return prompt, chat
+
+    def append_preference(self, pair: PreferencePair) -> int:
+        """Append a person's choice to --prefs-out -> the records the file holds now."""
+        with self._prefs_lock:
+            append_preference(self.settings.prefs_out, pair)
+            with open(self.settings.prefs_out, encoding="utf-8") as f:
+                return sum(1 for line in f if line.strip())
 
 
 # --- running requests ------------------------------------------------------------------------------
@@ -257,7 +286,8 @@ async def _watch_disconnect(request: Request) -> None:
 
 
 class ChoiceRun:
-    """The requests of one API call (one per choice), submitted at once, and their events as they come.
+    """The scheduler ``Sequence``s of one API call (one per choice), submitted at once, and their events as
+    they come.
 
     Submitting happens in the constructor, before any response starts, so a full queue is still a
     429 rather than a broken stream. Leaving ``events()`` early (the client disconnected, the stream was
@@ -268,7 +298,7 @@ class ChoiceRun:
         self.scheduler = state.require_ready()
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        self.handles = []
+        self.handles: list[Sequence] = []
         try:
             for i, (ids, config) in enumerate(zip(prompts, configs)):
                 emit = (lambda event, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, event)))
@@ -337,351 +367,346 @@ class ChoiceRun:
         return texts, reasons
 
 
-# --- endpoints -------------------------------------------------------------------------------------
+# --- responses -------------------------------------------------------------------------------------
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def _error_event(message: str) -> dict:
+    return ApiError(500, message, type="server_error").body()
+
+
+def sse_response(run: ChoiceRun, render: Callable[[int, Event], dict | None], before: list[dict] | None = None,
+                 after: Callable[[], list[dict]] | None = None) -> StreamingResponse:
+    """The one SSE stream of every endpoint: `before` events, then each choice's events rendered by
+    `render(choice index, text or done event)` (None sends nothing; an error event is sent OpenAI-shaped),
+    then `after()`'s events (called once every choice has ended), then ``data: [DONE]``."""
+
+    async def events() -> AsyncIterator[str]:
+        for payload in before or []:
+            yield _sse(payload)
+        async for i, event in run.events():
+            payload = _error_event(event.error) if event.kind == "error" else render(i, event)
+            if payload is not None:
+                yield _sse(payload)
+        for payload in after() if after is not None else []:
+            yield _sse(payload)
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _completion(id: str, object: str, created: int, model: str, choices: list[dict], usage: dict | None = None) -> dict:
+    """The body of a completion, a chat completion, or one of their stream chunks."""
+    out = {"id": id, "object": object, "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+# --- route plumbing ----------------------------------------------------------------------------------
+def route(handler: Callable[[Request, ServerState], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """A Starlette endpoint from `handler(request, state)`: the API key on /v1/ paths, ApiError -> its response."""
+
+    @functools.wraps(handler)
+    async def endpoint(request: Request) -> Response:
+        state: ServerState = request.app.state.lmlab
+        try:
+            key = state.settings.api_key
+            if key and request.url.path.startswith("/v1/") and request.headers.get("authorization", "") != f"Bearer {key}":
+                raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                               type="authentication_error", code="invalid_api_key")
+            return await handler(request, state)
+        except ApiError as exc:
+            return exc.response()
+
+    return endpoint
+
+
+async def body_of(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def check_model(body: dict) -> None:
+    name = body.get("model")
+    if name is not None and not isinstance(name, str):
+        raise ApiError(400, f"model={name!r} must be a string", "model")
+
+
+def choices_count(body: dict) -> int:
+    return _number(body, "n", 1, 1, MAX_N, integer=True)
+
+
+def include_usage(body: dict) -> bool:
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, f"stream_options={options!r} must be an object", "stream_options")
+    return bool(options.get("include_usage", False))
+
+
+def chat_prompt_ids(body: dict, state: ServerState) -> list[int]:
+    """The chat request's messages through the checkpoint's chat template -> prompt ids."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, f"messages={messages!r} must be a non-empty list of {{role, content}} objects", "messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise ApiError(400, f"messages[{i}] must be an object with role system, user or assistant",
+                           f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+            content = "".join(p.get("text", "") for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
+        role = "system" if m["role"] == "developer" else m["role"]
+        clean.append({"role": role, "content": content})
+    if getattr(state.tokenizer, "chat_template", None) is None:
+        raise ApiError(400, f"model {state.settings.model_name!r} has no chat template; use /v1/completions", "messages")
+    try:
+        text = state.tokenizer.apply_chat_template(clean, add_generation_prompt=True)
+    except LmlabError as exc:
+        raise ApiError(400, str(exc), "messages") from None
+    return state.encode(text)
+
+
+async def collect_or_499(run: ChoiceRun, request: Request) -> tuple[list[str], list[str | None]] | Response:
+    """Every choice's (texts, finish reasons), or a 499 response when the client left meanwhile."""
+    result = await run.collect(request)
+    return Response(status_code=499) if result is None else result  # 499: nobody reads it, the client is gone
+
+
+# --- route handlers ------------------------------------------------------------------------------------
+@route
+async def health(request: Request, state: ServerState) -> Response:
+    if state.load_error:
+        return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
+    if not state.ready.is_set():
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+    if state.scheduler.error:
+        return JSONResponse({"status": "error", "error": state.scheduler.error}, status_code=500)
+    return JSONResponse({"status": "ok", "model": state.settings.model_name})
+
+
+@route
+async def metrics(request: Request, state: ServerState) -> Response:
+    return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@route
+async def models(request: Request, state: ServerState) -> Response:
+    return JSONResponse({"object": "list", "data": [
+        {"id": state.settings.model_name, "object": "model", "created": state.created, "owned_by": "lmlab"}]})
+
+
+@route
+async def completions(request: Request, state: ServerState) -> Response:
+    body = await body_of(request)
+    state.require_ready()
+    check_model(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise ApiError(400, f"prompt={prompt!r} must be a string or a non-empty list of strings", "prompt")
+    n = choices_count(body)
+    stream = _bool(body, "stream")
+    configs = [state.resolve(c) for c in _configs_or_400(body, 16, n)]
+    ids = [state.encode(p) for p in prompts]
+    for row in ids:
+        if not row:
+            raise ApiError(400, "prompt is empty: it needs at least one token", "prompt")
+        state.check_window(row, configs[0].max_new_tokens)
+    if stream:
+        include_usage(body)  # validated; usage is always sent
+    # choice k = prompt k // n, sample k % n (OpenAI's order)
+    run = ChoiceRun(state, [row for row in ids for _ in range(n)], [configs[j] for _ in ids for j in range(n)])
+    prompt_tokens = sum(len(r) for r in ids)
+    body_of_chunk = functools.partial(_completion, f"cmpl-{uuid.uuid4().hex}", "text_completion", int(time.time()),
+                                      state.settings.model_name)
+
+    def choice(i: int, text: str, finish_reason: str | None) -> dict:
+        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    if stream:
+        return sse_response(
+            run, lambda i, e: body_of_chunk([choice(i, e.text, e.finish_reason)]),
+            after=lambda: [body_of_chunk([], _usage(prompt_tokens, run.completion_tokens))])  # OpenAI: only with include_usage
+    result = await collect_or_499(run, request)
+    if isinstance(result, Response):
+        return result
+    choices = [choice(i, t, r) for i, (t, r) in enumerate(zip(*result))]
+    return JSONResponse(body_of_chunk(choices, _usage(prompt_tokens, run.completion_tokens)))
+
+
+@route
+async def chat(request: Request, state: ServerState) -> Response:
+    body = await body_of(request)
+    state.require_ready()
+    check_model(body)
+    n = choices_count(body)
+    stream = _bool(body, "stream")
+    ids = chat_prompt_ids(body, state)
+    default = max(1, min(256, state.scheduler.context_window - len(ids)))
+    configs = [state.resolve(c) for c in _configs_or_400(body, default, n, "max_completion_tokens")]
+    field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    state.check_window(ids, configs[0].max_new_tokens, field)
+    if stream:
+        include_usage(body)  # validated; usage is always sent
+    run = ChoiceRun(state, [ids] * n, configs)
+    rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.settings.model_name
+    if stream:
+        chunk = functools.partial(_completion, rid, "chat.completion.chunk", created, name)
+
+        def delta(i: int, event: Event) -> dict:
+            content = {"content": event.text} if event.kind == "text" else {}
+            return chunk([{"index": i, "delta": content, "logprobs": None, "finish_reason": event.finish_reason}])
+
+        roles = [chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}]) for i in range(n)]
+        return sse_response(run, delta, before=roles,
+                            after=lambda: [chunk([], _usage(len(ids), run.completion_tokens))])
+    result = await collect_or_499(run, request)
+    if isinstance(result, Response):
+        return result
+    choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+               for i, (t, r) in enumerate(zip(*result))]
+    return JSONResponse(_completion(rid, "chat.completion", created, name, choices,
+                                    _usage(len(ids), run.completion_tokens)))
+
+
+@route
+async def summarize(request: Request, state: ServerState) -> Response:
+    body = await body_of(request)
+    state.require_ready()
+    settings = state.settings
+    dialogue = body.get("dialogue")
+    if not isinstance(dialogue, str) or not dialogue.strip():
+        raise ApiError(400, "dialogue must be a non-empty string (#Person1#: ... one turn per line)", "dialogue")
+    recipe = body.get("recipe", settings.default_recipe)
+    if recipe not in SUMMARY_RECIPES:
+        raise ApiError(400, f"recipe={recipe!r} is not valid; choose one of: {', '.join(SUMMARY_RECIPES)}", "recipe")
+    if recipe not in settings.recipes:
+        raise ApiError(400, "recipe='fine-tuned' needs a fine-tuned summarizer: a server started with the shipped "
+                            "adapter, --adapter DIR (a LoRA summarizer from lmlab finetune), or a fine-tuned model",
+                       "recipe")
+    stream = _bool(body, "stream")
+    if "temperature" not in body:
+        body = dict(body, temperature=0)  # the lab's recipes are greedy unless asked otherwise
+    config = _configs_or_400(body, 64, 1)[0]
+    try:
+        prompt, chat = await asyncio.to_thread(state.summarize_prompt, dialogue.strip(), recipe, config.max_new_tokens)
+    except LmlabError as exc:
+        raise ApiError(400, str(exc), "dialogue") from None
+    config = state.resolve(config.replace(stop_strings=config.stop_strings + list(
+        CHAT_STOP_STRINGS if chat else STOP_STRINGS)))
+    ids = state.encode(prompt.text)
+    state.check_window(ids, config.max_new_tokens)
+    run = ChoiceRun(state, [ids], [config])
+
+    def final(text: str, reason: str | None) -> dict:
+        return {"object": "summary", "model": settings.model_name, "recipe": recipe, "shots": len(prompt.shots),
+                "notes": prompt.notes, "summary": clean_summary(text), "finish_reason": reason,
+                "usage": _usage(len(ids), run.completion_tokens)}
+
+    if stream:
+        texts, reasons = [""], [None]
+
+        def delta(i: int, event: Event) -> dict | None:
+            if event.kind == "done":
+                reasons[0] = event.finish_reason
+                return None
+            texts[0] += event.text
+            return {"delta": event.text}
+
+        return sse_response(run, delta, after=lambda: [final(texts[0], reasons[0])])
+    result = await collect_or_499(run, request)
+    if isinstance(result, Response):
+        return result
+    return JSONResponse(final(result[0][0], result[1][0]))
+
+
+@route
+async def dialogues(request: Request, state: ServerState) -> Response:
+    settings = state.settings
+    records = [{"id": d.id, "topic": d.topic, "dialogue": d.dialogue} for d in load_sample().records]
+    return JSONResponse({"recipes": settings.recipes, "default_recipe": settings.default_recipe, "dialogues": records,
+                         "preferences": settings.prefs_out is not None})
+
+
+@route
+async def preferences(request: Request, state: ServerState) -> Response:
+    """The playground's compare tab: a person's choice between two summaries, appended to --prefs-out."""
+    body = await body_of(request)
+    prefs_out = state.settings.prefs_out
+    if prefs_out is None:
+        raise ApiError(400, "this server records no preferences: start it with lmlab serve --prefs-out FILE")
+    for name in ("prompt", "chosen", "rejected"):
+        if not isinstance(body.get(name), str) or not body[name].strip():
+            raise ApiError(400, f"{name} must be a non-empty string", name)
+    source = body.get("source")
+    if source is not None and not isinstance(source, str):
+        raise ApiError(400, f"source must be a string, got {type(source).__name__}", "source")
+    if body["chosen"] == body["rejected"]:
+        raise ApiError(400, "chosen and rejected are the same text: there is no preference to record", "rejected")
+    pair = PreferencePair(body["prompt"], body["chosen"], body["rejected"], source)
+    try:
+        records = await asyncio.to_thread(state.append_preference, pair)
+    except (LmlabError, OSError) as exc:
+        raise ApiError(500, f"could not append to {prefs_out}: {exc}", type="server_error") from None
+    return JSONResponse({"object": "preference", "file": str(prefs_out), "records": records})
+
+
+async def index(request: Request) -> Response:
+    return FileResponse(STATIC / "index.html")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette):
+    """Load the model in a thread once the server is up (/health answers 503 meanwhile); after uvicorn has
+    drained the HTTP requests, stop the model loop."""
+    state: ServerState = app.state.lmlab
+    threading.Thread(target=state.load, name="lmlab-load", daemon=True).start()
+    yield
+    if state.scheduler is not None:
+        await asyncio.to_thread(state.scheduler.close, True)
+
+
+ROUTES = [
+    Route("/health", health),
+    Route("/metrics", metrics),
+    Route("/v1/models", models),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/chat/completions", chat, methods=["POST"]),
+    Route("/v1/summarize", summarize, methods=["POST"]),
+    Route("/v1/summarize/dialogues", dialogues),
+    Route("/v1/preferences", preferences, methods=["POST"]),
+    Route("/", index),
+    Mount("/static", StaticFiles(directory=STATIC), name="static"),
+]
+
+
 def create_app(settings: ServeSettings, loader: Callable[[], tuple[Any, Any]]) -> Starlette:
     """The Starlette app. `loader()` returns (model, tokenizer); it runs in a thread after start-up."""
-    state = ServerState(settings, loader)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        threading.Thread(target=state.load, name="lmlab-load", daemon=True).start()
-        yield
-        if state.scheduler is not None:  # uvicorn has drained the HTTP requests; stop the loop
-            await asyncio.to_thread(state.scheduler.close, True)
-
-    def endpoint(fn):
-        async def wrapped(request: Request) -> Response:
-            try:
-                if settings.api_key and request.url.path.startswith("/v1/"):
-                    given = request.headers.get("authorization", "")
-                    if given != f"Bearer {settings.api_key}":
-                        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                       type="authentication_error", code="invalid_api_key")
-                return await fn(request)
-            except ApiError as exc:
-                return exc.response()
-        return wrapped
-
-    async def body_of(request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-        return body
-
-    async def health(request: Request) -> Response:
-        if state.load_error:
-            return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
-        if not state.ready.is_set():
-            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
-        if state.scheduler.error:
-            return JSONResponse({"status": "error", "error": state.scheduler.error}, status_code=500)
-        return JSONResponse({"status": "ok", "model": settings.model_name})
-
-    async def metrics(request: Request) -> Response:
-        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": settings.model_name, "object": "model", "created": state.created, "owned_by": "lmlab"}]})
-
-    def check_model(body: dict) -> None:
-        name = body.get("model")
-        if name is not None and not isinstance(name, str):
-            raise ApiError(400, f"model={name!r} must be a string", "model")
-
-    def choices_count(body: dict) -> int:
-        return _number(body, "n", 1, 1, MAX_N, integer=True)
-
-    async def stream_response(events: AsyncIterator[str]) -> StreamingResponse:
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    def include_usage(body: dict) -> bool:
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
-            raise ApiError(400, f"stream_options={options!r} must be an object", "stream_options")
-        return bool(options.get("include_usage", False))
-
-    # --- completions -------------------------------------------------------------------------------
-    async def completions(request: Request) -> Response:
-        body = await body_of(request)
-        state.require_ready()
-        check_model(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = list(prompt)
-        else:
-            raise ApiError(400, f"prompt={prompt!r} must be a string or a non-empty list of strings", "prompt")
-        n = choices_count(body)
-        stream = _bool(body, "stream")
-        configs = [state.resolve(c) for c in _configs_or_400(body, 16, n)]
-        ids = [state.encode(p) for p in prompts]
-        for row in ids:
-            if not row:
-                raise ApiError(400, "prompt is empty: it needs at least one token", "prompt")
-            state.check_window(row, configs[0].max_new_tokens)
-        # choice k = prompt k // n, sample k % n (OpenAI's order)
-        all_ids = [row for row in ids for _ in range(n)]
-        all_configs = [configs[j] for _ in ids for j in range(n)]
-        prompt_tokens = sum(len(r) for r in ids)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(choices, usage=None):
-            out = {"id": rid, "object": "text_completion", "created": created, "model": settings.model_name,
-                   "choices": choices}
-            if usage is not None:
-                out["usage"] = usage
-            return out
-
-        if stream:
-            include_usage(body)  # validated; usage is always sent
-            run = ChoiceRun(state, all_ids, all_configs)
-
-            async def sse():
-                async for i, event in run.events():
-                    if event.kind == "text":
-                        yield _sse(chunk([{"index": i, "text": event.text, "logprobs": None, "finish_reason": None}]))
-                    elif event.kind == "done":
-                        yield _sse(chunk([{"index": i, "text": "", "logprobs": None,
-                                           "finish_reason": event.finish_reason}]))
-                    else:
-                        yield _sse({"error": {"message": event.error, "type": "server_error", "param": None,
-                                              "code": None}})
-                usage = _usage(prompt_tokens, run.completion_tokens)
-                yield _sse(chunk([], usage))  # OpenAI sends it only with include_usage; lmlab always does
-                yield _sse("[DONE]")
-
-            return await stream_response(sse())
-        run = ChoiceRun(state, all_ids, all_configs)
-        result = await run.collect(request)
-        if result is None:
-            return Response(status_code=499)  # the client is gone; nobody reads this
-        texts, reasons = result
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
-        return JSONResponse(chunk(choices, _usage(prompt_tokens, run.completion_tokens)))
-
-    # --- chat --------------------------------------------------------------------------------------
-    def chat_prompt_ids(body: dict) -> list[int]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, f"messages={messages!r} must be a non-empty list of {{role, content}} objects",
-                           "messages")
-        clean = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-                raise ApiError(400, f"messages[{i}] must be an object with role system, user or assistant",
-                               f"messages[{i}].role")
-            content = m.get("content")
-            if isinstance(content, list):  # content parts: keep the text ones
-                if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                    raise ApiError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
-                content = "".join(p.get("text", "") for p in content)
-            if not isinstance(content, str):
-                raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
-            role = "system" if m["role"] == "developer" else m["role"]
-            clean.append({"role": role, "content": content})
-        if getattr(state.tokenizer, "chat_template", None) is None:
-            raise ApiError(400, f"model {settings.model_name!r} has no chat template; use /v1/completions", "messages")
-        try:
-            text = state.tokenizer.apply_chat_template(clean, add_generation_prompt=True)
-        except LmlabError as exc:
-            raise ApiError(400, str(exc), "messages") from None
-        return state.encode(text)
-
-    async def chat(request: Request) -> Response:
-        body = await body_of(request)
-        state.require_ready()
-        check_model(body)
-        n = choices_count(body)
-        stream = _bool(body, "stream")
-        ids = chat_prompt_ids(body)
-        window = state.scheduler.context_window
-        default = max(1, min(256, window - len(ids)))
-        configs = [state.resolve(c) for c in _configs_or_400(body, default, n, "max_completion_tokens")]
-        field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        state.check_window(ids, configs[0].max_new_tokens, field)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(choices, usage=None, obj="chat.completion.chunk"):
-            out = {"id": rid, "object": obj, "created": created, "model": settings.model_name, "choices": choices}
-            if usage is not None:
-                out["usage"] = usage
-            return out
-
-        if stream:
-            include_usage(body)  # validated; usage is always sent
-            run = ChoiceRun(state, [ids] * n, configs)
-
-            async def sse():
-                for i in range(n):
-                    yield _sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                       "logprobs": None, "finish_reason": None}]))
-                async for i, event in run.events():
-                    if event.kind == "text":
-                        yield _sse(chunk([{"index": i, "delta": {"content": event.text}, "logprobs": None,
-                                           "finish_reason": None}]))
-                    elif event.kind == "done":
-                        yield _sse(chunk([{"index": i, "delta": {}, "logprobs": None,
-                                           "finish_reason": event.finish_reason}]))
-                    else:
-                        yield _sse({"error": {"message": event.error, "type": "server_error", "param": None,
-                                              "code": None}})
-                yield _sse(chunk([], _usage(len(ids), run.completion_tokens)))
-                yield _sse("[DONE]")
-
-            return await stream_response(sse())
-        run = ChoiceRun(state, [ids] * n, configs)
-        result = await run.collect(request)
-        if result is None:
-            return Response(status_code=499)
-        texts, reasons = result
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
-        return JSONResponse(chunk(choices, _usage(len(ids), run.completion_tokens),
-                                  obj="chat.completion"))
-
-    # --- summarize ---------------------------------------------------------------------------------
-    def summarize_prompt(dialogue: str, recipe: str, max_tokens: int):
-        """The lab's prompt for `recipe` (built in a worker thread: nearest shots embed with MiniLM)."""
-        from lmlab.prompting import Example, build_prompt, select_shots
-        from lmlab.tasks.summarize.data import load_sample
-        from lmlab.tasks.summarize.experiments import INSTRUCTION
-
-        window = state.scheduler.context_window
-        chat = getattr(state.tokenizer, "chat_template", None) is not None
-        if recipe == "fine-tuned":
-            tuned = settings.finetuned
-            chat = chat if tuned.chat is None else tuned.chat
-            return tuned.prompt(dialogue, state.tokenizer, max_prompt_tokens=window - max_tokens), chat
-        k = SUMMARY_RECIPES[recipe]
-        shots, embedder = [], None
-        if k:
-            pool = [Example(d.dialogue, d.references[0]) for d in load_sample().records if d.references]
-            embedder = state.embedder() if settings.shot_method == "nearest" else None
-            shots = select_shots(dialogue, pool, k, method=settings.shot_method, embedder=embedder)
-        prompt = build_prompt(dialogue, shots, template="instruction", tokenizer=state.tokenizer, chat=chat,
-                              instruction=INSTRUCTION, embedder=embedder, context_window=window,
-                              max_new_tokens=max_tokens)
-        return prompt, chat
-
-    async def summarize(request: Request) -> Response:
-        from lmlab.tasks.summarize.experiments import CHAT_STOP_STRINGS, STOP_STRINGS, clean_summary
-
-        body = await body_of(request)
-        state.require_ready()
-        dialogue = body.get("dialogue")
-        if not isinstance(dialogue, str) or not dialogue.strip():
-            raise ApiError(400, "dialogue must be a non-empty string (#Person1#: ... one turn per line)", "dialogue")
-        recipe = body.get("recipe", "few-shot")
-        if recipe not in SUMMARY_RECIPES:
-            raise ApiError(400, f"recipe={recipe!r} is not valid; choose one of: {', '.join(SUMMARY_RECIPES)}", "recipe")
-        if recipe == "fine-tuned" and settings.finetuned is None:
-            raise ApiError(400, "recipe='fine-tuned' needs a server started with --adapter DIR "
-                                "(a LoRA summarizer from lmlab finetune)", "recipe")
-        stream = _bool(body, "stream")
-        if "temperature" not in body:
-            body = dict(body, temperature=0)  # the lab's recipes are greedy unless asked otherwise
-        config = _configs_or_400(body, 64, 1)[0]
-        try:
-            prompt, chat = await asyncio.to_thread(summarize_prompt, dialogue.strip(), recipe, config.max_new_tokens)
-        except LmlabError as exc:
-            raise ApiError(400, str(exc), "dialogue") from None
-        config = state.resolve(config.replace(stop_strings=config.stop_strings + list(
-            CHAT_STOP_STRINGS if chat else STOP_STRINGS)))
-        ids = state.encode(prompt.text)
-        state.check_window(ids, config.max_new_tokens)
-        info = {"object": "summary", "model": settings.model_name, "recipe": recipe, "shots": len(prompt.shots),
-                "notes": prompt.notes}
-        if stream:
-            run = ChoiceRun(state, [ids], [config])
-
-            async def sse():
-                text, reason = "", None
-                async for _, event in run.events():
-                    if event.kind == "text":
-                        text += event.text
-                        yield _sse({"delta": event.text})
-                    elif event.kind == "done":
-                        reason = event.finish_reason
-                    else:
-                        yield _sse({"error": {"message": event.error, "type": "server_error"}})
-                yield _sse(dict(info, summary=clean_summary(text), finish_reason=reason,
-                                usage=_usage(len(ids), run.completion_tokens)))
-                yield _sse("[DONE]")
-
-            return await stream_response(sse())
-        run = ChoiceRun(state, [ids], [config])
-        result = await run.collect(request)
-        if result is None:
-            return Response(status_code=499)
-        texts, reasons = result
-        return JSONResponse(dict(info, summary=clean_summary(texts[0]), finish_reason=reasons[0],
-                                 usage=_usage(len(ids), run.completion_tokens)))
-
-    async def dialogues(request: Request) -> Response:
-        from lmlab.tasks.summarize.data import load_sample
-
-        recipes = [r for r in SUMMARY_RECIPES if r != "fine-tuned" or settings.finetuned is not None]
-        records = [{"id": d.id, "topic": d.topic, "dialogue": d.dialogue} for d in load_sample().records]
-        return JSONResponse({"recipes": recipes, "default_recipe": "few-shot", "dialogues": records,
-                             "preferences": settings.prefs_out is not None})
-
-    # --- preferences (the playground's compare tab) ------------------------------------------------
-    prefs_lock = threading.Lock()  # one append at a time, whichever worker thread runs it
-
-    def append_choice(pair) -> int:
-        from lmlab.align.prefs import append_preference
-
-        with prefs_lock:
-            append_preference(settings.prefs_out, pair)
-            with open(settings.prefs_out, encoding="utf-8") as f:
-                return sum(1 for line in f if line.strip())
-
-    async def preferences(request: Request) -> Response:
-        from lmlab.align.prefs import PreferencePair
-
-        body = await body_of(request)
-        if settings.prefs_out is None:
-            raise ApiError(400, "this server records no preferences: start it with lmlab serve --prefs-out FILE")
-        for name in ("prompt", "chosen", "rejected"):
-            if not isinstance(body.get(name), str) or not body[name].strip():
-                raise ApiError(400, f"{name} must be a non-empty string", name)
-        source = body.get("source")
-        if source is not None and not isinstance(source, str):
-            raise ApiError(400, f"source must be a string, got {type(source).__name__}", "source")
-        if body["chosen"] == body["rejected"]:
-            raise ApiError(400, "chosen and rejected are the same text: there is no preference to record", "rejected")
-        pair = PreferencePair(body["prompt"], body["chosen"], body["rejected"], source)
-        try:
-            records = await asyncio.to_thread(append_choice, pair)
-        except (LmlabError, OSError) as exc:
-            raise ApiError(500, f"could not append to {settings.prefs_out}: {exc}", type="server_error") from None
-        return JSONResponse({"object": "preference", "file": str(settings.prefs_out), "records": records})
-
-    async def index(request: Request) -> Response:
-        return FileResponse(STATIC / "index.html")
-
-    routes = [
-        Route("/health", endpoint(health)),
-        Route("/metrics", endpoint(metrics)),
-        Route("/v1/models", endpoint(models)),
-        Route("/v1/completions", endpoint(completions), methods=["POST"]),
-        Route("/v1/chat/completions", endpoint(chat), methods=["POST"]),
-        Route("/v1/summarize", endpoint(summarize), methods=["POST"]),
-        Route("/v1/summarize/dialogues", endpoint(dialogues)),
-        Route("/v1/preferences", endpoint(preferences), methods=["POST"]),
-        Route("/", index),
-        Mount("/static", StaticFiles(directory=STATIC), name="static"),
-    ]
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.lmlab = state
+    app = Starlette(routes=ROUTES, lifespan=lifespan)
+    app.state.lmlab = ServerState(settings, loader)
     return app
 
 
