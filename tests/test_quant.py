@@ -329,13 +329,13 @@ def _activation_rounding_ratio(native: nn.Module, reference: nn.Module, prompts:
     same ~2^-9 relative rounding errors at the same places, pushed through the same network; they differ
     only in which way the few near-tie roundings go, which is decided by the fp32 accumulation order of
     the GEMM underneath (MKL's AVX-512 and AVX2 sgemm sum differently, and so does the int4 kernel).
-    On a deep model those few flips are amplified until the two draws are independent, so a single
-    draw's *maximum* is a poor yardstick (on SmolLM2's file weights it moves 0.27 -> 0.48 when MKL is limited to
-    AVX2, with the kernels' weights 0.48 -> 0.31, while the native logits stay put), but the RMS over thousands of logits is stable: measured
-    0.80-1.23 per prompt over 4 prompts x {AVX-512, AVX2} GEMMs on SmolLM2 (1.08 and 1.23 for the slow
-    test's two prompts together). A real defect is far outside: one of SmolLM2's 210 int4 layers with its
-    zero off by one step gives 3.2, swapped nibble halves in one layer 39, one k projection left in
-    llama.cpp's row order 46."""
+    On a deep model those few flips are amplified until the two draws are independent, so a single draw's
+    *maximum* is a poor yardstick (on SmolLM2's file weights it moves 0.27 -> 0.48 when MKL is limited to
+    AVX2, with the kernels' weights 0.48 -> 0.31, while the native logits stay put), but the RMS over
+    thousands of logits is stable: measured 0.80-1.23 per prompt over 4 prompts x {AVX-512, AVX2} GEMMs on
+    SmolLM2 (1.08 and 1.23 for the slow test's two prompts together). A real defect is far outside: one of
+    SmolLM2's 210 int4 layers with its zero off by one step gives 3.2, swapped nibble halves in one layer
+    39, one k projection left in llama.cpp's row order 46."""
     ours, exact, rounded = [], [], []
     with torch.no_grad():
         for ids in prompts:
@@ -435,7 +435,7 @@ def test_smollm2_native_q4_1_matches_the_dequantized_model(smollm2_path):
     logits by up to 0.62 (a group's 32 weights share one rounded scale and zero, so their errors add
     coherently), more than one draw of the activation rounding does (0.27-0.48 at the maximum, depending
     on which CPU's sgemm sums the reference), which is why "3x the activation rounding's maximum" failed
-    on AVX-512 machines (0.90 > 0.81) and passed on AVX2 ones by luck of the draw (0.90 < 1.43)."""
+    on AVX-512 machines (0.90 > 0.81) and passes when MKL is limited to AVX2, by luck of the draw (0.90 < 1.43)."""
     native = lmlab.load_model(smollm2_path, quantize="native")
     assert native.quantization["gguf_types"] == {"Q8_0": 1, "F32": 61, "Q4_1": 210}
     assert native.quantization["embedding"] == "tied" and isinstance(native.lm_head, Int8Linear)
