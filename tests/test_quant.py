@@ -321,12 +321,72 @@ def _rounded_linears(model: nn.Module):
     return handles
 
 
+def _give_kernel_weights(reference: nn.Module, native: nn.Module) -> None:
+    """Make the fp32 `reference` (same architecture) multiply by exactly the weights `native`'s kernels use:
+    each quantized layer's ``dequantize()`` (bf16-rounded scales and zeros) and, for a quantized embedding,
+    the rows it looks up (fp32 scales). A tied head is untied for that: the two differ by the scale rounding."""
+    with torch.no_grad():
+        for name, module in native.named_modules():
+            if isinstance(module, Int4Linear | Int8Linear):
+                reference.get_submodule(name).weight = nn.Parameter(module.dequantize(), requires_grad=False)
+        if isinstance(native.tok_embed, QuantizedEmbedding):
+            rows = native.tok_embed(torch.arange(native.tok_embed.num_embeddings))  # (V, C)
+            reference.tok_embed.weight = nn.Parameter(rows, requires_grad=False)
+
+
+def _rms(d: torch.Tensor) -> float:
+    return d.double().pow(2).mean().sqrt().item()
+
+
+def _activation_rounding_ratio(native: nn.Module, reference: nn.Module, prompts: list[torch.Tensor]) -> float:
+    """rms(native - reference) / rms(rounded reference - reference) over the logits of all `prompts`,
+    where `reference` already holds the kernels' weights (``_give_kernel_weights``).
+
+    Why this ratio is about 1 on every CPU, and why the tests hold it to 2: with the kernels' own weights
+    the only arithmetic the native model does differently from the fp32 reference is rounding each
+    quantized linear's input and output to bf16 (the kernels return the correctly rounded bf16 of the
+    exact product; probed on AVX-512 and AVX2 dispatch). The hooked reference rounds exactly the same
+    tensors, so (native - reference) and (hooked - reference) are two draws of one noise process: the
+    same ~2^-9 relative rounding errors at the same places, pushed through the same network; they differ
+    only in which way the few near-tie roundings go, which is decided by the fp32 accumulation order of
+    the GEMM underneath (MKL's AVX-512 and AVX2 sgemm sum differently, and so does the int4 kernel).
+    On a deep model those few flips are amplified until the two draws are independent, so a single draw's
+    *maximum* is a poor yardstick (on SmolLM2's file weights it moves 0.27 -> 0.48 when MKL is limited to
+    AVX2, with the kernels' weights 0.48 -> 0.31, while the native logits stay put), but the RMS over
+    thousands of logits is stable: measured 0.80-1.23 per prompt over 4 prompts x {AVX-512, AVX2} GEMMs on
+    SmolLM2 (1.08 and 1.23 for the slow test's two prompts together). A real defect is far outside: one of
+    SmolLM2's 210 int4 layers with its zero off by one step gives 3.2, swapped nibble halves in one layer
+    39, one k projection left in llama.cpp's row order 46."""
+    ours, exact, rounded = [], [], []
+    with torch.no_grad():
+        for ids in prompts:
+            ours.append(native(ids).flatten())
+            exact.append(reference(ids).flatten())
+        handles = _rounded_linears(reference)
+        for ids in prompts:
+            rounded.append(reference(ids).flatten())
+        for h in handles:
+            h.remove()
+    ours, exact, rounded = torch.cat(ours), torch.cat(exact), torch.cat(rounded)
+    return _rms(ours - exact) / _rms(rounded - exact)
+
+
+def _int4_scale_zero_rounding_ok(module: Int4Linear, w: torch.Tensor) -> bool:
+    """The kernel's weight ``(q - 8) * bf16(scale) + bf16(zero)`` against the file's ``w`` (N, K): rounding to
+    nearest bf16 moves scale and zero by at most 2^-9 of themselves, so each weight moves by at most
+    2^-9 (|q - 8| scale + |zero|); checked with U = 2^-8, twice that, which leaves room for fp32 arithmetic."""
+    G = module.group_size
+    q = unpack_nibbles(module.qweight).float().unflatten(-1, (-1, G)) - 8  # (N, K/G, G)
+    scale, zero = module.scale[..., None], (module.min + 8 * module.scale)[..., None]  # (N, K/G, 1)
+    bound = (U * (q.abs() * scale.abs() + zero.abs())).flatten(-2)  # (N, K); Q4_0 scales can be negative
+    return bool(((module.dequantize() - w).abs() <= bound).all())
+
+
 @pytest.mark.parametrize("qname", ["Q4_0", "Q4_1"])
 def test_gguf_q4_loads_natively_and_matches_the_dequantized_model(tmp_path, qname):
-    """Tolerance: native differs from the dequantized fp32 model by bf16 rounding of activations, outputs,
-    scales and zeros. Rounding only the activations/outputs of the fp32 model (hooks) measures the size
-    of that effect on these very logits; scale/zero rounding is of the same order (u relative), so the
-    native model must stay within 3x that measured deviation (plus 1e-4 for near-zero cases)."""
+    """Two separate claims, each with its own bound: (1) the weights are the file's up to the kernel's bf16
+    rounding of scale and zero (per weight); (2) given those weights, the native model differs from the
+    fp32 model only by bf16 rounding of each linear's input and output (see _activation_rounding_ratio)."""
     import gguf
     from test_gguf import tiny_llama, write_llama_gguf
 
@@ -336,20 +396,17 @@ def test_gguf_q4_loads_natively_and_matches_the_dequantized_model(tmp_path, qnam
     native = lmlab.load_model(path, quantize="native")
     assert all(spec == {"bits": 4, "group_size": 32} for spec in native.quantization["layers"].values())
     assert isinstance(native.decoder.layers[0].attn.q, Int4Linear)
-    dequantized = load_gguf_model(path, progress=False)
-    for name, module in native.named_modules():  # the same 4-bit values and scales: weights equal to bf16 rounding
+    reference = load_gguf_model(path, progress=False)
+    for name, module in native.named_modules():
         if isinstance(module, Int4Linear):
-            w = dequantized.get_submodule(name).weight
-            assert (module.dequantize() - w).abs().max() <= 2 * U * (w.abs().max() + module.scale.max() * 16)
-    ids = torch.tensor([[1, 40, 90, 120, 200, 7, 64]])
-    with torch.no_grad():
-        exact = dequantized(ids)
-        handles = _rounded_linears(dequantized)
-        rounded = dequantized(ids)
-        for h in handles:
-            h.remove()
-        ours = native(ids)
-    assert (ours - exact).abs().max() <= 3 * (rounded - exact).abs().max() + 1e-4
+            assert _int4_scale_zero_rounding_ok(module, reference.get_submodule(name).weight), name
+    _give_kernel_weights(reference, native)
+    prompts = [torch.tensor([[1, 40, 90, 120, 200, 7, 64]]), torch.tensor([[1, 5, 17, 33, 250, 3, 99, 12, 8]])]
+    assert _activation_rounding_ratio(native, reference, prompts) <= 2
+    # the yardstick can fail: one layer whose kernel zero is off by one step (w - scale) is caught
+    down = native.decoder.layers[1].ffn.down
+    native.decoder.layers[1].ffn.down = Int4Linear(down.qweight, down.scale, down.min - down.scale, 32)
+    assert _activation_rounding_ratio(native, reference, prompts) > 2
 
 
 def test_gguf_q8_0_is_requantized_per_channel_within_half_a_step(tmp_path):
@@ -390,27 +447,35 @@ def test_gguf_other_quant_type_is_named_and_dequantized_on_request(tmp_path, tin
 def test_smollm2_native_q4_1_matches_the_dequantized_model(smollm2_path):
     """The real file: 210 Q4_1 layers run as int4, the Q8_0 token table as a per-channel int8 tied head.
 
-    The reference is the dequantized fp32 model with the head/embedding replaced by the int8 weights the
-    native model requantized (that step is checked per weight on the tiny Q8_0 file above); what is left
-    is bf16 rounding, held to the same rule as the tiny Q4 test: within 3x the deviation that rounding
-    each linear's input and output to bf16 produces on the fp32 reference."""
+    The same two claims as the tiny Q4 test: every int4 weight is the file's up to the bf16 rounding of its
+    scale and zero (per weight; the Q8_0 head's requantization is checked per weight on the tiny Q8_0
+    file above), and with those weights the native logits are within bf16 activation rounding of the fp32
+    model's (RMS within 2x that of the hooked fp32 model: see _activation_rounding_ratio for why).
+
+    Not the file's own fp32 model at the maximum: the bf16 scale/zero rounding alone moves SmolLM2's
+    logits by up to 0.62 (a group's 32 weights share one rounded scale and zero, so their errors add
+    coherently), more than one draw of the activation rounding does (0.27-0.48 at the maximum, depending
+    on which CPU's sgemm sums the reference), which is why "3x the activation rounding's maximum" failed
+    on AVX-512 machines (0.90 > 0.81) and passes when MKL is limited to AVX2, by luck of the draw (0.90 < 1.43)."""
     native = lmlab.load_model(smollm2_path, quantize="native")
     assert native.quantization["gguf_types"] == {"Q8_0": 1, "F32": 61, "Q4_1": 210}
     assert native.quantization["embedding"] == "tied" and isinstance(native.lm_head, Int8Linear)
     tokenizer = lmlab.load_tokenizer(smollm2_path)
-    ids = torch.tensor([tokenizer.encode("#Person1#: Hi, I'd like to book a table for two tonight.\n"
-                                         "#Person2#: Certainly, at what time would you like to come?")])
+    prompts = [torch.tensor([tokenizer.encode(text)]) for text in (
+        "#Person1#: Hi, I'd like to book a table for two tonight.\n"
+        "#Person2#: Certainly, at what time would you like to come?",
+        "#Person1#: Where is the train station?\n#Person2#: Go straight and turn left at the bank.")]
     reference = lmlab.load_model(smollm2_path)
     with torch.no_grad():
-        head = native.lm_head
-        reference.tok_embed.weight.copy_(head.qweight.float() * head.scale[:, None])  # tied: the head too
-        ours, exact = native(ids), reference(ids)
-        handles = _rounded_linears(reference)
-        rounded = reference(ids)
-        for h in handles:
-            h.remove()
-    assert (ours - exact).abs().max() <= 3 * (rounded - exact).abs().max() + 1e-4
-    assert (ours.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.8  # sanity: the same model
+        file_logits = reference(prompts[0])
+    for name, module in native.named_modules():
+        if isinstance(module, Int4Linear):
+            assert _int4_scale_zero_rounding_ok(module, reference.get_submodule(name).weight), name
+    _give_kernel_weights(reference, native)
+    assert _activation_rounding_ratio(native, reference, prompts) <= 2
+    with torch.no_grad():
+        ours = native(prompts[0])
+    assert (ours.argmax(-1) == file_logits.argmax(-1)).float().mean() >= 0.8  # sanity: the file's model
 
 
 def test_lab_runs_quantized_and_keeps_its_rows_apart(tiny_model_dir, tmp_path):
