@@ -48,7 +48,7 @@ def load_schema(source: str | Path | dict) -> dict:
         return source
     text, where = str(source), "schema"
     path = Path(text)
-    if not text.lstrip().startswith("{") and path.suffix in (".json", "") and len(text) < 4096:
+    if not text.lstrip().startswith(("{", "[")):
         if not path.is_file():
             raise ConfigError(f"schema file {text!r} does not exist")
         text, where = path.read_text(encoding="utf-8"), f"schema file {str(path)!r}"
