@@ -26,6 +26,7 @@ The rest of lmlab talks to the store through ``Store``'s methods only; a vector 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -123,19 +124,21 @@ class Store:
         if path.exists() and not path.is_dir():
             raise DataError(f"index path {str(path)!r} is a file; an index is a directory")
         path.mkdir(parents=True, exist_ok=True)
-        db = cls._connect(path / DB_NAME)
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _SCHEMA.strip().split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            rows = {"format": FORMAT, "generation": "0", **{k: str(v) for k, v in info.items()}}
-            db.executemany("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", rows.items())
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return cls(path, db)
+        # made under a temporary name and renamed into place: a reader never sees a half-created index
+        tmp = path / f"{DB_NAME}.creating-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        db = sqlite3.connect(tmp, isolation_level=None)
+        for statement in _SCHEMA.strip().split(";"):
+            if statement.strip():
+                db.execute(statement)
+        rows = {"format": FORMAT, "generation": "0", **{k: str(v) for k, v in info.items()}}
+        db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", rows.items())
+        db.close()
+        if cls.exists(path):  # another process created it meanwhile: keep theirs
+            tmp.unlink()
+        else:
+            os.replace(tmp, path / DB_NAME)
+        return cls.open(path)
 
     def close(self) -> None:
         self._db.close()
