@@ -7,8 +7,9 @@ document the grammar accepts. ``processors.GrammarConstraint`` applies it as one
 (each batch row its own matcher), so greedy, sampling, batching and streaming all keep to the grammar.
 Once the grammar is complete the only allowed tokens are the end-of-sequence ids.
 
-JSON is generated compactly (no whitespace between tokens), which stops a small model from wandering into
-endless whitespace. Output is guaranteed to parse and validate unless generation hits ``max_new_tokens``
+JSON is generated with fixed separators, ``", "`` and ``": "`` (what ``json.dumps`` writes, so what a model has
+seen most) and no other whitespace between tokens, which stops a small model from wandering into endless
+whitespace. Output is guaranteed to parse and validate unless generation hits ``max_new_tokens``
 first: ``parse_output`` then says so.
 
     c = Constraint.from_response_format({"type": "json_schema", "json_schema": {"name": "x", "schema": S}}, tok)
@@ -98,7 +99,7 @@ class Constraint:
         self.eos_token_ids = eos
         self._ll_tok = _ll_tokenizer(tokenizer, self.vocab_size, eos)
         self.grammar = llguidance.LLMatcher.grammar_from_json_schema(
-            schema, defaults={"whitespace_flexible": False})
+            schema, defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(self.grammar, self._ll_tok)
         if is_error:
             raise ConfigError(f"unsupported JSON schema: {messages[0]}")
