@@ -246,3 +246,24 @@ def test_minilm_embeddings_match_transformers_mean_pooling(minilm_path):
     cos = (ours * ref).sum(1)
     assert ours.shape == (3, 384) and np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
     assert cos.min() >= 0.9999, cos
+
+
+def test_answer_prompt_has_numbered_sources_within_budget_and_invented_citations_are_dropped(tmp_path, data,
+                                                                                          tiny_model_dir):
+    import lmlab
+    from lmlab.index import answer_with_sources, check_citations
+
+    idx, _ = Index.build(tmp_path / "idx", data, meta_fields=["topic"], encoder=ToyEncoder())
+    model, tok = lmlab.load_model(tiny_model_dir), lmlab.load_tokenizer(tiny_model_dir)
+    prompt, sources = answer_with_sources(model, tok, idx, "What did the customer order with the salmon?", k=3,
+                                          max_new_tokens=64, chat=False)
+    assert sources[0].id == "d1" and f"Source [{sources[0].id}]:" in prompt
+    assert len(tok.encode(prompt)) <= model.config.max_seq_len - 64
+    # a small context budget keeps fewer / shorter sources, never overflows
+    model.config.max_seq_len = len(tok.encode(prompt)) - 10 + 64
+    small, kept = answer_with_sources(model, tok, idx, "What did the customer order with the salmon?", k=3,
+                                      max_new_tokens=64, chat=False)
+    assert len(tok.encode(small)) <= model.config.max_seq_len - 64 and len(small) < len(prompt)
+    clean, cited, invented = check_citations("Salmon and lemonade [d1], a table [d9] [dev_999].", sources)
+    assert cited == ["d1"] and invented == ["d9", "dev_999"]
+    assert clean == "Salmon and lemonade [d1], a table ."

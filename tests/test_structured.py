@@ -154,3 +154,35 @@ def test_cli_generate_json_schema(tiny_model_dir, tmp_path, capsys):
     assert main(["generate", str(tiny_model_dir), "hello", "--json-object", "--max-new-tokens", "200"]) in (0, 2)
     out = capsys.readouterr().out
     assert out.startswith("{")
+
+
+def test_extraction_fields_are_scored_against_the_summary():
+    from lmlab.tasks.summarize.extract import SCHEMA, score_fields
+
+    summary = "#Person1# and Tom agree to buy the blue car for 5,000 dollars."
+    good = {"speakers": ["Person1", "Tom"], "topic": "buying a car", "decision": "buy the blue car", "amount": 5000}
+    jsonschema.validate(good, SCHEMA)
+    assert score_fields(good, summary, "car purchase") == {"speakers": True, "topic": True, "decision": True,
+                                                          "amount": True}
+    bad = {"speakers": ["Mary"], "topic": "weather", "decision": None, "amount": 2}  # "#Person2#" is no amount
+    assert score_fields(bad, "#Person2# asks #Person1# about the rain.", "car purchase") == {
+        "speakers": False, "topic": False, "decision": True, "amount": False}
+    assert score_fields({"amount": None, "decision": None}, "They will meet at 3.", "x") == {
+        "speakers": False, "topic": False, "decision": False, "amount": False}
+    assert score_fields(None, summary, "car") == dict.fromkeys(("speakers", "topic", "decision", "amount"), False)
+
+
+def test_extraction_run_with_the_grammar_is_always_valid(tiny):
+    from lmlab.tasks.summarize import extract
+
+    model, tok = tiny
+    records = [{"fname": f"r{i}", "dialogue": PROMPTS[i], "summary": "#Person1# pays 5 dollars.", "topic": "pay"}
+               for i in range(4)]
+    tok.chat_template = tok.chat_template or "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    free = extract.run_extraction(records, model, tok, constrained=False, batch_size=4, max_new_tokens=40)
+    held = extract.run_extraction(records, model, tok, constrained=True, batch_size=4, max_new_tokens=400)
+    assert free.parsed == 0.0  # a random model never writes the JSON by itself
+    assert held.parsed >= 0.75, held.outputs  # with the grammar: valid unless a row ran out of tokens
+    for o in held.outputs:
+        if o["valid"]:
+            jsonschema.validate(o["value"], extract.SCHEMA)

@@ -6,7 +6,9 @@ its format: the one class to replace past one machine), ``retrieve.py`` (dense, 
 fusion), ``index.py`` (``Index``: build / add / remove / search), ``ask.py`` (prompts with numbered sources).
 """
 
+from lmlab.index.ask import answer_with_sources, check_citations
 from lmlab.index.embed import DEFAULT_ENCODER, Encoder, embed
 from lmlab.index.index import MODES, AddReport, Hit, Index, read_records
 
-__all__ = ["DEFAULT_ENCODER", "MODES", "AddReport", "Encoder", "Hit", "Index", "embed", "read_records"]
+__all__ = ["DEFAULT_ENCODER", "MODES", "AddReport", "Encoder", "Hit", "Index", "answer_with_sources",
+           "check_citations", "embed", "read_records"]
