@@ -109,6 +109,8 @@ def test_bad_schemas_name_the_problem(tiny, tmp_path):
         _constraint(tiny, {"type": "object", "properties": {"a": {"type": "strin"}}})
     with pytest.raises(ConfigError, match="dependentSchemas"):
         _constraint(tiny, {"type": "object", "dependentSchemas": {"a": {}}})
+    with pytest.raises(ConfigError, match="uniqueItems"):
+        _constraint(tiny, {"type": "array", "uniqueItems": True})
     bad = tmp_path / "bad.json"
     bad.write_text("{type: object}")
     with pytest.raises(ConfigError, match="bad.json' is not valid JSON"):
