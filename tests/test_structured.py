@@ -104,6 +104,19 @@ def test_response_format_json_schema_and_text(tiny):
         Constraint.from_response_format({"type": "json_schema", "json_schema": {"name": "p"}}, tok)
 
 
+def test_constraint_from_response_format_for_the_routes(tiny):
+    from lmlab.generation.constrain import constraint_from_response_format
+
+    model, tok = tiny
+    assert constraint_from_response_format(None, tok, model) is None
+    c = constraint_from_response_format({"type": "json_schema", "json_schema": {"name": "t", "schema": TAGS}}, tok, model)
+    out = generate(model, tok, PROMPTS[2], GenerationConfig(max_new_tokens=60, constraint=c))
+    jsonschema.validate(json.loads(out), TAGS)
+    with pytest.raises(ConfigError, match="Unimplemented keys.*not"):
+        constraint_from_response_format({"type": "json_schema", "json_schema": {"name": "t", "schema": {"not": {}}}},
+                                        tok, model)
+
+
 def test_bad_schemas_name_the_problem(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"properties/a/type.*'strin'"):
         _constraint(tiny, {"type": "object", "properties": {"a": {"type": "strin"}}})

@@ -180,3 +180,19 @@ class RowMatcher:
         self.matcher.unsafe_compute_mask_ptr(self._bitmask.data_ptr(), self._bitmask.numel() * 4)
         bits = np.unpackbits(self._bitmask.numpy().view(np.uint8), bitorder="little")  # (32 * words,)
         return torch.from_numpy(bits[:self.constraint.vocab_size].view(np.bool_))
+
+
+def constraint_from_response_format(response_format: dict | None, tokenizer, model=None) -> Constraint | None:
+    """What ``response_format`` on ``/v1/chat/completions`` and ``/v1/completions`` maps to: a ``Constraint`` for
+    ``json_object`` / ``json_schema``, None for absent or ``{"type": "text"}``. An invalid schema or an unsupported
+    keyword raises ``ConfigError`` naming it (a route answers 400 with that message). `model` supplies the logits'
+    vocabulary size and eos ids (default: the tokenizer's)."""
+    if response_format is None:
+        return None
+    vocab_size = model.config.vocab_size if model is not None else None
+    eos = None
+    if model is not None:
+        from lmlab.generation.decode import resolve_config
+
+        eos = resolve_config(model, None, tokenizer).eos_token_ids
+    return Constraint.from_response_format(response_format, tokenizer, vocab_size=vocab_size, eos_token_ids=eos)
