@@ -33,6 +33,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("lmlab.commands.plan", "estimate memory (training/inference, DDP/ZeRO/FSDP) and plan compute-optimal training"),
     "prefs": ("lmlab.commands.prefs", "preference pairs: build them from labeled dialogues, or label pairs by hand"),
     "reward": ("lmlab.commands.reward", "train a reward model on preference pairs, score summaries with it"),
+    "index": ("lmlab.commands.index", "an embedded vector + BM25 index of your own documents: build, search, remove"),
+    "extract": ("lmlab.commands.extract", "structured-output example: extract {speakers, topic, decision, amount} "
+                "from dialogues as schema-valid JSON, scored against the summaries"),
     "models": ("lmlab.commands.models", "list the registry's models: size, source, and whether each is installed here"),
 }
 

@@ -77,6 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a LoRA adapter directory (PEFT format, e.g. from lmlab finetune) applied to MODEL")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     parser.add_argument("--system", default=None, help="system message (with --chat)")
+    structured = parser.add_argument_group("structured output").add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", default=None, metavar="FILE",
+                            help="the output must be JSON valid against this JSON schema (a file, or the schema text); "
+                                 "see docs/structured.md for the supported keywords")
+    structured.add_argument("--json-object", action="store_true", help="the output must be a JSON object (any keys)")
     add_generation_arguments(parser)
 
 
@@ -90,13 +95,32 @@ def run(args: argparse.Namespace) -> int:
     if args.system and not args.chat:
         raise ConfigError("--system needs --chat (a system message only exists in a chat template)")
     config = generation_config(args)  # validate flags before loading anything
+    schema = None
+    if args.json_schema is not None:
+        from lmlab.generation.constrain import check_schema, load_schema
+
+        schema = load_schema(args.json_schema)
+        check_schema(schema)  # a bad schema fails before the model loads
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = lmlab.load_model(args.model, adapter=args.adapter, quantize=args.quantize)
     tokenizer = lmlab.load_tokenizer(args.model)
     print(f"precision: {apply_compute_precision(model, args.precision)}", file=sys.stderr)
+    constraint = None
+    if schema is not None or args.json_object:
+        from lmlab.generation.constrain import Constraint
+        from lmlab.generation.decode import resolve_config
+
+        eos = resolve_config(model, config, tokenizer).eos_token_ids
+        constraint = Constraint(tokenizer, schema, kind="json_schema" if schema is not None else "json_object",
+                                vocab_size=model.config.vocab_size, eos_token_ids=eos)
+        config = config.replace(constraint=constraint)
     if args.chat:
         prompt = chat_prompt(tokenizer, prompt, args.system)
+    text = ""
     for piece in stream(model, tokenizer, prompt, config):
+        text += piece
         print(piece, end="", flush=True)
     print()
+    if constraint is not None:
+        constraint.parse_output(text)  # complete and valid, or one line saying max_new_tokens cut it short
     return 0

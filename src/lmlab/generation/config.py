@@ -49,6 +49,11 @@ class GenerationConfig:
     stop_strings: list[str] = field(default_factory=list)  # stop when the text contains one (trimmed from output)
     pad_token_id: int | None = None  # fills finished rows; None: the model's pad id, else the first eos id, else 0
 
+    # --- structured output -------------------------------------------------------------------
+    # a compiled grammar (lmlab.generation.constrain.Constraint) the output must follow, or a list of one per
+    # batch row (None for a free row); applied as the `grammar` step of the processor chain
+    constraint: Any = None
+
     def __post_init__(self) -> None:
         if isinstance(self.eos_token_ids, int):
             self.eos_token_ids = [self.eos_token_ids]
@@ -83,6 +88,15 @@ class GenerationConfig:
                 raise ConfigError(f"eos_token_ids={self.eos_token_ids!r} must be non-negative integers (bad: {bad})")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ConfigError(f"stop_strings={self.stop_strings!r} must be non-empty strings")
+        if self.constraint is not None:
+            rows = self.constraint if isinstance(self.constraint, list) else [self.constraint]
+            bad = [c for c in rows if c is not None and not hasattr(c, "new_matcher")]
+            if bad or not rows:
+                raise ConfigError(f"constraint={self.constraint!r} must be a Constraint (lmlab.generation.constrain) "
+                                  "or a non-empty list of them, one per batch row")
+            if self.num_beams > 1:
+                raise ConfigError(f"constraint with num_beams={self.num_beams} is not supported; "
+                                  "structured output works with greedy search and sampling (num_beams=1)")
         if isinstance(self.seed, tuple):
             self.seed = list(self.seed)
         seeds = self.seed if isinstance(self.seed, list) else [] if self.seed is None else [self.seed]

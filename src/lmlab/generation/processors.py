@@ -8,14 +8,17 @@ order, so the same settings give the same distribution as ``transformers``' ``ge
 1. repetition_penalty   divide positive / multiply negative scores of tokens already in the sequence
 2. no_repeat_ngram      forbid the token that would repeat an n-gram already in the sequence
 3. min_new_tokens       forbid the end-of-sequence tokens until enough tokens were generated
+   grammar              forbid tokens the row's grammar does not allow (``config.constraint``; structured output)
 4. temperature          scores / T                                  (sampling only)
 5. top_k                keep the k best tokens                      (sampling only)
 6. top_p                keep the smallest set with probability >= p (sampling only)
 7. min_p                keep tokens with p >= min_p * max p         (sampling only)
 
-Steps 1-3 change *which* tokens are allowed and also apply to greedy and beam search; steps 4-7
+Steps 1-3 and the grammar change *which* tokens are allowed and also apply to greedy search; steps 4-7
 shape the distribution a token is drawn from, so they only run when sampling. Greedy decoding is
-the argmax of the chain's output. Forbidden tokens get -inf.
+the argmax of the chain's output. Forbidden tokens get -inf. The grammar comes after steps 1-3 and
+before the sampling filters, so the filters only ever choose among tokens the grammar allows; where
+steps 1-3 forbade every allowed token, the grammar wins (those rows keep its allowed tokens, at score 0).
 """
 
 from __future__ import annotations
@@ -133,6 +136,70 @@ class MinP:
         return logits.masked_fill(remove, NEG_INF)
 
 
+class GrammarConstraint:
+    """Structured output: each row keeps to its own grammar (``lmlab.generation.constrain``).
+
+    `constraints` holds one ``Constraint`` per row (None: that row is free). Each call first advances every
+    row's matcher by the token the row generated last, then masks the tokens its grammar forbids. Rows
+    that leave the batch (finished rows are dropped by the decoding loop) are recognised by comparing the
+    histories with the previous call's, so each surviving row keeps its own matcher.
+    """
+
+    def __init__(self, constraints: Sequence, prompt_len: int):
+        self.constraints = list(constraints)
+        self.prompt_len = prompt_len
+        self.matchers = None  # one RowMatcher (or None) per row still in the batch
+        self.previous: torch.Tensor | None = None  # (A, L-1) the history at the previous call
+
+    def _follow_rows(self, input_ids: torch.Tensor) -> None:
+        """Keep the matchers of the rows still present (the loop drops finished rows, keeping their order)."""
+        prev = self.previous
+        if prev is None or prev.shape[0] == input_ids.shape[0]:
+            return
+        now = input_ids[:, :prev.shape[1]]  # (A', L-1)
+        keep, j = [], 0
+        for row in now:
+            while j < prev.shape[0] and not torch.equal(prev[j], row):
+                j += 1
+            if j == prev.shape[0]:
+                raise RuntimeError("GrammarConstraint lost track of a batch row (rows must only leave, in order)")
+            keep.append(j)
+            j += 1
+        self.matchers = [self.matchers[j] for j in keep]
+
+    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        B, L = input_ids.shape
+        if self.matchers is None:
+            if len(self.constraints) == 1 and B > 1:
+                self.constraints = self.constraints * B
+            if len(self.constraints) != B:
+                raise ValueError(f"{len(self.constraints)} constraints for a batch of {B} rows; give one per row")
+            self.matchers = [c.new_matcher() if c is not None else None for c in self.constraints]
+        else:
+            self._follow_rows(input_ids)
+            if L > self.prompt_len:
+                last = input_ids[:, L - 1].tolist()
+                for m, token in zip(self.matchers, last):
+                    if m is not None:
+                        m.advance(token)
+        self.previous = input_ids
+        masks = [m.allowed() if m is not None else None for m in self.matchers]
+        if all(mask is None for mask in masks):
+            return logits
+        allowed = torch.ones(B, logits.shape[-1], dtype=torch.bool)
+        for row, mask in enumerate(masks):
+            if mask is not None:
+                V = min(len(mask), logits.shape[-1])
+                allowed[row, :V] = mask[:V]
+                allowed[row, V:] = False
+        allowed = allowed.to(logits.device)
+        out = logits.masked_fill(~allowed, NEG_INF)
+        stuck = torch.isneginf(out).all(-1)  # (B,) rows where steps 1-3 forbade everything the grammar allows
+        if bool(stuck.any()):
+            out[stuck] = torch.zeros_like(out[stuck]).masked_fill(~allowed[stuck], NEG_INF)
+        return out
+
+
 class Chain:
     """Apply processors in order; an empty chain returns the logits unchanged."""
 
@@ -161,6 +228,9 @@ def build_processors(config: GenerationConfig, prompt_len: int = 0, eos_token_id
         steps.append(NoRepeatNGram(config.no_repeat_ngram_size))
     if config.min_new_tokens > 0 and eos_token_ids:
         steps.append(MinNewTokens(config.min_new_tokens, eos_token_ids, prompt_len))
+    if config.constraint is not None:
+        constraints = config.constraint if isinstance(config.constraint, list) else [config.constraint]
+        steps.append(GrammarConstraint(constraints, prompt_len))
     if config.sampling:
         if config.temperature != 1.0:
             steps.append(Temperature(config.temperature))
