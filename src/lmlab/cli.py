@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("lmlab.commands.plan", "estimate memory (training/inference, DDP/ZeRO/FSDP) and plan compute-optimal training"),
     "prefs": ("lmlab.commands.prefs", "preference pairs: build them from labeled dialogues, or label pairs by hand"),
     "reward": ("lmlab.commands.reward", "train a reward model on preference pairs, score summaries with it"),
+    "inspect": ("lmlab.commands.inspect", "look inside a model: tokens, embeddings, positions, attention, logit lens, "
+                "sampling filter (JSON, HTML, PNG)"),
     "models": ("lmlab.commands.models", "list the registry's models: size, source, and whether each is installed here"),
 }
 

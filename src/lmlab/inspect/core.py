@@ -66,13 +66,15 @@ class Inspection:
     steps: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     tokenizer_name: str = ""
+    n_layers: dict[str, int] = field(default_factory=dict)  # stack -> layers in the model
 
     def attention(self, layer: int, head: int, stack: str | None = None) -> torch.Tensor:
         """One head's weights (T_q, S); `layer` is the model's layer index (must have been recorded)."""
         stack = stack or self.main_stack
         if stack not in self.attentions:
             raise DataError(f"stack={stack!r} was not recorded; choose one of: {', '.join(self.attentions)}")
-        layers = self.layers["cross" if stack == "cross" else stack]
+        layers = self.layers[stack]
+        check_layers([layer], self.n_layers[stack])
         if layer not in layers:
             raise DataError(f"layer {layer} was not recorded; recorded layers: {layers}")
         weights = self.attentions[stack][layers.index(layer)]
@@ -82,6 +84,30 @@ class Inspection:
     @property
     def main_stack(self) -> str:
         return "decoder" if "decoder" in self.attentions else "encoder"
+
+    def summary(self, top: int = 5) -> str:
+        """A few lines for the terminal: tokens, the next-token distribution, per-layer statistics."""
+        lines = [f"{self.model} ({self.arch}): {len(self.ids)} tokens: {' | '.join(self.tokens)}"]
+        if self.target_tokens:
+            lines.append(f"target: {' | '.join(self.target_tokens)}")
+        if self.output is not None:
+            s = self.output["sampling"]
+            kept = int(self.output["kept"].sum())
+            best = ", ".join(f"{t['token']!r} {t['prob']:.3f}" for t in self.next_token(top))
+            lines.append(f"next token: {best}")
+            lines.append(f"sampling filter (temperature={s['temperature']}, top_k={s['top_k']}, top_p={s['top_p']}, "
+                         f"min_p={s['min_p']}): {kept} of {self.output['kept'].numel()} tokens kept")
+        for stack, summary in self.head_summary.items():
+            for layer, heads in zip(self.layers[stack], summary):
+                focused = min(range(len(heads)), key=lambda h: heads[h]["entropy"])
+                extra = ""
+                if stack != "cross":
+                    norm = float(self.residual_norms[stack][layer + 1, -1])
+                    extra = f"  |x| {norm:8.1f}  ffn near-zero {self.ffn_zero[stack][layer]:.2f}"
+                lines.append(f"{stack:8s} layer {layer:2d}: sharpest head {focused} (entropy "
+                             f"{heads[focused]['entropy']:.2f}){extra}")
+        lines.extend(self.notes)
+        return "\n".join(lines)
 
     def next_token(self, top: int = NEXT_TOP) -> list[dict]:
         """The `top` most likely next tokens, sorted by probability, with whether the sampling filter keeps them."""
@@ -260,14 +286,20 @@ def _piece_fn(tokenizer):
 
 @torch.no_grad()
 def _forward(model, enc_ids, dec_ids, layers, verify) -> tuple[Recorder, torch.Tensor]:
-    """One recorded forward pass -> (recorder, logits or hidden states (T_out, V or C))."""
+    """One recorded forward pass -> (recorder, last hidden states (T_out, C), final norm applied).
+
+    The head runs later on the one position whose distribution is shown (``model.logits``), not on all T."""
     with Recorder(model, layers, verify=verify) as rec:
-        arch = model.config.arch
-        if arch == "encoder_decoder":
-            out = model(torch.tensor([enc_ids]), decoder_input_ids=torch.tensor([dec_ids]))
+        if model.config.arch == "encoder_decoder":
+            out = model(torch.tensor([enc_ids]), decoder_input_ids=torch.tensor([dec_ids]), return_hidden=True)
         else:
-            out = model(torch.tensor([enc_ids]))
-    return rec, out[0].float()
+            out = model(torch.tensor([enc_ids]), return_hidden=True)
+    return rec, out[0]
+
+
+def _logits_at(model, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    """The output head on one position: (T, C) -> (V,) fp32."""
+    return model.logits(hidden[position][None, None])[0, 0].float()
 
 
 @torch.no_grad()
@@ -349,7 +381,7 @@ def inspect_model(model: nn.Module, tokenizer, text: str, target: str | None = N
         n = len(out_ids)
         lens = logit_lens(model, rec.residual[top_stack], list(range(max(0, n - lens_positions), n)), piece)
         position = _output_position(model, tokenizer, ids, special) if cfg.arch == "encoder" else n - 1
-        logits = out[position]
+        logits = _logits_at(model, out, position)
         probs, kept = filter_distribution(logits, out_ids, **sampling)
         output = {"position": position, "logits": logits, "probs": logits.softmax(-1), "filtered": probs,
                   "kept": kept, "sampling": sampling, "pieces": None}
@@ -365,6 +397,8 @@ def inspect_model(model: nn.Module, tokenizer, text: str, target: str | None = N
         positions=position_view(model, len(ids), len(dec_ids) or None),
         logit_lens=lens, output=output, target_tokens=[piece(i) for i in dec_ids], target_ids=dec_ids,
         notes=notes, tokenizer_name=getattr(tokenizer, "name_or_path", "") or "",
+        n_layers={**{k: len(v.layers) for k, v in stacks_of(model).items()},
+                  **({"cross": len(model.decoder.layers)} if "cross" in attentions else {})},
     )
     if steps and cfg.has_decoder and output is not None:
         insp.steps = _greedy_steps(model, ids, dec_ids, layers, steps, piece, sampling, output["logits"])
@@ -386,7 +420,7 @@ def _greedy_steps(model, ids, dec_ids, layers, n, piece, sampling, logits) -> li
         rec, out = _forward(model, ids, seq, layers, False) if enc_dec else _forward(model, seq, None, layers, False)
         att = rec.stacked()
         rows = {k: w[:, :, -1] for k, w in att.items() if k in ("decoder", "cross")}  # (L_rec, H, S)
-        logits = out[-1]
+        logits = _logits_at(model, out, -1)
         probs, kept = filter_distribution(logits, seq, **sampling)
         p = logits.softmax(-1)
         top = torch.topk(p, NEXT_TOP)
