@@ -67,6 +67,8 @@ class Inspection:
     notes: list[str] = field(default_factory=list)
     tokenizer_name: str = ""
     n_layers: dict[str, int] = field(default_factory=dict)  # stack -> layers in the model
+    text: str = ""
+    target: str | None = None
 
     def attention(self, layer: int, head: int, stack: str | None = None) -> torch.Tensor:
         """One head's weights (T_q, S); `layer` is the model's layer index (must have been recorded)."""
@@ -122,7 +124,7 @@ class Inspection:
         """The JSON contract (see the module docstring); floats rounded to `decimals` places."""
         r = lambda t: _rounded(t, decimals)  # noqa: E731
         out: dict[str, Any] = {
-            "model": self.model, "arch": self.arch, "tokenizer": self.tokenizer_name,
+            "model": self.model, "arch": self.arch, "tokenizer": self.tokenizer_name, "text": self.text, "target": self.target,
             "tokens": self.tokens, "ids": self.ids, "special": self.special,
         }
         if self.arch == "encoder_decoder":
@@ -331,6 +333,7 @@ def _output_position(model, tokenizer, ids: list[int], special: list[bool]) -> i
     return real[-1] if real else len(ids) - 1
 
 
+@torch.no_grad()
 def inspect_model(model: nn.Module, tokenizer, text: str, target: str | None = None, *,
                   layers: list[int] | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   min_p: float = 0.0, steps: int = 0, lens_positions: int = 16, neighbours: int = 8,
@@ -396,7 +399,7 @@ def inspect_model(model: nn.Module, tokenizer, text: str, target: str | None = N
         embeddings=embedding_view(model, ids, piece, neighbours),
         positions=position_view(model, len(ids), len(dec_ids) or None),
         logit_lens=lens, output=output, target_tokens=[piece(i) for i in dec_ids], target_ids=dec_ids,
-        notes=notes, tokenizer_name=getattr(tokenizer, "name_or_path", "") or "",
+        notes=notes, text=text, target=target, tokenizer_name=str(getattr(tokenizer, "name_or_path", "") or "").rstrip("/").rsplit("/", 1)[-1],
         n_layers={**{k: len(v.layers) for k, v in stacks_of(model).items()},
                   **({"cross": len(model.decoder.layers)} if "cross" in attentions else {})},
     )
