@@ -218,28 +218,37 @@
     headSel.addEventListener("change", () => { st.head = headSel.value === "all" ? "all" : +headSel.value; drawAttention(); });
     viewSel.addEventListener("change", drawAttention);
 
-    function drawTokens() {
-      tokRows.innerHTML = "";
+    let tokSig = null;
+    function drawTokens() { // rebuild the spans when the token rows change; otherwise only re-shade them
       const [qRow, kRow] = rowsOf(st.stack);
-      const lists = { src: srcTokens(), tgt: tgtTokens() };
-      const order = encdec ? ["src", "tgt"] : ["src"];
-      for (const row of order) {
-        const div = el("div", { class: "toks", id: `tokens-${row}` });
-        if (encdec) div.append(el("span", { class: "sub", text: row === "src" ? "input: " : "target: " }));
-        lists[row].forEach((tok, i) => {
-          const cls = "tok" + (tok.special ? " special" : "") + (tok.stepped ? " stepped" : "");
-          const span = el("span", { class: cls, "data-i": i, "data-row": row, title: `#${i}`, text: shown(tok.t) });
-          if (row === qRow) span.addEventListener("mouseenter", () => { st.query = i; drawAttention(); showNeighbours(i, row); });
-          if (row === kRow && st.query != null) {
-            const w = headWeight(st.query, i);
-            span.style.background = `rgba(37,99,235,${Math.sqrt(w).toFixed(3)})`;
-            span.style.color = w > 0.35 ? "#fff" : "";
-            span.dataset.w = w.toFixed(4);
-          }
-          if (row === qRow && st.query === i) span.classList.add("query");
-          div.append(span);
-        });
-        tokRows.append(div);
+      const sig = `${st.stack}/${st.nSteps}`;
+      if (sig !== tokSig) {
+        tokSig = sig;
+        tokRows.innerHTML = "";
+        const lists = { src: srcTokens(), tgt: tgtTokens() };
+        for (const row of encdec ? ["src", "tgt"] : ["src"]) {
+          const div = el("div", { class: "toks", id: `tokens-${row}` });
+          if (encdec) div.append(el("span", { class: "sub", text: row === "src" ? "input: " : "target: " }));
+          lists[row].forEach((tok, i) => {
+            const cls = "tok" + (tok.special ? " special" : "") + (tok.stepped ? " stepped" : "");
+            const span = el("span", { class: cls, "data-i": i, "data-row": row, title: `#${i}`, text: shown(tok.t) });
+            if (row === qRow) span.addEventListener("mouseenter", () => { st.query = i; drawAttention(); showNeighbours(i, row); });
+            div.append(span);
+          });
+          tokRows.append(div);
+        }
+      }
+      for (const span of tokRows.querySelectorAll(".tok")) {
+        const i = +span.dataset.i, row = span.dataset.row;
+        span.classList.toggle("query", row === qRow && st.query === i);
+        if (row === kRow && st.query != null) {
+          const w = headWeight(st.query, i);
+          span.style.background = `rgba(37,99,235,${Math.sqrt(w).toFixed(3)})`;
+          span.style.color = w > 0.35 ? "#fff" : "";
+          span.dataset.w = w.toFixed(4);
+        } else {
+          span.style.background = ""; span.style.color = ""; delete span.dataset.w;
+        }
       }
     }
 
