@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=_int_list, default=None, metavar="I,J,...",
                         help="record attention weights for these layers only (default: all)")
     parser.add_argument("--layer", type=int, default=None, help="the layer the figures and page open on (default: last)")
-    parser.add_argument("--head", type=int, default=0, help="the head the figures and page open on (default 0)")
+    parser.add_argument("--head", type=int, default=0, help="the head the page opens on (default 0)")
     parser.add_argument("--steps", type=int, default=3, metavar="N",
                         help="precompute N greedy decoding steps for the page's step button (default 3)")
     s = parser.add_argument_group("sampling filter (the logits processors generate uses)")
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         write_html(insp, args.html, layer=layer, head=args.head)
         print(f"wrote {args.html}", file=sys.stderr)
     if args.png:
-        for path in write_pngs(insp, args.png, layer=layer, head=args.head):
+        for path in write_pngs(insp, args.png, layer=layer):
             print(f"wrote {path}", file=sys.stderr)
     print(insp.summary())
     return 0

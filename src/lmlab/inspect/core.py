@@ -120,6 +120,32 @@ class Inspection:
         return [{"id": int(i), "token": self.output["pieces"][n], "prob": float(p), "kept": bool(kept[i])}
                 for n, (i, p) in enumerate(zip(order.tolist(), values.tolist()))]
 
+    # --- figures (lmlab.inspect.plots; matplotlib) ----------------------------------------------
+    def plot_attention(self, layer: int | None = None, stack: str | None = None):
+        from lmlab.inspect.plots import plot_attention
+
+        return plot_attention(self, layer, stack)
+
+    def plot_embeddings(self):
+        from lmlab.inspect.plots import plot_embeddings
+
+        return plot_embeddings(self)
+
+    def plot_positions(self):
+        from lmlab.inspect.plots import plot_positions
+
+        return plot_positions(self)
+
+    def plot_logit_lens(self):
+        from lmlab.inspect.plots import plot_logit_lens
+
+        return plot_logit_lens(self)
+
+    def plot_sampling(self, top: int = 20):
+        from lmlab.inspect.plots import plot_sampling
+
+        return plot_sampling(self, top)
+
     def to_json(self, decimals: int = 4) -> dict:
         """The JSON contract (see the module docstring); floats rounded to `decimals` places."""
         r = lambda t: _rounded(t, decimals)  # noqa: E731
