@@ -196,3 +196,40 @@ def test_text_longer_than_the_window(decoder_dir, capsys):
 def test_unknown_model(model, named, capsys):
     assert main(["inspect", model, "--text", "hi"]) == 2
     assert named in one_line_error(capsys)
+
+
+DIALOGUE = ("#Person1#: Did you book the train tickets for Saturday?\n"
+            "#Person2#: Yes, two seats at nine in the morning, near the window.\n"
+            "#Person1#: Great, I will bring the sandwiches.")
+
+
+def test_turn_attention_finds_the_turn_a_copied_summary_repeats(smollm2_path):
+    """A summary that repeats a turn word for word: SmolLM2's copying (induction) heads attend to that turn. (Averaged
+    over all 30 layers the signal is modest: the long turn 2 collects the most attention in total, so turn 1's copy
+    shows in the per-token share.)"""
+    import lmlab
+    from lmlab.inspect.turns import turn_attention
+
+    model, tok = lmlab.load_model("smollm2-135m-instruct"), lmlab.load_tokenizer("smollm2-135m-instruct")
+    prompt = "Summarize the dialogue.\n" + DIALOGUE + "\nSummary:"
+    copied = turn_attention(model, tok, prompt, " Person2 says: two seats at nine in the morning, near the window.",
+                            DIALOGUE)
+    assert copied["turns"] == DIALOGUE.split("\n")
+    assert abs(sum(copied["share"]) - 1) < 1e-6 and 0 < sum(copied["mass"]) < 1
+    assert max(range(3), key=lambda i: copied["share"][i]) == 1
+    first = turn_attention(model, tok, prompt, " Did you book the train tickets for Saturday?", DIALOGUE)
+    assert max(range(3), key=lambda i: first["per_token_share"][i]) == 0
+    assert max(range(3), key=lambda i: copied["per_token_share"][i]) == 1
+
+
+def test_summarize_turns_with_the_shipped_summarizer(smollm2_path):
+    from lmlab.inspect.turns import summarize_turns
+
+    out = summarize_turns("smollm2-135m-instruct", DIALOGUE, max_new_tokens=24)
+    assert out["summary"] and out["summary_tokens"] > 0 and out["adapter"].endswith("dialogsum-lora")
+    assert len(out["share"]) == 3 and abs(sum(out["share"]) - 1) < 1e-6
+
+
+def test_summarize_needs_a_shipped_summarizer(decoder_dir, capsys):
+    assert main(["inspect", str(decoder_dir), "--text", DIALOGUE, "--summarize"]) == 2
+    assert str(decoder_dir) in one_line_error(capsys)

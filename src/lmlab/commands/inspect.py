@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head", type=int, default=0, help="the head the page opens on (default 0)")
     parser.add_argument("--steps", type=int, default=3, metavar="N",
                         help="precompute N greedy decoding steps for the page's step button (default 3)")
+    parser.add_argument("--summarize", action="store_true",
+                        help="TEXT is a dialogue: summarize it with the fine-tuned summarizer lmlab ships for MODEL and "
+                             "shade each turn by the attention the summary paid to it")
     s = parser.add_argument_group("sampling filter (the logits processors generate uses)")
     s.add_argument("--temperature", type=float, default=1.0, metavar="T")
     s.add_argument("--top-k", type=int, default=0, metavar="K")
@@ -47,9 +50,17 @@ def run(args: argparse.Namespace) -> int:
     sampling_chain(**sampling)  # bad values before loading anything
     if args.steps < 0:
         raise DataError(f"--steps {args.steps} must be >= 0")
+    if args.summarize:
+        from lmlab.inspect.turns import require_summarizer
+
+        require_summarizer(args.model)
     model, tokenizer, name = load_for_inspection(args.model, args.tokenizer)
     insp = inspect_model(model, tokenizer, args.text, args.target, layers=args.layers, steps=args.steps,
                          name=name, **sampling)
+    if args.summarize:
+        from lmlab.inspect.turns import summarize_turns
+
+        insp.summary_turns = summarize_turns(args.model, args.text)
     layer = insp.layers[insp.main_stack][-1] if args.layer is None else args.layer
     insp.attention(layer, args.head)  # a layer or head out of range fails here, naming it
     if args.json:

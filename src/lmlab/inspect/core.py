@@ -69,6 +69,7 @@ class Inspection:
     n_layers: dict[str, int] = field(default_factory=dict)  # stack -> layers in the model
     text: str = ""
     target: str | None = None
+    summary_turns: dict | None = None  # lmlab.inspect.turns: which dialogue turns a summary drew on
 
     def attention(self, layer: int, head: int, stack: str | None = None) -> torch.Tensor:
         """One head's weights (T_q, S); `layer` is the model's layer index (must have been recorded)."""
@@ -108,6 +109,10 @@ class Inspection:
                     extra = f"  |x| {norm:8.1f}  ffn near-zero {self.ffn_zero[stack][layer]:.2f}"
                 lines.append(f"{stack:8s} layer {layer:2d}: sharpest head {focused} (entropy "
                              f"{heads[focused]['entropy']:.2f}){extra}")
+        if self.summary_turns is not None:
+            t = self.summary_turns
+            lines.append(f"summary: {t['summary']}")
+            lines.extend(f"  {share:6.1%}  {turn}" for turn, share in zip(t["turns"], t["share"]))
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -146,8 +151,9 @@ class Inspection:
 
         return plot_sampling(self, top)
 
-    def to_json(self, decimals: int = 4) -> dict:
-        """The JSON contract (see the module docstring); floats rounded to `decimals` places."""
+    def to_json(self, decimals: int = 4, attentions: bool = True) -> dict:
+        """The JSON contract (see the module docstring); floats rounded to `decimals` places.
+        ``attentions=False`` leaves the attention weights out (the page carries them in a compact form)."""
         r = lambda t: _rounded(t, decimals)  # noqa: E731
         out: dict[str, Any] = {
             "model": self.model, "arch": self.arch, "tokenizer": self.tokenizer_name, "text": self.text, "target": self.target,
@@ -155,9 +161,9 @@ class Inspection:
         }
         if self.arch == "encoder_decoder":
             out.update(target_tokens=self.target_tokens, target_ids=self.target_ids)
-            for stack in ("encoder", "decoder", "cross"):
+            for stack in ("encoder", "decoder", "cross") if attentions else ():
                 out[f"{stack}_attentions"] = r(self.attentions[stack])
-        else:
+        elif attentions:
             out["attentions"] = r(self.attentions[self.main_stack])
         out["layers"] = self.layers
         out["head_summary"] = self.head_summary
@@ -171,6 +177,8 @@ class Inspection:
             out["sampling"] = dict(self.output["sampling"], kept_count=int(self.output["kept"].sum()),
                                    position=self.output["position"])
         out["steps"] = [{k: v for k, v in s.items() if k != "logits"} for s in _jsonable(self.steps, decimals)]
+        if self.summary_turns is not None:
+            out["summary_turns"] = _jsonable(self.summary_turns, decimals)
         out["notes"] = self.notes
         return out
 

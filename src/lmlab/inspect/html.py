@@ -48,8 +48,8 @@ def _attention_block(w: torch.Tensor, max_bytes: int, row_top: int) -> dict:
 def page_data(insp: Inspection, max_attention_bytes: int = 12_000_000, row_top: int = 32,
               layer: int | None = None, head: int = 0) -> dict:
     """The compact form of the Inspection the page reads (see the module docstring)."""
-    j = insp.to_json(decimals=4)
-    for key in ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions", "steps", "next_token"):
+    j = insp.to_json(decimals=4, attentions=False)
+    for key in ("steps", "next_token"):
         j.pop(key, None)
     budget = max_attention_bytes // max(1, len(insp.attentions))
     j["attention"] = {k: _attention_block(w, budget, row_top) for k, w in insp.attentions.items()}

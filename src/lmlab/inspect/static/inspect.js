@@ -290,6 +290,19 @@
     const outCard = el("div", { class: "card", id: "output" });
     grid.append(outCard);
 
+    /* which turns a summary drew on (lmlab inspect --summarize) */
+    if (data.summary_turns) {
+      const t = data.summary_turns, card = el("div", { class: "card wide", id: "summary-turns" });
+      grid.append(card);
+      const top = Math.max(...t.share, 1e-9);
+      card.append(el("h2", { text: "Which turns the summary drew on" }),
+        el("div", { class: "sub", text: `summary (${t.adapter || "model"}): ${t.summary}` }),
+        el("div", { class: "sub", text: `shading: ${t.averaging}; shares normalized over the turns` }),
+        ...t.turns.map((turn, i) => el("div", { class: "turn", "data-share": t.share[i].toFixed(4),
+          style: `background: rgba(37,99,235,${(0.6 * t.share[i] / top).toFixed(3)}); padding: 2px 6px; margin: 1px 0` },
+          el("span", { class: "sub", text: `${(100 * t.share[i]).toFixed(1)}%  ` }), turn)));
+    }
+
     /* embeddings */
     const embCard = el("div", { class: "card" });
     grid.append(embCard);
