@@ -233,3 +233,20 @@ def test_summarize_turns_with_the_shipped_summarizer(smollm2_path):
 def test_summarize_needs_a_shipped_summarizer(decoder_dir, capsys):
     assert main(["inspect", str(decoder_dir), "--text", DIALOGUE, "--summarize"]) == 2
     assert str(decoder_dir) in one_line_error(capsys)
+
+
+def test_inspect_request_for_a_route(decoder_dir):
+    import lmlab
+    from lmlab.errors import DataError
+    from lmlab.inspect import inspect_request
+
+    model, tok = lmlab.load_model(decoder_dir), lmlab.load_tokenizer(decoder_dir)
+    j = inspect_request(model, tok, {"text": TEXT, "top_k": 3})
+    assert j["sampling"]["kept_count"] == 3 and len(j["attentions"]) == 2
+    page = inspect_request(model, tok, {"text": TEXT, "format": "page", "steps": 2, "layers": [1]})
+    assert len(page["steps"]) == 2 and page["attention"]["decoder"]["shape"][0] == 1 and "attentions" not in page
+    for body, named in (({"text": TEXT, "steps": 99}, "steps=99"), ({"text": TEXT, "format": "xml"}, "format='xml'"),
+                        ({"text": TEXT, "top_kk": 3}, "top_kk"), ({"text": ""}, "text=''"),
+                        ({"text": TEXT, "layers": [5]}, "layer 5")):
+        with pytest.raises(DataError, match=named):
+            inspect_request(model, tok, body)

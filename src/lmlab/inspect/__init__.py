@@ -7,11 +7,12 @@ matplotlib figures. Recording uses hooks that exist only during the recorded pas
 See docs/inspect.md.
 """
 
+from lmlab.inspect.api import inspect_request
 from lmlab.inspect.core import Inspection, filter_distribution, inspect_json, inspect_model, sampling_chain
 from lmlab.inspect.load import load_for_inspection
 from lmlab.inspect.record import Recorder, attention_weights
 
-__all__ = ["Inspection", "Recorder", "attention_weights", "filter_distribution", "inspect_json", "inspect_model",
+__all__ = ["Inspection", "Recorder", "attention_weights", "filter_distribution", "inspect_json", "inspect_model", "inspect_request",
            "load_for_inspection", "sampling_chain", "write_html", "write_pngs"]
 
 
