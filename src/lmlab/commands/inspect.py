@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", type=int, default=None, help="the layer the figures and page open on (default: last)")
     parser.add_argument("--head", type=int, default=0, help="the head the page opens on (default 0)")
     parser.add_argument("--steps", type=int, default=3, metavar="N",
-                        help="precompute N greedy decoding steps for the page's step button (default 3)")
+                        help="precompute N greedy decoding steps for the page's step button and the JSON (default 3)")
     parser.add_argument("--summarize", action="store_true",
                         help="TEXT is a dialogue: summarize it with the fine-tuned summarizer lmlab ships for MODEL and "
                              "shade each turn by the attention the summary paid to it")
@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
         require_summarizer(args.model)
     model, tokenizer, name = load_for_inspection(args.model, args.tokenizer)
-    insp = inspect_model(model, tokenizer, args.text, args.target, layers=args.layers, steps=args.steps,
+    steps = args.steps if (args.html or args.json) else 0  # only the page and the JSON show them
+    insp = inspect_model(model, tokenizer, args.text, args.target, layers=args.layers, steps=steps,
                          name=name, **sampling)
     if args.summarize:
         from lmlab.inspect.turns import summarize_turns
