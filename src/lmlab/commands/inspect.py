@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         write_html(insp, args.html, layer=layer, head=args.head)
         print(f"wrote {args.html}", file=sys.stderr)
     if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: never open a window
         for path in write_pngs(insp, args.png, layer=layer):
             print(f"wrote {path}", file=sys.stderr)
     print(insp.summary())

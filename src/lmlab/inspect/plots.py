@@ -13,11 +13,7 @@ from lmlab.inspect.core import Inspection
 
 
 def _plt():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "nbagg"):
-        matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the current backend: inline in a notebook, Agg for `lmlab inspect --png`
 
     return plt
 
