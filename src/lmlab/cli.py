@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("lmlab.commands.index", "an embedded vector + BM25 index of your own documents: build, search, remove"),
     "extract": ("lmlab.commands.extract", "structured-output example: extract {speakers, topic, decision, amount} "
                 "from dialogues as schema-valid JSON, scored against the summaries"),
+    "inspect": ("lmlab.commands.inspect", "look inside a model: tokens, embeddings, positions, attention, logit lens, "
+                "sampling filter (JSON, HTML, PNG)"),
     "models": ("lmlab.commands.models", "list the registry's models: size, source, and whether each is installed here"),
 }
 
