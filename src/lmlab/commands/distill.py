@@ -22,6 +22,9 @@ _FLAGS = {
 
 
 def add_arguments(parser) -> None:
+    from lmlab.cli import add_engine_argument
+
+    add_engine_argument(parser)
     from lmlab.commands._loop import add_run_flags, add_schedule_flags
 
     parser.add_argument("--config", default=None, help="YAML/JSON distillation config (e.g. configs/distill-smollm2-dialogsum.yaml)")

@@ -19,6 +19,9 @@ _FLAGS = {
 
 
 def add_arguments(parser) -> None:
+    from lmlab.cli import add_engine_argument
+
+    add_engine_argument(parser)
     from lmlab.commands._loop import add_run_flags, add_schedule_flags
 
     parser.add_argument("--config", default=None, help="YAML/JSON fine-tuning config "

@@ -11,6 +11,9 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmlab.cli import add_engine_argument
+
+    add_engine_argument(parser)
     from lmlab.tasks.summarize.experiments import DEFAULT_EXPERIMENTS, EXPERIMENTS
     from lmlab.tasks.summarize.lab import DEFAULT_MODEL, DEFAULT_POOL_SIZE
 

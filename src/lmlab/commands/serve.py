@@ -9,6 +9,9 @@ from lmlab.cli import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmlab.cli import add_engine_argument
+
+    add_engine_argument(parser)
     parser.add_argument("model", help="registry name (e.g. smollm2-135m-instruct), .gguf file, or model directory")
     parser.add_argument("--adapter", default=None, metavar="DIR",
                         help="a LoRA adapter directory (lmlab finetune writes them); enables the fine-tuned summarizer")
