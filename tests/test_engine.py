@@ -61,7 +61,7 @@ def emulate(weight_blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["int8", "int4-g32", "int4-g64", "int4-g128"])
 def test_integer_kernels_match_emulation_on_every_isa(ext, kind, B):
     torch.manual_seed(1)
-    N, K = 80, 256
+    N, K = 90, (224 if kind in ("int8", "int4-g32") else 256)  # 90 rows: a partial row group; 224: 7 blocks
     dense = nn.Linear(K, N, bias=True)
     layer = Int8Linear.from_float(dense) if kind == "int8" else Int4Linear.from_float(dense, int(kind.split("-g")[1]))
     lin = native.native_linear(ext, layer)
@@ -91,12 +91,16 @@ def test_float_kernels_match_torch(ext, dtype):
     ext.select_isa("")
 
 
-def test_q4_packing_round_trips():
-    values = torch.randint(0, 16, (3, 128), dtype=torch.uint8)
+def test_packing_round_trips():
+    values = torch.randint(0, 16, (20, 64), dtype=torch.uint8)  # 20 rows: padded to 32
     packed = native.pack_q4(values)
-    assert packed.shape == (3, 64)
-    assert packed[0, 0] == values[0, 0] | (values[0, 32] << 4)
-    assert torch.equal(native.unpack_q4(packed), values)
+    assert packed.shape == (2, 2, 4, 64)
+    # row 1, block 0, inputs 4..7 sit in lane 1 of vector 1 (low nibbles); inputs 20..23 in its high nibbles
+    assert packed[0, 0, 1, 4] == values[1, 4] | (values[1, 20] << 4)
+    assert packed[1, 1, 0, 3 * 4] == values[19, 32] | (values[19, 48] << 4)
+    assert torch.equal(native.unpack_q4(packed, 20), values)
+    q8 = torch.randint(-127, 128, (20, 64), dtype=torch.int8)
+    assert torch.equal(native.deinterleave(native.interleave(q8), 20), q8)
 
 
 # --- a tiny LLaMA-family model --------------------------------------------------------------------

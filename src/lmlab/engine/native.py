@@ -76,7 +76,7 @@ def _linear_reason(name: str, module: nn.Module) -> str | None:
     if isinstance(module, LoRALinear):
         return _linear_reason(name, module.base)
     if isinstance(module, (Int8Linear, Int4Linear)):
-        return None if module.in_features % 64 == 0 else f"{name}: in_features {module.in_features} not a multiple of 64"
+        return None if module.in_features % 32 == 0 else f"{name}: in_features {module.in_features} not a multiple of 32"
     if type(module) is nn.Linear:
         return None if module.weight.dtype in (torch.float32, torch.bfloat16) else f"{name}: {module.weight.dtype}"
     return f"{name} is a {type(module).__name__}"
@@ -130,18 +130,42 @@ def describe_build(cfg=None) -> str:
 
 
 # --- repacking lmlab's layers into the kernels' layouts ---------------------------------------------
+def _pad_rows(t: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    pad = -t.shape[0] % multiple
+    return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
+
+
+def interleave(values: torch.Tensor) -> torch.Tensor:
+    """(N, K) per-input values -> (Np/16, K/32, 8, 64): for row group g, block b and j < 8, lane r (4 bytes)
+    holds rows 16g + r's inputs 32b + 4j .. 32b + 4j + 3 (csrc/ops.h)."""
+    v = _pad_rows(values)
+    Np, K = v.shape
+    v = v.reshape(Np // 16, 16, K // 32, 8, 4)  # (g, r, b, j, i)
+    return v.permute(0, 2, 3, 1, 4).reshape(Np // 16, K // 32, 8, 64).contiguous()  # (g, b, j, r*4+i)
+
+
+def deinterleave(packed: torch.Tensor, N: int) -> torch.Tensor:
+    """The inverse of ``interleave`` -> (N, K)."""
+    g, nb = packed.shape[:2]
+    v = packed.reshape(g, nb, 8, 16, 4).permute(0, 3, 1, 2, 4)  # (g, r, b, j, i)
+    return v.reshape(g * 16, nb * 32)[:N]
+
+
 def pack_q4(values: torch.Tensor) -> torch.Tensor:
-    """(N, K) ints in [0, 15] -> (N, K/2) uint8, per 64-value chunk: byte j = q[64c + j] | q[64c + 32 + j] << 4."""
-    N, K = values.shape
-    v = values.to(torch.uint8).reshape(N, K // 64, 2, 32)  # (N, chunks, half, 32)
-    return (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+    """(N, K) ints in [0, 15] -> (Np/16, K/32, 4, 64) uint8: vector j low nibbles, vector j + 4 high ones."""
+    v = interleave(values.to(torch.uint8))  # (g, b, 8, 64)
+    return (v[:, :, :4] | (v[:, :, 4:] << 4)).contiguous()
 
 
-def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``pack_q4``: (N, K/2) uint8 -> (N, K) uint8."""
-    N, half = packed.shape
-    p = packed.reshape(N, half // 32, 32)
-    return torch.stack([p & 0x0F, p >> 4], dim=2).reshape(N, half * 2)
+def unpack_q4(packed: torch.Tensor, N: int) -> torch.Tensor:
+    """The inverse of ``pack_q4`` -> (N, K) uint8."""
+    return deinterleave(torch.cat([packed & 0x0F, packed >> 4], dim=2), N)
+
+
+def _per_block(t: torch.Tensor) -> torch.Tensor:
+    """(N, K/32) per-row-and-block floats -> (Np/16, K/32, 16), the kernels' order."""
+    v = _pad_rows(t.float())
+    return v.reshape(v.shape[0] // 16, 16, -1).transpose(1, 2).contiguous()
 
 
 def linear_tensors(module: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -152,15 +176,14 @@ def linear_tensors(module: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor |
     if isinstance(module, LoRALinear):
         module = module.base
     if isinstance(module, Int8Linear):
-        return KIND["q8"], module.qweight.contiguous(), module._scale_bf16.float().contiguous(), None
+        return KIND["q8"], interleave(module.qweight), _pad_rows(module._scale_bf16.float()).contiguous(), None
     if isinstance(module, Int4Linear):
         N, G = module.out_features, module.group_size
         # what the eager kernel multiplies by: (q - 8) * scale + zero with bf16 scale and zero (lmlab.quant.linear)
         scale, zero = module._scales_zeros.float().transpose(0, 1)[:N].unbind(-1)  # (N, K/G) each
         minimum = zero - 8 * scale
         per32 = G // 32
-        scale = scale.repeat_interleave(per32, dim=1).contiguous()  # (N, K/32)
-        minimum = minimum.repeat_interleave(per32, dim=1).contiguous()
+        scale, minimum = (_per_block(t.repeat_interleave(per32, dim=1)) for t in (scale, minimum))
         return KIND["q4"], pack_q4(unpack_nibbles(module.qweight)), scale, minimum
     weight = module.weight.detach()
     kind = KIND["bf16"] if weight.dtype == torch.bfloat16 else KIND["f32"]
@@ -173,7 +196,7 @@ def native_linear(ext, module: nn.Module):
 
     kind, weight, scale, minimum = linear_tensors(module)
     bias = module.bias.detach().float() if module.bias is not None else None
-    lin = ext.Linear(kind, weight, scale, minimum, bias, module.in_features)
+    lin = ext.Linear(kind, weight, scale, minimum, bias, module.in_features, module.out_features)
     if isinstance(module, LoRALinear):
         lin.set_lora(module.lora_A.weight.detach().float(), module.lora_B.weight.detach().float(), module.scaling)
     return lin
@@ -261,4 +284,4 @@ def engine_for(model: nn.Module) -> NativeEngine:
 
 
 __all__ = ["available", "describe_build", "engine_for", "NativeEngine", "NativeRun", "model_reason", "pack_q4",
-           "unpack_q4", "linear_tensors", "native_linear", "fingerprint"]
+           "unpack_q4", "interleave", "deinterleave", "linear_tensors", "native_linear", "fingerprint"]

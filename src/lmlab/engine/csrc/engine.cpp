@@ -79,18 +79,24 @@ struct Linear {
 
 
 Linear make_linear(int64_t kind, at::Tensor weight, c10::optional<at::Tensor> scale, c10::optional<at::Tensor> min,
-                   c10::optional<at::Tensor> bias, int64_t in_features) {
+                   c10::optional<at::Tensor> bias, int64_t in_features, int64_t out_features) {
   Linear L;
   TORCH_CHECK(weight.is_contiguous() && weight.device().is_cpu(), "weight must be a contiguous CPU tensor");
   L.weight = weight;
   L.w.kind = (int)kind;
-  L.w.N = (int)weight.size(0);
+  L.w.N = (int)out_features;
   L.w.K = (int)in_features;
   L.w.w = weight.data_ptr();
+  const int64_t Np = (out_features + 15) / 16 * 16;
   if (kind == LMLAB_LIN_Q4 || kind == LMLAB_LIN_Q8) {
-    TORCH_CHECK(in_features % 64 == 0, "quantized layers need in_features % 64 == 0, got ", in_features);
+    TORCH_CHECK(in_features % 32 == 0, "quantized layers need in_features % 32 == 0, got ", in_features);
+    TORCH_CHECK(weight.numel() == Np * in_features / (kind == LMLAB_LIN_Q4 ? 2 : 1), "packed weight has ",
+                weight.numel(), " bytes for (", out_features, ", ", in_features, ")");
     L.scale = scale.value().contiguous().to(at::kFloat);
     L.w.scale = L.scale.data_ptr<float>();
+  } else {
+    TORCH_CHECK(weight.dim() == 2 && weight.size(0) == out_features && weight.size(1) == in_features,
+                "weight must be (", out_features, ", ", in_features, ")");
   }
   if (kind == LMLAB_LIN_Q4) {
     L.min = min.value().contiguous().to(at::kFloat);
@@ -103,17 +109,16 @@ Linear make_linear(int64_t kind, at::Tensor weight, c10::optional<at::Tensor> sc
 // activations quantized once per input vector (shared by q/k/v, and by gate/up)
 struct ActBuffer {
   std::vector<int8_t> q;
-  std::vector<float> d, s, dpair;
+  std::vector<float> d, s;
   std::vector<LmlabAct> rows;
   void quantize(const float* x, int B, int K, int ldx) {
-    const int nb = K / 32, nc = K / 64;
-    q.resize((size_t)B * K); d.resize((size_t)B * nb); s.resize((size_t)B * nb); dpair.resize((size_t)B * nc * 16);
+    const int nb = K / 32;
+    q.resize((size_t)B * K); d.resize((size_t)B * nb); s.resize((size_t)B * nb);
     rows.resize(B);
     for (int b = 0; b < B; ++b) {
       g_ops.quantize(x + (size_t)b * ldx, K, q.data() + (size_t)b * K, d.data() + (size_t)b * nb,
-                     s.data() + (size_t)b * nb, dpair.data() + (size_t)b * nc * 16);
-      rows[b] = LmlabAct{q.data() + (size_t)b * K, d.data() + (size_t)b * nb, s.data() + (size_t)b * nb,
-                         dpair.data() + (size_t)b * nc * 16};
+                     s.data() + (size_t)b * nb);
+      rows[b] = LmlabAct{q.data() + (size_t)b * K, d.data() + (size_t)b * nb, s.data() + (size_t)b * nb};
     }
   }
 };
@@ -323,7 +328,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_has_avx2", &cpu_has_avx2);
   py::class_<Linear>(m, "Linear")
       .def(py::init(&make_linear), py::arg("kind"), py::arg("weight"), py::arg("scale"), py::arg("min"),
-           py::arg("bias"), py::arg("in_features"))
+           py::arg("bias"), py::arg("in_features"), py::arg("out_features"))
       .def("set_lora", &Linear::set_lora)
       .def("__call__", &linear_forward);
   py::class_<NativeModel>(m, "NativeModel")
