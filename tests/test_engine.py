@@ -310,3 +310,36 @@ def test_killed_build_leaves_no_entry(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
     assert proc.returncode == -9
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("failed.txt"))
+
+
+def test_step_slots_decodes_rows_at_different_lengths(ext):
+    """The slot API (what a serving runner calls): two prompts of different lengths in rows 2 and 0 of one
+    shared cache, decoded together, give each prompt's own greedy tokens."""
+    from lmlab.generation.driver import DecoderOnlyRun
+
+    hf, model = tiny_llama(seed=5)
+    prompts = [[5, 9, 22, 31, 7, 8, 100, 3], [44, 3, 70]]
+    alone = [generate_tokens(model, [p], None, GenerationConfig(max_new_tokens=6, eos_token_ids=[], pad_token_id=0))[0]
+             for p in prompts]
+    cfg = model.config
+    k = [torch.zeros(3, cfg.n_kv_heads, 32, cfg.head_dim) for _ in range(cfg.n_layers)]
+    v = [torch.zeros_like(t) for t in k]
+    rows, lengths, tokens = torch.tensor([2, 0]), torch.tensor([len(p) for p in prompts]), []
+    for p, row in zip(prompts, rows.tolist()):  # prefill each slot on its own (eager), copy it in
+        run = DecoderOnlyRun(model, torch.tensor([p]), None, 1)
+        with torch.inference_mode():
+            tokens.append(int(run.prefill().argmax(-1)))
+        for layer, cache in enumerate(run.cache.layers):
+            k[layer][row, :, :len(p)] = cache.k[0, :, :len(p)]
+            v[layer][row, :, :len(p)] = cache.v[0, :, :len(p)]
+    eng = engine.select(model, "native")
+    out = [[t] for t in tokens]
+    tok = torch.tensor(tokens)
+    for _ in range(5):
+        tok = eng.step_slots(tok, k, v, rows, lengths).argmax(-1)
+        lengths = lengths + 1
+        for o, t in zip(out, tok.tolist()):
+            o.append(t)
+    assert out == alone
+    with pytest.raises(Exception, match="outside the cache"):
+        eng.step_slots(tok, k, v, torch.tensor([3, 0]), lengths)

@@ -251,6 +251,21 @@ class NativeEngine:
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int) -> "NativeRun":
         return NativeRun(self, input_ids, attention_mask, max_new_tokens)
 
+    @torch.inference_mode()
+    def step_slots(self, tokens: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                   rows: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step over rows of a shared (slot) cache -> logits (B, V) fp32.
+
+        tokens (B,): each row's new token; k_caches / v_caches: one (R, Hkv, L, D) fp32 or bf16 tensor per
+        layer (R slots, contiguous); rows (B,): the slot of each token; lengths (B,): positions the slot
+        already holds (the new key/value is written at that position, the token attends to [start,
+        length]); starts (B,): hidden positions at the slot's start (left padding; default 0). The
+        caller advances its lengths by one afterwards. This is the step a serving runner with a slot
+        cache calls: rows at different lengths decode together.
+        """
+        x = self.model.embed(tokens[:, None])[:, 0]  # (B, C); rope models add no position here
+        return self.native_model().step(x, k_caches, v_caches, 0, starts, lengths, rows)
+
 
 class NativeRun(DecoderOnlyRun):
     """``DecoderOnlyRun`` whose steps run in C++: the eager prefill fills the cache, the native step continues it."""

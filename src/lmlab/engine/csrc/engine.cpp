@@ -191,25 +191,35 @@ class NativeModel {
     layers_.push_back(std::move(l));
   }
 
-  // x (B, C) embedded new tokens; caches: per layer (B, Hkv, L, D) fp32 or bf16, written at position `past`;
-  // pads (B,) int64: left-padding of each row (its keys before that are hidden; its position is past - pad)
+  // x (B, C) embedded new tokens; caches: per layer (R, Hkv, L, D) fp32 or bf16. Batch row b uses cache row
+  // rows[b] (default b), writes its key/value at position lengths[b] (default `past`) and attends to
+  // positions [starts[b], lengths[b]]; its rotary position is lengths[b] - starts[b] (starts: left padding).
   at::Tensor step(at::Tensor x_in, const std::vector<at::Tensor>& kc, const std::vector<at::Tensor>& vc,
-                  int64_t past, c10::optional<at::Tensor> pads_opt) {
+                  int64_t past, c10::optional<at::Tensor> starts_opt, c10::optional<at::Tensor> lengths_opt,
+                  c10::optional<at::Tensor> rows_opt) {
     const int B = (int)x_in.size(0), C = (int)C_, H = (int)H_, Hkv = (int)Hkv_, D = (int)D_, F = (int)F_;
     const int G = H / Hkv;
     TORCH_CHECK(kc.size() == layers_.size() && vc.size() == layers_.size(), "need one k and v cache per layer");
     at::Tensor x = x_in.to(at::kFloat).contiguous().clone();  // (B, C) residual stream
-    std::vector<int64_t> pads(B, 0);
-    if (pads_opt.has_value() && pads_opt->defined()) {
-      auto p = pads_opt->to(at::kLong).contiguous();
-      for (int b = 0; b < B; ++b) pads[b] = p.data_ptr<int64_t>()[b];
-    }
-    const int S = (int)past + 1;
+    auto per_row = [&](const c10::optional<at::Tensor>& t, int64_t fill, const char* what) {
+      std::vector<int64_t> v(B, fill);
+      if (t.has_value() && t->defined()) {
+        TORCH_CHECK(t->numel() == B, what, " must have one entry per batch row (", B, "), got ", t->numel());
+        auto c = t->to(at::kLong).contiguous();
+        for (int b = 0; b < B; ++b) v[b] = c.data_ptr<int64_t>()[b];
+      }
+      return v;
+    };
+    const std::vector<int64_t> starts = per_row(starts_opt, 0, "starts"), lens = per_row(lengths_opt, past, "lengths");
+    std::vector<int64_t> rows = per_row(rows_opt, -1, "rows");
+    for (int b = 0; b < B; ++b) if (rows[b] < 0) rows[b] = b;
     // rotary cos/sin per row: (B, D/2)
     std::vector<float> cs((size_t)B * D / 2), sn((size_t)B * D / 2);
     const float* inv = inv_freq_.data_ptr<float>();
     for (int b = 0; b < B; ++b) {
-      const float pos = (float)(past - pads[b]);
+      TORCH_CHECK(lens[b] >= 0 && starts[b] >= 0 && starts[b] <= lens[b], "row ", b, ": start ", starts[b],
+                  " and length ", lens[b], " do not fit");
+      const float pos = (float)(lens[b] - starts[b]);
       for (int i = 0; i < D / 2; ++i) {
         const float f = pos * inv[i];
         cs[(size_t)b * D / 2 + i] = std::cos(f);
@@ -224,9 +234,13 @@ class NativeModel {
       const Layer& L = layers_[li];
       const at::Tensor& kt = kc[li];
       const at::Tensor& vt = vc[li];
-      TORCH_CHECK(kt.is_contiguous() && vt.is_contiguous() && kt.dim() == 4 && kt.size(0) == B && kt.size(1) == Hkv &&
-                      kt.size(3) == D && kt.size(2) >= S,
-                  "layer ", li, ": the KV cache must be contiguous (", B, ", ", Hkv, ", >=", S, ", ", D, ")");
+      TORCH_CHECK(kt.is_contiguous() && vt.is_contiguous() && kt.dim() == 4 && kt.size(1) == Hkv && kt.size(3) == D &&
+                      vt.sizes() == kt.sizes() && vt.scalar_type() == kt.scalar_type(),
+                  "layer ", li, ": the KV caches must be contiguous (rows, ", Hkv, ", capacity, ", D, ")");
+      if (li == 0)
+        for (int b = 0; b < B; ++b)
+          TORCH_CHECK(rows[b] < kt.size(0) && lens[b] < kt.size(2), "row ", b, ": cache row ", rows[b], " position ",
+                      lens[b], " outside the cache (", kt.size(0), " rows, capacity ", kt.size(2), ")");
       const bool bf16 = kt.scalar_type() == at::kBFloat16;
       TORCH_CHECK(bf16 || kt.scalar_type() == at::kFloat, "KV cache dtype must be float32 or bfloat16");
       const int64_t Lcap = kt.size(2);
@@ -251,7 +265,7 @@ class NativeModel {
           float* kr = k.data() + ((size_t)b * Hkv + hh) * D;
           rotate(kr);
           const float* vr = v.data() + ((size_t)b * Hkv + hh) * D;
-          const size_t off = (((size_t)b * Hkv + hh) * Lcap + past) * D;
+          const size_t off = (((size_t)rows[b] * Hkv + hh) * Lcap + lens[b]) * D;
           if (bf16) {
             auto* kd = reinterpret_cast<uint16_t*>(kt.data_ptr()) + off;
             auto* vd = reinterpret_cast<uint16_t*>(vt.data_ptr()) + off;
@@ -264,13 +278,15 @@ class NativeModel {
       }
       const size_t esz = bf16 ? 2 : 4;
       at::parallel_for(0, (int64_t)B * Hkv, 1, [&](int64_t i0, int64_t i1) {
-        std::vector<float> scratch((size_t)G * S);
+        std::vector<float> scratch;
         for (int64_t i = i0; i < i1; ++i) {
           const int b = (int)(i / Hkv), hh = (int)(i % Hkv);
-          const size_t off = (((size_t)b * Hkv + hh) * Lcap) * D * esz;
+          const int S = (int)lens[b] + 1;
+          scratch.resize((size_t)G * S);
+          const size_t off = (((size_t)rows[b] * Hkv + hh) * Lcap) * D * esz;
           g_ops.attention(q.data() + ((size_t)b * H + (size_t)hh * G) * D, G, D,
                           (const char*)kt.data_ptr() + off, (const char*)vt.data_ptr() + off, bf16 ? 1 : 0,
-                          (int)pads[b], S, scale_, scratch.data(), att.data() + ((size_t)b * H + (size_t)hh * G) * D);
+                          (int)starts[b], S, scale_, scratch.data(), att.data() + ((size_t)b * H + (size_t)hh * G) * D);
         }
       });
       if (L.o.quantized()) act.quantize(att.data(), B, H * D, H * D);
@@ -337,5 +353,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &NativeModel::add_layer)
       .def("set_lora_enabled", &NativeModel::set_lora_enabled)
       .def("step", &NativeModel::step, py::arg("x"), py::arg("k_caches"), py::arg("v_caches"), py::arg("past"),
-           py::arg("pads") = py::none(), py::call_guard<py::gil_scoped_release>());
+           py::arg("starts") = py::none(), py::arg("lengths") = py::none(), py::arg("rows") = py::none(),
+           py::call_guard<py::gil_scoped_release>());
 }
