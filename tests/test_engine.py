@@ -343,3 +343,15 @@ def test_step_slots_decodes_rows_at_different_lengths(ext):
     assert out == alone
     with pytest.raises(Exception, match="outside the cache"):
         eng.step_slots(tok, k, v, torch.tensor([3, 0]), lengths)
+
+
+@pytest.mark.parametrize("argv", [["generate", "m", "p"], ["summarize"], ["lab"], ["distill"], ["prefs", "build", "--out", "x.jsonl"],
+                                  ["serve", "m"], ["finetune"]])
+def test_engine_flag_on_every_generating_command(argv, monkeypatch):
+    from lmlab.cli import build_parser
+
+    args = build_parser(load_commands=[argv[0]]).parse_args([*argv, "--engine", "eager"])
+    assert args.engine == "eager"
+    monkeypatch.delenv(engine.ENV, raising=False)
+    engine.set_default(args.engine)
+    assert engine.default_name() == "eager"
