@@ -28,6 +28,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -111,6 +112,9 @@ def _compile(target: Path, verbose: bool = False):
     import torch.utils.cpp_extension as ext
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(".*"):  # what killed builds left (an hour old: no live build is that slow)
+        if stale.name.startswith((".build-", f".{target.name}.")) and time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".build-{os.getpid()}-", dir=target.parent))
     try:
         module = ext.load(name=MODULE, sources=[str(CSRC / s) for s in SOURCES], extra_cflags=CFLAGS,
