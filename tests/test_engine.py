@@ -355,3 +355,24 @@ def test_engine_flag_on_every_generating_command(argv, monkeypatch):
     monkeypatch.delenv(engine.ENV, raising=False)
     engine.set_default(args.engine)
     assert engine.default_name() == "eager"
+
+
+def test_bf16_model_runs_native_over_its_bf16_cache(ext):
+    """bf16 weights and a bf16 KV cache (what --precision bf16 gives): the native step computes in fp32 over
+    them, so it lands nearer the fp32 result of the same weights than the eager bf16 step does."""
+    import copy
+
+    from lmlab.generation.driver import DecoderOnlyRun
+
+    hf, model = tiny_llama(seed=6)
+    model = model.to(torch.bfloat16)
+    reference = copy.deepcopy(model).float()  # the same (bf16-rounded) weights, fp32 arithmetic
+    ids = torch.randint(1, 160, (2, 6), generator=torch.Generator().manual_seed(7))
+    tok = torch.tensor([11, 12])
+    runs = [engine.select(model, "native").start(ids, None, 4), DecoderOnlyRun(model, ids, None, 4)]
+    assert runs[0].cache.layers[0].k.dtype == torch.bfloat16
+    mine, eager = (run.prefill() is not None and run.step(tok).float() for run in runs)
+    with torch.no_grad():
+        exact = reference(torch.cat([ids, tok[:, None]], 1))[:, -1]
+    assert (mine - exact).abs().max() <= (eager - exact).abs().max()
+    assert (mine - exact).abs().max() < 0.05 * exact.abs().max()
