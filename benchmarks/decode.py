@@ -1,4 +1,4 @@
-"""Decode benchmark: lmlab (fp32, int8, int4, the GGUF's own Q4_1) vs `transformers` fp32 vs llama.cpp, in one run.
+"""Decode benchmark: lmlab (fp32, bf16, int8, int4, the GGUF's own Q4_1) vs `transformers` vs llama.cpp, in one run.
 
 Every engine decodes SmolLM2-135M-Instruct from the same GGUF file (Q4_1) with the same thread count and
 the same prompt token ids (windows of one text, tokenized once here), greedily, generating exactly
@@ -10,7 +10,13 @@ masking the eos logit before its argmax):
 * ``lmlab-int8``      ``load_model(..., quantize="int8")``: weight-only int8, per-channel scales
 * ``lmlab-int4``      ``load_model(..., quantize="int4")``: weight-only int4, group-wise scale and zero
 * ``lmlab-q4_1``      ``load_model(..., quantize="native")``: the file's Q4_1 blocks as int4, no fp32 round trip
+* ``lmlab-bf16``      ``lmlab-fp32`` cast to bf16 (``--precision bf16``)
 * ``transformers``    ``AutoModelForCausalLM.from_pretrained(gguf_file=...)`` in fp32 (its own GGUF reader)
+* ``transformers-bf16``  the same in bf16
+
+Every lmlab engine decodes with the decode engine ``--lmlab-engine`` names (default ``native``: lmlab's
+C++ step, ``lmlab.engine``; it reports the engine that actually ran); a name with a suffix ``:eager``
+(e.g. ``lmlab-int4:eager``) runs the eager PyTorch path in the same run, the "before" of the engine.
 * ``llama.cpp``       ``llama-cpp-python`` (``pip install -e .[bench]``) on the file itself; batch 1 only
 
 An lmlab engine whose loading option this checkout lacks is reported as unavailable, not dropped silently.
@@ -31,9 +37,10 @@ a loaded machine's descheduling does not inflate it, so ratios and targets use i
                      measures (the sum of a 512 MiB tensor: bytes read per CPU second, best of 7; the
                      median of the measurements before and after every round)
 
-Targets (issue #9), printed as checks: lmlab-int4 batch-1 >= 1.0x llama.cpp; lmlab-int8 batch-1 >= 3x
-transformers; lmlab-int4 batch-8 >= 3x transformers batch-8; quantized prefill >= 1.0x transformers;
-peak RSS <= 1.5x llama.cpp's.
+Targets (issue #17), printed as checks: lmlab-int4 batch-1 >= 1.2x llama.cpp (AVX-512; 1.0x on AVX2);
+lmlab-int8 batch-1 >= 3x transformers; lmlab-int4 batch-8 >= 3x transformers batch-8; lmlab-fp32 / -bf16
+batch-1 >= 1.3x transformers in the same precision; quantized prefill >= 1.0x transformers; peak RSS <=
+1.5x llama.cpp's.
 
     python benchmarks/decode.py --threads 1
 """
@@ -54,7 +61,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
-ENGINES = ("lmlab-fp32", "lmlab-int8", "lmlab-int4", "lmlab-q4_1", "transformers", "llama.cpp")
+LMLAB = ("lmlab-fp32", "lmlab-bf16", "lmlab-int8", "lmlab-int4", "lmlab-q4_1")
+ENGINES = (*LMLAB, *(f"{e}:eager" for e in LMLAB), "transformers", "transformers-bf16", "llama.cpp")
+DEFAULT_ENGINES = ("lmlab-fp32", "lmlab-bf16", "lmlab-int8", "lmlab-int4", "lmlab-q4_1", "lmlab-int4:eager",
+                   "transformers", "transformers-bf16", "llama.cpp")
 QUANTIZE = {"lmlab-int8": "int8", "lmlab-int4": "int4", "lmlab-q4_1": "native"}
 # cpu: the worker's process CPU time, which a loaded machine's descheduling does not inflate (one thread per
 # engine, so it is the time the engine computed); wall: elapsed time, what a user on an idle machine would see
@@ -118,6 +128,17 @@ def lmlab_weight_bytes(model) -> int:
     return total
 
 
+def native_weight_bytes(model) -> int:
+    """Bytes one native decode step reads: every linear in the kernels' layout (lmlab.engine.native), the norms."""
+    from lmlab.engine.native import _linears, linear_tensors
+
+    total = 0
+    for _, module in _linears(model):
+        total += sum(t.numel() * t.element_size() for t in linear_tensors(module)[1:] if t is not None)
+    norms = [m.weight for m in model.modules() if type(m).__name__ == "RMSNorm"]
+    return total + sum(t.numel() * t.element_size() for t in norms)
+
+
 def worker(args) -> dict:
     """Load one engine, time it, return its numbers (printed as JSON by main)."""
     spec = json.loads(Path(args.worker_input).read_text())
@@ -125,6 +146,9 @@ def worker(args) -> dict:
     P, N, threads = len(prompts[0]), args.new_tokens, args.threads
     engine = args.worker
     result: dict = {"engine": engine}
+    if engine.startswith("lmlab-"):  # which decode engine (lmlab.engine) the driver picks: set before importing lmlab
+        engine, _, decode_engine = engine.partition(":")
+        os.environ["LMLAB_ENGINE"] = decode_engine or args.lmlab_engine
 
     if engine == "llama.cpp":
         import numpy as np
@@ -162,30 +186,37 @@ def worker(args) -> dict:
 
         result["rss_imported"] = rss_mib()
         t = time.perf_counter()
-        if engine == "transformers":
+        if engine.startswith("transformers"):
             import transformers
 
             p = Path(path)
+            dtype = torch.bfloat16 if engine == "transformers-bf16" else torch.float32
             model = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
-                                                                      dtype=torch.float32).eval()
+                                                                      dtype=dtype).eval()
         else:
             kwargs = {"quantize": QUANTIZE[engine]} if engine in QUANTIZE else {}
             try:
                 model = lmlab.load_model(MODEL, **kwargs)
             except TypeError as exc:  # a checkout without quantized loading
                 return {"engine": engine, "unavailable": f"{type(exc).__name__}: {exc}"}
+            if engine == "lmlab-bf16":
+                model = model.to(torch.bfloat16)
         result["load_s"] = time.perf_counter() - t
         result["rss_loaded"] = rss_mib()
-        if engine == "transformers":
+        if engine.startswith("transformers"):
             result["bytes_per_step"] = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
-            result["describe"] = f"transformers {transformers.__version__}, fp32"
+            result["describe"] = f"transformers {transformers.__version__}, {dtype}"
         else:
-            result["bytes_per_step"] = lmlab_weight_bytes(model)
+            from lmlab import engine as engines
+
+            chosen, why = engines.resolve(model)
+            result["decode_engine"] = why
+            result["bytes_per_step"] = native_weight_bytes(model) if chosen == "native" else lmlab_weight_bytes(model)
         result["torch"] = torch.__version__
 
         def generate(rows, n):
             ids = torch.tensor(rows)
-            if engine == "transformers":
+            if engine.startswith("transformers"):
                 with torch.inference_mode():
                     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                          min_new_tokens=n, do_sample=False, eos_token_id=eos[0], pad_token_id=eos[0])
@@ -257,7 +288,8 @@ def run_worker(engine: str, args, spec_path: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "LMLAB_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
     cmd = [sys.executable, __file__, "--worker", engine, "--worker-input", spec_path, "--threads", str(args.threads),
-           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--batches", *map(str, args.batches)]
+           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--lmlab-engine", args.lmlab_engine,
+           "--batches", *map(str, args.batches)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)  # failures are reported
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -286,7 +318,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3, help="measurements per batch size in each worker")
     parser.add_argument("--rounds", type=int, default=2, help="times each engine's worker runs (rotating order)")
-    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--engines", nargs="+", default=list(DEFAULT_ENGINES), choices=ENGINES)
+    parser.add_argument("--lmlab-engine", default="native", choices=["native", "compiled", "aoti", "auto", "eager"],
+                        help="decode engine of the lmlab-* engines without an :eager suffix (default native)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--worker-input", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -374,6 +408,12 @@ def report(args, runs: dict[str, list[dict]], bandwidth: float, bandwidths: list
             for B in args.batches:
                 if e != base_tf and decode(base_tf, B, clock) and decode(e, B, clock):
                     parts.append(f"b{B} {med(decode(e, B, clock)) / med(decode(base_tf, B, clock)):.2f}x transformers")
+                if e.startswith("lmlab-bf16") and decode("transformers-bf16", B, clock) and decode(e, B, clock):
+                    parts.append(f"b{B} {med(decode(e, B, clock)) / med(decode('transformers-bf16', B, clock)):.2f}x "
+                                 "transformers-bf16")
+                eager = e.split(":")[0] + ":eager"
+                if ":" not in e and decode(eager, B, clock) and decode(e, B, clock):
+                    parts.append(f"b{B} {med(decode(e, B, clock)) / med(decode(eager, B, clock)):.2f}x its eager path")
             if e != base_cpp and decode(base_cpp, 1, clock) and decode(e, 1, clock):
                 parts.append(f"b1 {med(decode(e, 1, clock)) / med(decode(base_cpp, 1, clock)):.2f}x llama.cpp")
             if e != base_tf and prefill(base_tf, clock) and prefill(e, clock):
@@ -384,11 +424,17 @@ def report(args, runs: dict[str, list[dict]], bandwidth: float, bandwidths: list
                 print(f"  {e:14s} " + "; ".join(parts))
 
     print()
-    print("targets (issue #9), on cpu time:")
+    print("targets (issue #17), on cpu time:")
+    from lmlab.engine.build import cpu_isa
+
+    cpp_target = 1.2 if cpu_isa() == "avx512-vnni" else 1.0
     checks = [
-        ("lmlab-int4 b1 >= 1.0x llama.cpp", med(decode("lmlab-int4", 1)) / med(decode(base_cpp, 1)), 1.0),
+        (f"lmlab-int4 b1 >= {cpp_target}x llama.cpp", med(decode("lmlab-int4", 1)) / med(decode(base_cpp, 1)), cpp_target),
         ("lmlab-int8 b1 >= 3x transformers", med(decode("lmlab-int8", 1)) / med(decode(base_tf, 1)), 3.0),
         ("lmlab-int4 b8 >= 3x transformers b8", med(decode("lmlab-int4", 8)) / med(decode(base_tf, 8)), 3.0),
+        ("lmlab-fp32 b1 >= 1.3x transformers", med(decode("lmlab-fp32", 1)) / med(decode(base_tf, 1)), 1.3),
+        ("lmlab-bf16 b1 >= 1.3x transformers-bf16",
+         med(decode("lmlab-bf16", 1)) / med(decode("transformers-bf16", 1)), 1.3),
     ]
     for e in ("lmlab-int8", "lmlab-int4", "lmlab-q4_1"):
         checks.append((f"{e} prefill >= 1.0x transformers", med(prefill(e)) / med(prefill(base_tf)), 1.0))
@@ -403,6 +449,10 @@ def report(args, runs: dict[str, list[dict]], bandwidth: float, bandwidths: list
             print(f"  {name:40s}    n/a  (an engine is missing)")
 
     print()
+    for e in cols:
+        if "decode_engine" in ok[e][0]:
+            print(f"{e}: decode engine {ok[e][0]['decode_engine']}")
+    print(f"CPU class: {cpu_isa()}")
     print(f"read bandwidth {bandwidth / 1e9:.2f} GB/s (median of {len(bandwidths)}: "
           f"{min(bandwidths) / 1e9:.2f}-{max(bandwidths) / 1e9:.2f}); per engine at batch 1 (cpu time): bytes a "
           "step reads, the steps/s that allows, the measured step and what lies beyond the weight read")

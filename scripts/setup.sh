@@ -29,4 +29,8 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
     echo "note: chromium not installed (needs root or sudo); the browser test will skip" >&2
   fi
 fi
+# lmlab's native decode engine (C++, lmlab.engine): compiled once (~1-2 min) into ~/.cache/lmlab/engine, keyed by
+# its sources, torch and the compiler; without a compiler (or on a CPU without AVX2) it prints a note and
+# generation runs on the eager PyTorch path
+.venv/bin/python -m lmlab.engine.build || echo "note: native decode engine not built; generation runs eager" >&2
 .venv/bin/python -c "import lmlab, torch; print(f'lmlab {lmlab.__version__} ready (torch {torch.__version__})')"

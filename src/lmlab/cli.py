@@ -70,6 +70,13 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def add_engine_argument(parser: argparse.ArgumentParser) -> None:
+    """``--engine`` on a command that generates: which decode engine runs each step (``lmlab.engine``)."""
+    parser.add_argument("--engine", choices=["auto", "compiled", "native", "aoti", "eager"], default=None,
+                        help="decode engine: native = lmlab's C++ step, compiled = the best compiled one, eager = "
+                             "PyTorch modules; auto (default, or $LMLAB_ENGINE): native where built and supported")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with lmlab's one-line errors: ``error: lmlab plan memory: argument --precision: invalid choice ...``."""
 
@@ -109,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         set_threads(args.threads)
+        if getattr(args, "engine", None) is not None:
+            from lmlab.engine import set_default
+
+            set_default(args.engine)  # the generation driver reads it (and child processes inherit it)
         module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args) or 0)
     except LmlabError as exc:

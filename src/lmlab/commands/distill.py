@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from lmlab.cli import add_engine_argument
 from lmlab.commands._training import (add_run_flags, add_schedule_flags, data_source, flag_overrides,
                                        unfinished_exit)
 
@@ -23,6 +24,7 @@ _FLAGS = {
 
 
 def add_arguments(parser) -> None:
+    add_engine_argument(parser)
     parser.add_argument("--config", default=None, help="YAML/JSON distillation config (e.g. configs/distill-smollm2-dialogsum.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set token.temperature=1.0 (repeatable)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from lmlab.cli import add_engine_argument
 from lmlab.commands._training import (add_run_flags, add_schedule_flags, data_source, flag_overrides,
                                        unfinished_exit)
 
@@ -22,6 +23,7 @@ _FLAGS = {
 
 
 def add_arguments(parser) -> None:
+    add_engine_argument(parser)
     parser.add_argument("--config", default=None, help="YAML/JSON fine-tuning config "
                         "(e.g. configs/finetune-smollm2-dialogsum-lora.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -71,6 +71,9 @@ def generation_config(args: argparse.Namespace):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmlab.cli import add_engine_argument
+
+    add_engine_argument(parser)
     parser.add_argument("model", help="registry name (e.g. smollm2-135m-instruct), .gguf file, or model directory")
     parser.add_argument("prompt", help="the prompt text; '-' reads it from stdin")
     parser.add_argument("--adapter", default=None, metavar="DIR",

@@ -1,5 +1,6 @@
 """`lmlab info SOURCE`: a model's architecture, size, context length and memory needs (config only),
-and the compute precision ``--precision auto`` takes on this machine (``lmlab.precision``)."""
+the compute precision ``--precision auto`` takes on this machine (``lmlab.precision``) and the decode
+engine generation runs (``lmlab.engine``)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,16 @@ def run(args: argparse.Namespace) -> int:
     from lmlab.checkpoints import describe, format_description
     from lmlab.precision import describe_precision
 
+    from lmlab.checkpoints import load_config
+    from lmlab.engine import describe as describe_engine
+
     info = describe(args.source)
     precision = describe_precision("auto")  # generate / summarize / lab / pretrain default to auto
+    engine = describe_engine(config=load_config(args.source)[0])
     if args.json:
-        print(json.dumps(dict(info, precision_auto=precision), indent=2))
+        print(json.dumps(dict(info, precision_auto=precision, engine=engine), indent=2))
     else:
         print(format_description(info))
         print(f"  precision on this machine: {precision}")
+        print(f"  decode engine: {engine}")
     return 0

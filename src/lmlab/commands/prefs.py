@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="Pairs from labeled dialogues: chosen = the human summary, rejected = a summary "
                                    "the model sampled; pairs whose model summary is close to the reference are dropped. "
                                    "Re-running the same command resumes.")
+    from lmlab.cli import add_engine_argument
+
+    add_engine_argument(b)
     b.add_argument("--out", required=True, help="the pairs JSONL file to write (a .build.jsonl log goes beside it)")
     b.add_argument("--data", default=DEFAULT_DATA, help="labeled dialogues, DialogSum JSONL (default: %(default)s)")
     b.add_argument("--records", default="0:400", help="start:stop over the records (default: %(default)s)")

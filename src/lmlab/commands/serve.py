@@ -29,6 +29,9 @@ from lmlab.serve.runner import check_servable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmlab.cli import add_engine_argument
+
+    add_engine_argument(parser)
     parser.add_argument("model", help="registry name (e.g. smollm2-135m-instruct), .gguf file, or model directory")
     adapter = parser.add_mutually_exclusive_group()
     adapter.add_argument("--adapter", default=None, metavar="DIR",

@@ -10,6 +10,9 @@ from lmlab.commands.generate import add_generation_arguments, generation_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmlab.cli import add_engine_argument
+
+    add_engine_argument(parser)
     parser.add_argument("dialogue", nargs="?", default=None,
                         help="the dialogue text (#Person1#: ... one turn per line); else --file, else stdin")
     parser.add_argument("--file", default=None, help="read the dialogue from this text file")

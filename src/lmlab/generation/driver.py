@@ -12,6 +12,8 @@
 
 Both expose ``prefill() -> logits``, ``step(tokens) -> logits`` and ``reorder(index)`` (rows leaving the
 batch, beams being re-ranked); the decoding loops (``decode.sample_steps``, ``beam_search``) only use those.
+A decoder-only model's run may come from a decode engine instead (``lmlab.engine.select``: the native
+C++ step where it is built and supports the model), which follows the same protocol.
 
 Shapes: B batch (prompts), N beams, T prompt length, C d_model, V vocabulary.
 """
@@ -136,8 +138,11 @@ def prepare_inputs(model, input_ids, attention_mask, config: GenerationConfig):
     return input_ids, attention_mask
 
 
-def start_run(model, input_ids, attention_mask, config: GenerationConfig, expand: int = 1):
-    """-> (run, history (B*expand, L0)): the model driver and the tokens the processors see."""
+def start_run(model, input_ids, attention_mask, config: GenerationConfig, expand: int = 1, engine: str | None = None):
+    """-> (run, history (B*expand, L0)): the model driver and the tokens the processors see.
+
+    `engine`: "auto" | "compiled" | "native" | "aoti" | "eager" (``lmlab.engine``); None: ``$LMLAB_ENGINE``, else auto.
+    """
     cfg = model.config
     if cfg.arch == "encoder":
         raise DataError(f"generation needs a decoder; this model has arch={cfg.arch!r}")
@@ -152,4 +157,9 @@ def start_run(model, input_ids, attention_mask, config: GenerationConfig, expand
         input_ids = input_ids.repeat_interleave(expand, 0)  # (B*N, T)
         attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(expand, 0)
     history = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, PAD_MARK)
+    from lmlab.engine import select  # the one place that knows decode engines exist
+
+    chosen = select(model, engine)
+    if chosen is not None:
+        return chosen.start(input_ids, attention_mask, config.max_new_tokens), history
     return DecoderOnlyRun(model, input_ids, attention_mask, config.max_new_tokens), history
