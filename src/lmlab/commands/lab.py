@@ -9,20 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lmlab.cli import add_engine_argument
 from lmlab.tasks.summarize.experiments import DEFAULT_EXPERIMENTS, EXPERIMENTS
 from lmlab.tasks.summarize.lab import DEFAULT_MODEL, DEFAULT_POOL_SIZE, LabInterrupted, LabSettings, run_lab
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-<<<<<<< HEAD
-=======
-    from lmlab.cli import add_engine_argument
-
     add_engine_argument(parser)
-    from lmlab.tasks.summarize.experiments import DEFAULT_EXPERIMENTS, EXPERIMENTS
-    from lmlab.tasks.summarize.lab import DEFAULT_MODEL, DEFAULT_POOL_SIZE
-
->>>>>>> h-e1
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or checkpoint path (default: {DEFAULT_MODEL})")
     parser.add_argument("--data", default=None,
                         help="dialogues: a DialogSum .jsonl, a Hugging Face style .csv, or hf:ID[:SPLIT] "
