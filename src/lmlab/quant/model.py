@@ -287,18 +287,6 @@ def attach_embedding(model: nn.Module, record: dict, source: str) -> None:
         model.tok_embed = QuantizedEmbedding(model.lm_head, tied=True)
 
 
-def apply_compute_precision(model: nn.Module, precision: str = "auto") -> str:
-    """``lmlab.precision.apply_precision`` for a float model; a quantized model keeps fp32 activations
-    (its kernels take bf16 inside each matmul), so only the line to print is returned."""
-    from lmlab.quant.linear import is_quantized
-
-    if is_quantized(model):
-        return f"fp32 activations around quantized weights ({describe_quantization(model)}); --precision is not used"
-    from lmlab.precision import apply_precision
-
-    return apply_precision(model, precision)
-
-
 def describe_quantization(model_or_record) -> str:
     """One line for ``lmlab info``: which formats the layers hold."""
     record = model_or_record if isinstance(model_or_record, dict) else getattr(model_or_record, "quantization", None)

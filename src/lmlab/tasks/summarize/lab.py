@@ -352,10 +352,7 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
             echo(f"adapter: {adapter} (used by: {', '.join(e.name for e in experiments if e.adapter)})")
         from lmlab.precision import apply_precision
 
-        if settings.quantize:  # the integer kernels take bf16 activations themselves; the rest stays fp32
-            echo(f"precision: {settings.quantize} weights, fp32 activations (bf16 inside the quantized matmuls)")
-        else:
-            echo(f"precision: {apply_precision(model, settings.precision)}")
+        echo(f"precision: {apply_precision(model, settings.precision)}")  # as lmlab generate/summarize say it
         max_prompt = settings.max_prompt_tokens
         if max_prompt is None:
             max_prompt = max(16, model.config.max_seq_len - settings.max_new_tokens)
