@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmlab.adapt.lora import LoraConfig, LoRALinear, apply_lora, lora_modules
+from lmlab.adapt.lora import BASE_LAYER, LoraConfig, LoRALinear, adapted_name, apply_lora, lora_modules
 from lmlab.errors import CheckpointError, ConfigError
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -46,20 +46,20 @@ def hf_module_names(model: nn.Module) -> dict[str, str]:
     stand_ins: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLinear):
-            stand_ins[name.removesuffix(".base")] = torch.empty(module.out_features, module.in_features)
+            stand_ins[adapted_name(name)] = torch.empty(module.out_features, module.in_features)
     base_weights = {}  # lmlab module name -> its (base) weight
     for name, module in model.named_modules():
         if name in stand_ins:
             base_weights[name] = stand_ins[name]
         elif isinstance(module, LoRALinear):
-            base_weights[name] = module.base.weight
-        elif type(module) is nn.Linear and not name.endswith((".base", ".lora_A", ".lora_B")):
+            base_weights[name] = module.base_layer.weight
+        elif type(module) is nn.Linear and not name.endswith((f".{BASE_LAYER}", ".lora_A", ".lora_B")):
             base_weights[name] = module.weight
     state = {f"{name}.weight": weight for name, weight in stand_ins.items()}
     if any(isinstance(m, QuantizedEmbedding) for m in model.modules()):
         state["tok_embed.weight"] = torch.empty(cfg.vocab_size, cfg.d_model)
     for key, tensor in model.state_dict(keep_vars=True).items():  # lmlab names, adapters folded away
-        key = key.replace(".base.", ".")
+        key = key.replace(f".{BASE_LAYER}.", ".")
         if ".lora_" not in key and key.rpartition(".")[0] not in stand_ins:
             state[key] = tensor.detach()
     hf_state = family.to_hf(state, cfg)

@@ -3,7 +3,7 @@
 ``quantize_model(model, bits=4, group_size=32)`` swaps the chosen ``nn.Linear`` layers (all of them by
 default, the output head included) for ``Int8Linear`` / ``Int4Linear`` through the one module walker
 (``lmlab.nn.swap``) and returns a ``QuantReport`` of what it replaced. A LoRA adapter keeps working: its
-frozen base (``x.base``) is quantized, its A and B stay float. With tied embeddings the head is
+frozen base (``x.base_layer``) is quantized, its A and B stay float. With tied embeddings the head is
 quantized as a linear and the embedding becomes a ``QuantizedEmbedding`` that reads the head's rows, so
 no float copy of the 49152 x 576 table stays behind.
 
@@ -84,9 +84,9 @@ def _select(model: nn.Module, layers) -> list[str]:
     chosen = []
     for target in layers:
         # a short name (q, down, lm_head) matches the layer and a LoRA layer's base under it
-        match = [n for n in available if n == target or n.removesuffix(".base").rsplit(".", 1)[-1] == target]
+        match = [n for n in available if n == target or n.removesuffix(".base_layer").rsplit(".", 1)[-1] == target]
         if not match:
-            short = sorted({n.removesuffix(".base").rsplit(".", 1)[-1] for n in available})
+            short = sorted({n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n in available})
             raise ConfigError(f"quantize layer {target!r} matches no linear layer; available: {', '.join(short)}")
         chosen += match
     return list(dict.fromkeys(chosen))
@@ -137,7 +137,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None, l
 
 def _record_name(name: str) -> str:
     """A LoRA layer's base is recorded under the layer's own name (the adapter is not part of the base checkpoint)."""
-    return name.removesuffix(".base")
+    return name.removesuffix(".base_layer")
 
 
 def _tied_head(model: nn.Module) -> bool:
