@@ -409,7 +409,9 @@ def test_lab_runs_quantized_and_keeps_its_rows_apart(tiny_model_dir, tmp_path):
 
     lines = []
     result = run_lab(settings("int8"), echo=lines.append, progress=False)
-    assert result.new_rows == 2 and any("int8 weights" in line for line in lines)
+    # the lab says it as lmlab generate does (one lmlab.precision.apply_precision)
+    assert result.new_rows == 2 and any(line.startswith("precision: fp32 activations around quantized weights (")
+                                        and "layers int8" in line for line in lines)
     # float rows are others: a float run in the same folder must not reuse the int8 rows
     with pytest.raises(ConfigError, match="different settings.*quantize"):
         run_lab(settings(None), echo=lambda _: None, progress=False)
