@@ -61,8 +61,13 @@ def minilm_path() -> Path:
 
 @pytest.fixture(scope="session")
 def dialogsum_dev() -> Path:
+    """The DialogSum dev split at ../shared/data/dialogsum/dev.jsonl (next to the clone, as in CI), or a skip.
+
+    Three tests need it (the dev-split reader, the lab on 20 real dialogues, the shipped adapter on real
+    dialogues); the data is never committed because of its license."""
     if not DIALOGSUM_DEV.exists():
-        pytest.skip(f"DialogSum dev split not found at {DIALOGSUM_DEV}")
+        pytest.skip(f"needs ../shared/data/dialogsum/dev.jsonl (DialogSum dev split, present in CI; not shipped: "
+                    f"CC BY-NC-SA 4.0); not found at {DIALOGSUM_DEV}")
     return DIALOGSUM_DEV
 
 

@@ -107,13 +107,34 @@ def test_plan_memory_flags_are_choices(flag, bad, capsys):
     assert tuple(action.choices) == valid  # one source of truth: what the estimates accept
 
 
+# --- start-up ----------------------------------------------------------------------------------------
+def test_building_every_commands_parser_imports_nothing_heavy():
+    """`lmlab --help` and `lmlab COMMAND --help` stay fast: the modules their parsers read (the command modules,
+    tasks.summarize.lab/experiments/rouge, scaling) import torch and the slow optional packages only inside
+    the functions that need them. This is why those imports are lazy; it fails if one moves to the top."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lmlab.cli; lmlab.cli.build_parser(list(lmlab.cli.COMMANDS)); "
+            "print(sorted(m for m in ('torch', 'rouge_score', 'matplotlib', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 # --- --version ----------------------------------------------------------------------------------------
-def test_version(capsys):
+def test_version_is_the_package_metadata(capsys):
+    """``lmlab --version`` prints the installed distribution's version, which pyproject.toml reads from
+    ``lmlab.__version__`` (one source). A failure here after a version bump means a stale install:
+    ``pip install -e .`` rewrites the metadata."""
+    from importlib.metadata import version
+
     assert main(["--version"]) == 0
-    out = capsys.readouterr().out
-    assert out == f"lmlab {lmlab.__version__}\n"
-    declared = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
-    assert lmlab.__version__ == declared  # the package and its metadata agree
+    assert capsys.readouterr().out == f"lmlab {version('lmlab')}\n"
+    assert version("lmlab") == lmlab.__version__
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'^dynamic = \["version"\]$', pyproject, re.M)
+    # the only version line reads lmlab.__version__: no number written twice
+    assert re.findall(r'^version\s*=.*$', pyproject, re.M) == ['version = { attr = "lmlab.__version__" }']
 
 
 # --- lmlab models -------------------------------------------------------------------------------------

@@ -39,8 +39,11 @@ def corpus(tmp_path_factory):
 
 def _sets(out, corpus, *extra):
     path, tok = corpus
+    # fp32 pinned: LOSS_RTOL and the weight tolerances below are fp32 bounds, and "auto" is bf16 on a CPU
+    # with native bf16
     return [f"out_dir={out}", f"data.files=[{path}]", f"data.tokenizer={tok}", "train.steps=4",
-            "train.eval_every=2", "train.ckpt_every=0", "train.log_every=1", "train.device=cpu", *extra]
+            "train.eval_every=2", "train.ckpt_every=0", "train.log_every=1", "train.device=cpu",
+            "train.precision=fp32", *extra]
 
 
 def _torchrun(out, corpus, mode, *extra, resume=False):
@@ -125,3 +128,31 @@ def test_fsdp_sharded_dcp_checkpoint_resumes(tmp_path, corpus, single):
     assert "model" not in state and (out / "checkpoint_dcp" / state["sharded"] / ".metadata").exists()
     _torchrun(out, corpus, "fsdp", "train.sharded_checkpoint=true", resume=True)
     torch.testing.assert_close(torch.tensor(_losses(out)), torch.tensor(_losses(single)), rtol=LOSS_RTOL, atol=0)
+
+
+def _relative_distance(a: dict, b: dict) -> float:
+    """||a - b|| / ||a|| over all the weights of two state dicts."""
+    diff = torch.cat([(a[k].float() - b[k].float()).flatten() for k in a])
+    return (diff.norm() / torch.cat([a[k].float().flatten() for k in a]).norm()).item()
+
+
+def test_ddp_in_bf16_stays_within_bf16_rounding_of_one_process(tmp_path, corpus):
+    """The bf16 autocast path under DDP, with bounds reasoned for bf16 (the fp32 tests above use fp32 ones).
+
+    Each rank runs half the batch, so its matmuls see other shapes than one process's: an fp32 sum taken in
+    another order can land on the other side of a bf16 rounding boundary, and that activation then differs
+    by one bf16 step (2**-8 relative). Such flips are rare and AdamW moves each weight by at most ~lr a step
+    whatever its gradient, so the weights after 4 steps must agree within one bf16 step in norm, and each
+    step's loss within one bf16 step too (measured: 4e-4 and 1e-5). A DDP that did not average the gradients
+    would leave rank 0 with the model trained on its half of every batch, ~4e-2 away (the weight bound is
+    the discriminating one; test_training's bf16 accumulation test measures that distance).
+    """
+    sets = ("train.precision=bf16", "train.eval_every=0")
+    single = tmp_path / "single"
+    pretrain(load_config("tiny", _sets(single, corpus, *sets)), show_progress=False)
+    _torchrun(tmp_path / "ddp", corpus, "ddp", *sets)
+    a = load_checkpoint(single / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["model"]
+    assert _relative_distance(a, b) < 2 ** -8
+    torch.testing.assert_close(torch.tensor(_losses(tmp_path / "ddp")), torch.tensor(_losses(single)),
+                               rtol=2 ** -8, atol=0)

@@ -40,16 +40,31 @@ def test_bad_flags_exit_2_naming_the_value(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
-def test_generate_streams_the_same_text_as_the_library(smollm2, capsys):
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_generate_streams_the_same_text_as_the_library(native, smollm2_path, monkeypatch, capsys):
+    """On both classes of machine (LMLAB_NATIVE_BF16 plays the hardware probe), ``--precision auto`` and the
+    library's ``apply_precision(model, "auto")`` take the one decision, so they print the same text."""
+    import torch
+
+    import lmlab
     from lmlab.generation import generate
+    from lmlab.precision import apply_precision
     from lmlab.prompting import chat_prompt
 
-    model, tok = smollm2
-    assert main(["generate", "smollm2-135m-instruct", "What is the capital of France?", "--chat",
-                 "--system", "Answer briefly.", "--max-new-tokens", "12"]) == 0
-    expected = generate(model, tok, chat_prompt(tok, "What is the capital of France?", "Answer briefly."),
-                        max_new_tokens=12)
-    assert capsys.readouterr().out == expected + "\n" and expected.strip()
+    monkeypatch.setenv("LMLAB_NATIVE_BF16", native)
+    question = "What is the capital of France?"
+    assert main(["generate", "smollm2-135m-instruct", question, "--chat", "--system", "Answer briefly.",
+                 "--max-new-tokens", "12"]) == 0
+    out, err = capsys.readouterr()
+    model, tok = lmlab.load_model("smollm2-135m-instruct"), lmlab.load_tokenizer("smollm2-135m-instruct")
+    prompt = chat_prompt(tok, question, "Answer briefly.")
+    line = apply_precision(model, "auto")  # a fresh model: the module's fixture stays fp32
+    assert f"precision: {line}\n" in err and line.startswith("bf16" if native == "1" else "fp32")
+    assert model.dtype is (torch.bfloat16 if native == "1" else torch.float32)
+    assert out == generate(model, tok, prompt, max_new_tokens=12) + "\n" and out.strip()
+    # the precision shows in this text: the other one gives another, so a CLI that ignored it would fail
+    apply_precision(model, "fp32" if native == "1" else "bf16")
+    assert out != generate(model, tok, prompt, max_new_tokens=12) + "\n"
 
 
 def test_generate_sampling_flags_change_the_text(smollm2, monkeypatch, capsys):

@@ -48,6 +48,23 @@ def test_fresh_adapter_leaves_the_model_unchanged_and_trains_only_a_and_b():
     assert len(held) == 1 and held[0].data_ptr() == original.data_ptr() and original.requires_grad is False
     adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     assert sum(p.numel() for p in model.parameters()) == n_before + adapters
+    layer = model.decoder.layers[0].attn.q
+    assert layer.get_base_layer() is layer.base_layer and layer.base_layer.weight is original
+    assert layer.weight is original
+
+
+@pytest.mark.parametrize("rslora,expected", [(False, 8 / 4), (True, 8 / 2)])  # alpha / r, alpha / sqrt(r)
+def test_the_layer_and_the_config_share_one_scaling(rslora, expected):
+    config = LoraConfig(r=4, alpha=8, dropout=0.0, targets="q", rslora=rslora)
+    model = _tiny_llama()
+    apply_lora(model, config)
+    layer = model.decoder.layers[0].attn.q
+    assert config.scaling == layer.scaling == expected
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 64)
+    update = x @ layer.lora_A.weight.T @ layer.lora_B.weight.T  # (3, O), unscaled
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + expected * update)
 
 
 def test_gradient_reaches_only_the_adapters_and_changes_the_output():

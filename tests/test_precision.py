@@ -9,10 +9,54 @@ from lmlab.errors import ConfigError
 
 @pytest.fixture
 def native(monkeypatch):
-    """Set what the CPU capability probe reports."""
+    """Set what the CPU capability probe reports (with no LMLAB_NATIVE_BF16 override in the way)."""
+    monkeypatch.delenv("LMLAB_NATIVE_BF16", raising=False)
+
     def set_native(value: bool):
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: value, raising=False)
     return set_native
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_the_override_takes_either_decision_whatever_the_probe_says(native, monkeypatch, probe):
+    native(probe)
+    monkeypatch.setenv("LMLAB_NATIVE_BF16", "1")
+    assert precision.native_bf16_supported() is True and precision.native_bf16_supported("cuda") is True
+    assert precision.resolve_precision("auto", "cpu") is torch.bfloat16
+    assert precision.describe_precision("auto") == "bf16 (auto: LMLAB_NATIVE_BF16=1 says this CPU has native bf16)"
+    assert precision.describe_precision("bf16") == "bf16 (requested)"
+    monkeypatch.setenv("LMLAB_NATIVE_BF16", "0")
+    assert precision.native_bf16_supported() is False
+    assert precision.resolve_precision("auto", "cpu") is torch.float32
+    assert precision.describe_precision("auto") == "fp32 (auto: LMLAB_NATIVE_BF16=0 says this CPU has no native bf16)"
+    assert "emulated" in precision.describe_precision("bf16")
+    monkeypatch.setenv("LMLAB_NATIVE_BF16", "")  # empty is unset: the probe decides
+    assert precision.native_bf16_supported() is probe
+
+
+@pytest.mark.parametrize("bad", ["yes", "true", "2", "on"])
+def test_a_bad_override_is_a_one_line_error_naming_it(native, monkeypatch, bad):
+    monkeypatch.setenv("LMLAB_NATIVE_BF16", bad)
+    with pytest.raises(ConfigError) as err:
+        precision.resolve_precision("auto")
+    assert str(err.value) == f"LMLAB_NATIVE_BF16={bad!r} is not valid; choose one of: 0, 1 (or leave it unset)"
+
+
+@pytest.mark.parametrize("override", ["0", "1"])
+def test_a_quantized_model_keeps_fp32_activations_on_either_class(monkeypatch, override):
+    from lmlab.config import ModelConfig
+    from lmlab.model import Transformer
+    from lmlab.quant import quantize_model
+
+    monkeypatch.setenv("LMLAB_NATIVE_BF16", override)
+    model = Transformer(ModelConfig.from_name("tiny-decoder"))
+    quantize_model(model, 8)
+    floats = {n: p.dtype for n, p in model.named_parameters() if p.is_floating_point()}
+    line = precision.apply_precision(model, "auto")
+    assert line.startswith("fp32 activations around quantized weights (") and line.endswith("--precision is not used")
+    assert {n: p.dtype for n, p in model.named_parameters() if p.is_floating_point()} == floats
+    with pytest.raises(ConfigError, match="precision='fp8'"):  # still validated
+        precision.apply_precision(model, "fp8")
 
 
 def test_auto_picks_bf16_only_where_native(native):

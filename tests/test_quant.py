@@ -232,14 +232,22 @@ def test_cli_quantize_info_and_bits_3(tiny_model_dir, tmp_path, capsys):
 # --- LoRA over a quantized base --------------------------------------------------------------------
 def test_lora_wraps_a_quantized_linear_and_merge_is_refused():
     model = _tiny()
+    float_q = model.decoder.layers[0].attn.q.weight.detach().clone()  # (O, I)
     quantize_model(model, 8)
     report = apply_lora(model, LoraConfig(r=4, dropout=0.0, targets=("q", "v")))
     layer = model.decoder.layers[0].attn.q
-    assert isinstance(layer, LoRALinear) and isinstance(layer.base, Int8Linear) and len(report.replaced) == 4
+    assert isinstance(layer, LoRALinear) and isinstance(layer.base_layer, Int8Linear) and len(report.replaced) == 4
+    # `weight` over an integer base: the dequantized matrix, near the float weight: half an int8 step of
+    # rounding, plus the kernel's bf16 scale (2**-9 relative) on values up to 127 steps
+    weight = layer.weight
+    assert weight.shape == float_q.shape and weight.dtype == torch.float32
+    step = float_q.abs().amax(dim=1, keepdim=True) / 127  # (O, 1): the per-channel int8 grid
+    assert ((weight - float_q).abs() <= step * (0.5 + 127 * 2 ** -9) + 1e-7).all()
+    assert not torch.equal(weight, float_q)  # it is the quantized matrix, not a kept float copy
     with torch.no_grad():
         layer.lora_B.weight.normal_()
     x = torch.randn(2, 64)
-    expected = layer.base(x) + layer.scaling * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    expected = layer.base_layer(x) + layer.scaling * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
     assert torch.allclose(layer(x), expected, atol=1e-5)
     assert layer.lora_A.weight.requires_grad and layer.lora_A.weight.dtype == torch.float32
     with pytest.raises(ConfigError, match="cannot merge a LoRA adapter into a quantized Int8Linear"):
@@ -263,12 +271,12 @@ def test_adapter_loads_on_quantized_bases(tiny_model_dir, tmp_path):
     for quantize in ("int8", "int4"):
         adapted = lmlab.load_model(tiny_model_dir, adapter=adapter, quantize=quantize)
         layer = adapted.decoder.layers[1].ffn.down
-        assert isinstance(layer, LoRALinear) and isinstance(layer.base, (Int8Linear, Int4Linear))
+        assert isinstance(layer, LoRALinear) and isinstance(layer.base_layer, (Int8Linear, Int4Linear))
         plain = lmlab.load_model(tiny_model_dir, quantize=quantize)
         assert not torch.allclose(adapted(ids), plain(ids))  # the adapter changes the output
     quantized = quantize_checkpoint(tiny_model_dir, tmp_path / "q8", 8)[0]
     from_checkpoint = lmlab.load_model(quantized, adapter=adapter)  # mapped through stand-in weights
-    assert isinstance(from_checkpoint.decoder.layers[0].attn.q.base, Int8Linear)
+    assert isinstance(from_checkpoint.decoder.layers[0].attn.q.base_layer, Int8Linear)
     assert torch.equal(from_checkpoint(ids), lmlab.load_model(tiny_model_dir, adapter=adapter, quantize="int8")(ids))
     with pytest.raises(CheckpointError, match="its weights are quantized"):
         merge_adapter(quantized, adapter, tmp_path / "merged")
@@ -487,7 +495,9 @@ def test_lab_runs_quantized_and_keeps_its_rows_apart(tiny_model_dir, tmp_path):
 
     lines = []
     result = run_lab(settings("int8"), echo=lines.append, progress=False)
-    assert result.new_rows == 2 and any("int8 weights" in line for line in lines)
+    # the lab says it as lmlab generate does (one lmlab.precision.apply_precision)
+    assert result.new_rows == 2 and any(line.startswith("precision: fp32 activations around quantized weights (")
+                                        and "layers int8" in line for line in lines)
     # float rows are others: a float run in the same folder must not reuse the int8 rows
     with pytest.raises(ConfigError, match="different settings.*quantize"):
         run_lab(settings(None), echo=lambda _: None, progress=False)

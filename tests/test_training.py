@@ -43,9 +43,10 @@ def corpus(tmp_path_factory):
 
 def _cfg(out, corpus, *sets, preset="tiny"):
     path, tok = corpus
-    # pinned to the CPU: exact-resume and accumulation checks assume its deterministic kernels
+    # pinned to the CPU: exact-resume and accumulation checks assume its deterministic kernels; pinned to fp32:
+    # "auto" is bf16 on a CPU with native bf16, and these checks assert fp32 tolerances (bf16 tests say bf16)
     return load_config(preset, [f"out_dir={out}", f"data.files=[{path}]", "data.field=dialogue",
-                                f"data.tokenizer={tok}", "train.device=cpu", *sets])
+                                f"data.tokenizer={tok}", "train.device=cpu", "train.precision=fp32", *sets])
 
 
 def _params(out):
@@ -110,6 +111,35 @@ def test_gradient_accumulation_matches_the_big_batch(tmp_path, corpus):
     a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
     for k in a:  # the same blocks and the same token-mean gradient; only summation order differs
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def _relative_distance(a: dict, b: dict) -> float:
+    """||a - b|| / ||a|| over all the weights of two state dicts."""
+    diff = torch.cat([(a[k].float() - b[k].float()).flatten() for k in a])
+    return (diff.norm() / torch.cat([a[k].float().flatten() for k in a]).norm()).item()
+
+
+def test_gradient_accumulation_matches_the_big_batch_in_bf16(tmp_path, corpus):
+    """The bf16 autocast path, with a bound reasoned for bf16.
+
+    Autocast rounds every matmul input to bf16 (8 significant bits: one rounding is at most 2**-9 relative).
+    The micro-batches and the big batch round the same values the same way, except where an fp32 sum taken
+    in another order (other kernel blocking, two gradient halves added) lands on the other side of a bf16
+    rounding boundary: that activation then differs by one bf16 step, 2**-8 relative. Such flips are rare,
+    and AdamW moves every weight by at most ~lr per step whatever its gradient, so the two runs' weights
+    must stay within one bf16 step of each other in norm: ||a - b|| / ||a|| < 2**-8 (measured ~4e-4, and
+    fp32-vs-bf16 runs of the same batch ~1e-3). The fp32 test's elementwise rtol=1e-4, atol=1e-6 does not
+    hold here (a native-bf16 CPU put 40% of the weights outside it): the flips spread through each step.
+    A wrong accumulation is far outside the bound: training on one micro-batch per step instead of both
+    (the check below) moves the weights ~4e-2 away.
+    """
+    sets = ("train.steps=4", "train.precision=bf16")
+    pretrain(_cfg(tmp_path / "a", corpus, *sets, "train.batch_size=4"), show_progress=False)
+    pretrain(_cfg(tmp_path / "b", corpus, *sets, "train.batch_size=2", "train.grad_accum=2"), show_progress=False)
+    pretrain(_cfg(tmp_path / "half", corpus, *sets, "train.batch_size=2"), show_progress=False)
+    a, b, half = _params(tmp_path / "a"), _params(tmp_path / "b"), _params(tmp_path / "half")
+    assert _relative_distance(a, b) < 2 ** -8
+    assert _relative_distance(a, half) > 4 * 2 ** -8  # the bound tells a wrong accumulation apart
 
 
 def test_nan_loss_aborts_naming_the_step(tmp_path, corpus, monkeypatch):
@@ -298,9 +328,10 @@ def test_span_objective_adds_missing_sentinels_to_tokenizer_and_model(tmp_path, 
 
 
 def test_precision_choices(tmp_path, corpus, monkeypatch):
-    from lmlab.training.loop import _precision
+    from lmlab.training.loop import autocast_dtype
 
-    assert _precision("fp32", torch.device("cpu")) is None
+    assert autocast_dtype("fp32", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
     real, seen = CausalLM.loss, []
 
     def recording(self, model, batch):  # the autocast state each training/eval loss runs under

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+# the single source of the version: pyproject.toml reads it (dynamic = ["version"]); CHANGELOG.md says what each added
+__version__ = "0.4.0"
 
 # public name -> module that defines it
 _EXPORTS = {

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
 
 from lmlab.errors import DataError
 from lmlab.jsonl import iter_objects
@@ -58,7 +60,7 @@ def iter_documents(sources: Sequence[str | Path], field: str = "text") -> Iterat
 
 def _hf_documents(name: str, field: str) -> Iterator[str]:
     try:
-        import datasets
+        import datasets  # optional (pip install 'lmlab[data]'), and slow to import: only for hf: sources
     except ImportError:
         raise DataError(f"data source 'hf:{name}' needs the `datasets` package (pip install datasets)") from None
     dataset, _, config = name.partition(":")
@@ -99,9 +101,6 @@ def tokenize_corpus(sources: Sequence[str | Path], tokenizer_path: str | Path, o
     Each document is followed by `eos_token_id` (documents are packed later, so eos marks the seams).
     If `out_dir` already holds a manifest for the same tokenizer and unchanged sources it is reused.
     """
-    from tokenizers import Tokenizer
-    from tqdm.auto import tqdm
-
     tokenizer_path = Path(tokenizer_path)
     if tokenizer_path.is_dir():
         tokenizer_path = tokenizer_path / "tokenizer.json"

@@ -27,7 +27,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+from tqdm.auto import tqdm
+
+import lmlab
 from lmlab.errors import ConfigError, DataError, choices_error
+from lmlab.generation import GenerationConfig, generate
 
 TRUNCATION_MARKER = "[...]"
 SHOT_SEPARATOR = "\n\n\n"
@@ -273,18 +278,13 @@ class SentenceEmbedder:
     (the sentence-transformers recipe for all-MiniLM-L6-v2). Embeddings are cached by text."""
 
     def __init__(self, source: str = "all-minilm-l6-v2", max_length: int = 256, batch_size: int = 32):
-        import lmlab
-
         self.model = lmlab.load_model(source)
         self.tokenizer = lmlab.load_tokenizer(source)
         self.max_length, self.batch_size = max_length, batch_size
-        self._cache: dict[str, "torch.Tensor"] = {}  # noqa: F821
+        self._cache: dict[str, torch.Tensor] = {}
 
     def embed(self, texts: Sequence[str], progress: bool | None = None):
         """texts -> (N, D) float tensor of unit vectors."""
-        import torch
-        from tqdm.auto import tqdm
-
         todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
         batches = range(0, len(todo), self.batch_size)
         show = progress if progress is not None else len(todo) > 4 * self.batch_size
@@ -325,8 +325,6 @@ def summarize(dialogue: str, model, tokenizer, pool: Sequence[Example] = (), k: 
     a blank line or a new speaker turn. The prompt is fitted to the model's context window minus
     ``config.max_new_tokens``.
     """
-    from lmlab.generation import GenerationConfig, generate
-
     if chat is None:
         chat = getattr(tokenizer, "chat_template", None) is not None
     config = config or GenerationConfig(max_new_tokens=96)

@@ -3,9 +3,11 @@
     y = W x + b + (alpha / r) * B (A dropout(x))        A: (r, in), B: (out, r), B starts at zero
 
 so a fresh adapter leaves the model unchanged. rsLoRA (Kalajdzievski, 2023) scales by alpha / sqrt(r)
-instead, which keeps the update's size stable as the rank grows. Only A and B train: the base weight
-is the original ``nn.Linear`` held inside, frozen and never copied — or a quantized linear
-(``lmlab.quant``): the base runs on its integer kernel, A and B stay fp32, and merging is refused.
+instead, which keeps the update's size stable as the rank grows (:func:`lora_scaling`, the one place
+the scale is computed). Only A and B train: the base is the original ``nn.Linear`` held inside as
+``base_layer`` (PEFT's name), frozen and never copied — or a quantized linear (``lmlab.quant``): the
+base runs on its integer kernel, A and B stay fp32, ``weight`` reads the dequantized matrix, and
+merging is refused.
 
 ``apply_lora(model, targets, ...)`` swaps (through ``lmlab.nn.swap``, the walker quantization uses too)
 every linear whose short name is in `targets` (``q,k,v,o`` attention, ``gate,up,down`` feed-forward, ``lm_head``)
@@ -29,6 +31,19 @@ from torch import nn
 from lmlab.errors import ConfigError
 from lmlab.nn.swap import parent_of as _parent
 from lmlab.nn.swap import swap_modules
+from lmlab.quant.linear import QuantizedLinear
+
+BASE_LAYER = "base_layer"  # the attribute (and module-path component) that holds a LoRALinear's frozen base
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
+    """The factor on ``B @ A``: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
+def adapted_name(name: str) -> str:
+    """The layer a module path belongs to: ``"...q.base_layer"`` (a LoRA layer's frozen base) -> ``"...q"``."""
+    return name.removesuffix(f".{BASE_LAYER}")
 
 
 @dataclass
@@ -56,49 +71,60 @@ class LoraConfig:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+        return lora_scaling(self.r, self.alpha, self.rslora)
 
 
 class LoRALinear(nn.Module):
-    """``base(x) + scaling * lora_B(lora_A(dropout(x)))`` with `base` frozen."""
+    """``base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`` with ``base_layer`` frozen."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
-        self.base = base
-        for p in base.parameters():
+        self.base_layer = base_layer  # an nn.Linear or a QuantizedLinear
+        for p in base_layer.parameters():
             p.requires_grad_(False)
-        self.r, self.scaling = r, alpha / (math.sqrt(r) if rslora else r)
+        self.r, self.scaling = r, lora_scaling(r, alpha, rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if _is_quantized(base):  # integer base weights (lmlab.quant): the adapter stays fp32
-            factory = {"device": base.qweight.device, "dtype": torch.float32}
+        if isinstance(base_layer, QuantizedLinear):  # integer base weights: the adapter stays fp32
+            factory = {"device": base_layer.qweight.device, "dtype": torch.float32}
         else:
-            factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)  # weight (r, I)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)  # weight (O, r)
+            factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, **factory)  # weight (r, I)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, **factory)  # weight (O, r)
         # PEFT's initialisation: A Kaiming-uniform, B zero, so the adapted model starts as the base model
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.enabled = True
 
+    def get_base_layer(self) -> nn.Module:
+        """The frozen layer the adapter wraps (PEFT's accessor)."""
+        return self.base_layer
+
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return self.base_layer.in_features
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return self.base_layer.out_features
 
     @property
     def weight(self) -> torch.Tensor:
-        """The base weight (so code that reads ``linear.weight``, e.g. weight tying or packing, still works)."""
-        return self.base.weight
+        """The base weight, (O, I), so code that reads ``linear.weight`` (weight tying, packing) still works.
+
+        An ``nn.Linear`` base gives its parameter itself. A quantized base has no float weight: it gives the
+        dequantized matrix, fp32, computed on each read (a copy: writing to it changes nothing). The update
+        is never included (that is :meth:`merged`).
+        """
+        if isinstance(self.base_layer, QuantizedLinear):
+            return self.base_layer.dequantize()
+        return self.base_layer.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, I) -> (N, O)
-        y = self.base(x)
+        y = self.base_layer(x)
         if not self.enabled:
             return y
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))  # (N, O)
@@ -110,15 +136,16 @@ class LoRALinear(nn.Module):
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear with the update folded into the weight (a quantized base is refused)."""
-        if _is_quantized(self.base):
-            raise ConfigError(f"cannot merge a LoRA adapter into a quantized {type(self.base).__name__}: the update "
-                              f"would be rounded to its {self.base.bits}-bit grid; merge into the float model, then quantize")
-        out = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
-                        device=self.base.weight.device, dtype=self.base.weight.dtype)
+        base = self.base_layer
+        if isinstance(base, QuantizedLinear):
+            raise ConfigError(f"cannot merge a LoRA adapter into a quantized {type(base).__name__}: the update "
+                              f"would be rounded to its {base.bits}-bit grid; merge into the float model, then quantize")
+        out = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
+                        device=base.weight.device, dtype=base.weight.dtype)
         with torch.no_grad():
-            out.weight.copy_(self.base.weight + self.delta_weight().to(self.base.weight.dtype))
-            if self.base.bias is not None:
-                out.bias.copy_(self.base.bias)
+            out.weight.copy_(base.weight + self.delta_weight().to(base.weight.dtype))
+            if base.bias is not None:
+                out.bias.copy_(base.bias)
         return out
 
     def extra_repr(self) -> str:
@@ -138,18 +165,12 @@ class LoraReport:
                 f"parameters ({100 * self.trainable / max(self.total, 1):.2f}%)")
 
 
-def _is_quantized(module: nn.Module) -> bool:
-    from lmlab.quant.linear import QuantizedLinear
-
-    return isinstance(module, QuantizedLinear)
-
-
 def linear_names(model: nn.Module) -> dict[str, list[str]]:
     """Short name (last path component) -> full names of every nn.Linear (LoRALinear, quantized linear) in `model`."""
     names: dict[str, list[str]] = {}
     for name, module in model.named_modules():
-        if ((isinstance(module, (nn.Linear, LoRALinear)) or _is_quantized(module)) and ".lora_" not in name
-                and not name.endswith(".base")):
+        if (isinstance(module, (nn.Linear, LoRALinear, QuantizedLinear)) and ".lora_" not in name
+                and adapted_name(name) == name):
             names.setdefault(name.rsplit(".", 1)[-1], []).append(name)
     return names
 
@@ -180,7 +201,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, freeze_base: bool = True) -
         module = model.get_submodule(name)
         if isinstance(module, LoRALinear):
             raise ConfigError(f"{name!r} already holds a LoRA adapter; merge it first (lmlab merge)")
-        if type(module) is not nn.Linear and not _is_quantized(module):
+        if type(module) is not nn.Linear and not isinstance(module, QuantizedLinear):
             raise ConfigError(f"LoRA target {name!r} is a {type(module).__name__}, not a plain nn.Linear "
                               f"or a quantized linear (lmlab.quant)")
     report.replaced = swap_modules(model, lambda _, module: LoRALinear(module, config.r, config.alpha, config.dropout,

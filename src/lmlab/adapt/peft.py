@@ -23,10 +23,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmlab.adapt.lora import LoraConfig, LoRALinear, apply_lora, lora_modules
+from lmlab.adapt.lora import BASE_LAYER, LoraConfig, LoRALinear, adapted_name, apply_lora, lora_modules
+from lmlab.checkpoints import hf as hf_checkpoints
+from lmlab.checkpoints.registry import lookup
 from lmlab.errors import CheckpointError, ConfigError
+from lmlab.quant.linear import QuantizedEmbedding, QuantizedLinear
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -35,10 +39,6 @@ TASK_TYPES = {"decoder": "CAUSAL_LM", "encoder_decoder": "SEQ_2_SEQ_LM", "encode
 
 def hf_module_names(model: nn.Module) -> dict[str, str]:
     """lmlab linear module name -> the HF module path of the same weight (for every 1:1 mapped linear)."""
-    from lmlab.checkpoints import hf as hf_checkpoints
-
-    from lmlab.quant.linear import QuantizedEmbedding, QuantizedLinear
-
     cfg = model.config
     family = hf_checkpoints.family_for_config(cfg)
     # a quantized layer (lmlab.quant) has no float weight: an uninitialised tensor of its shape stands in
@@ -46,20 +46,20 @@ def hf_module_names(model: nn.Module) -> dict[str, str]:
     stand_ins: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLinear):
-            stand_ins[name.removesuffix(".base")] = torch.empty(module.out_features, module.in_features)
+            stand_ins[adapted_name(name)] = torch.empty(module.out_features, module.in_features)
     base_weights = {}  # lmlab module name -> its (base) weight
     for name, module in model.named_modules():
         if name in stand_ins:
             base_weights[name] = stand_ins[name]
         elif isinstance(module, LoRALinear):
-            base_weights[name] = module.base.weight
-        elif type(module) is nn.Linear and not name.endswith((".base", ".lora_A", ".lora_B")):
+            base_weights[name] = module.base_layer.weight
+        elif type(module) is nn.Linear and not name.endswith((f".{BASE_LAYER}", ".lora_A", ".lora_B")):
             base_weights[name] = module.weight
     state = {f"{name}.weight": weight for name, weight in stand_ins.items()}
     if any(isinstance(m, QuantizedEmbedding) for m in model.modules()):
         state["tok_embed.weight"] = torch.empty(cfg.vocab_size, cfg.d_model)
     for key, tensor in model.state_dict(keep_vars=True).items():  # lmlab names, adapters folded away
-        key = key.replace(".base.", ".")
+        key = key.replace(f".{BASE_LAYER}.", ".")
         if ".lora_" not in key and key.rpartition(".")[0] not in stand_ins:
             state[key] = tensor.detach()
     hf_state = family.to_hf(state, cfg)
@@ -89,8 +89,6 @@ def check_savable(model: nn.Module) -> None:
 
 def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig, base_model: str = "") -> Path:
     """Write the model's LoRA adapters as a PEFT directory (atomically: a temp dir renamed into place)."""
-    from safetensors.torch import save_file
-
     modules = dict(lora_modules(model))
     if not modules:
         raise ConfigError("the model holds no LoRA adapter to save")
@@ -105,8 +103,6 @@ def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig, ba
         tensors[f"{PREFIX}{hf}.lora_A.weight"] = module.lora_A.weight.detach().cpu().contiguous()
         tensors[f"{PREFIX}{hf}.lora_B.weight"] = module.lora_B.weight.detach().cpu().contiguous()
     targets = sorted({mapping[n].rsplit(".", 1)[-1] for n in modules})
-    from lmlab.checkpoints.registry import lookup
-
     entry = lookup(base_model) if base_model else None
     if entry is not None:  # a registry name means nothing to peft: record the hub id the weights come from
         base_model = entry.hub_id
@@ -166,8 +162,6 @@ def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = Fals
     Every tensor is checked against the base model: an adapter made for another model names the
     module and both shapes.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"adapter {str(directory)!r} is not a directory (expected {CONFIG_FILE} + {WEIGHTS_FILE})")

@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmlab.prompting import build_prompt
+
 RECIPE_FILE = "lmlab_recipe.json"
 ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "adapters"
 # registry model name -> the adapter directory shipped for it
@@ -34,8 +36,6 @@ class Recipe:
 
     def prompt(self, text: str, tokenizer, max_prompt_tokens: int | None = None):
         """The lmlab.prompting Prompt for one input (cut in the middle to fit `max_prompt_tokens`)."""
-        from lmlab.prompting import build_prompt
-
         return build_prompt(text, [], template=self.template, tokenizer=tokenizer, chat=self.chat,
                             instruction=self.instruction, max_prompt_tokens=max_prompt_tokens)
 

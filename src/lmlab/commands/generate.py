@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from lmlab.errors import ConfigError
     from lmlab.generation import stream
     from lmlab.prompting import chat_prompt
-    from lmlab.quant.model import apply_compute_precision
+    from lmlab.precision import apply_precision
 
     if args.system and not args.chat:
         raise ConfigError("--system needs --chat (a system message only exists in a chat template)")
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = lmlab.load_model(args.model, adapter=args.adapter, quantize=args.quantize)
     tokenizer = lmlab.load_tokenizer(args.model)
-    print(f"precision: {apply_compute_precision(model, args.precision)}", file=sys.stderr)
+    print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
     constraint = None
     if schema is not None or args.json_object:
         from lmlab.generation.constrain import Constraint

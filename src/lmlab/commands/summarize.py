@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     import lmlab
     from lmlab.errors import DataError
     from lmlab.prompting import Example, SentenceEmbedder, summarize
-    from lmlab.quant.model import apply_compute_precision
+    from lmlab.precision import apply_precision
 
     config = generation_config(args)
     if args.best_of != 1 or args.reward is not None:
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             template, chat, instruction = recipe.template, recipe.chat, recipe.instruction
     model = lmlab.load_model(args.model, adapter=adapter, quantize=args.quantize)
     tokenizer = lmlab.load_tokenizer(args.model)
-    print(f"precision: {apply_compute_precision(model, args.precision)}", file=sys.stderr)
+    print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
     embedder = SentenceEmbedder() if args.shots and args.select == "nearest" else None
     if args.best_of > 1:
         summary, prompt = _summarize_best_of(args, dialogue.strip(), model, tokenizer, pool, template, chat, config,

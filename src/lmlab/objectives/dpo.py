@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.adapt.lora import lora_disabled
 from lmlab.errors import ConfigError
 from lmlab.objectives.base import IGNORE_INDEX, Objective
 from lmlab.objectives.sft import SupervisedFineTuning
@@ -106,8 +107,6 @@ class DirectPreference(Objective):
                  reference: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None):
         if not beta > 0:
             raise ConfigError(f"dpo beta={beta!r} must be > 0 (typical values 0.05-0.5)")
-        from lmlab.adapt.lora import lora_disabled
-
         self.sft = SupervisedFineTuning(arch, pad_token_id, decoder_start_token_id)
         self.arch, self.beta = arch, float(beta)
         self.reference = reference or lora_disabled

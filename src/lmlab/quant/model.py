@@ -3,7 +3,7 @@
 ``quantize_model(model, bits=4, group_size=32)`` swaps the chosen ``nn.Linear`` layers (all of them by
 default, the output head included) for ``Int8Linear`` / ``Int4Linear`` through the one module walker
 (``lmlab.nn.swap``) and returns a ``QuantReport`` of what it replaced. A LoRA adapter keeps working: its
-frozen base (``x.base``) is quantized, its A and B stay float. With tied embeddings the head is
+frozen base (``x.base_layer``) is quantized, its A and B stay float. With tied embeddings the head is
 quantized as a linear and the embedding becomes a ``QuantizedEmbedding`` that reads the head's rows, so
 no float copy of the 49152 x 576 table stays behind.
 
@@ -88,9 +88,9 @@ def _select(model: nn.Module, layers) -> list[str]:
     chosen = []
     for target in layers:
         # a short name (q, down, lm_head) matches the layer and a LoRA layer's base under it
-        match = [n for n in available if n == target or n.removesuffix(".base").rsplit(".", 1)[-1] == target]
+        match = [n for n in available if n == target or n.removesuffix(".base_layer").rsplit(".", 1)[-1] == target]
         if not match:
-            short = sorted({n.removesuffix(".base").rsplit(".", 1)[-1] for n in available})
+            short = sorted({n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n in available})
             raise ConfigError(f"quantize layer {target!r} matches no linear layer; available: {', '.join(short)}")
         chosen += match
     return list(dict.fromkeys(chosen))
@@ -141,7 +141,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None, l
 
 def _record_name(name: str) -> str:
     """A LoRA layer's base is recorded under the layer's own name (the adapter is not part of the base checkpoint)."""
-    return name.removesuffix(".base")
+    return name.removesuffix(".base_layer")
 
 
 def _tied_head(model: nn.Module) -> bool:
@@ -255,14 +255,6 @@ def attach_embedding(model: nn.Module, record: dict, source: str) -> None:
         if not isinstance(model.lm_head, QuantizedLinear):
             raise CheckpointError(f"{source}: the embedding is tied to a quantized lm_head, but lm_head is not quantized")
         model.tok_embed = QuantizedEmbedding(model.lm_head, tied=True)
-
-
-def apply_compute_precision(model: nn.Module, precision: str = "auto") -> str:
-    """``lmlab.precision.apply_precision`` for a float model; a quantized model keeps fp32 activations
-    (its kernels take bf16 inside each matmul), so only the line to print is returned."""
-    if is_quantized(model):
-        return f"fp32 activations around quantized weights ({describe_quantization(model)}); --precision is not used"
-    return apply_precision(model, precision)
 
 
 def describe_quantization(model_or_record) -> str:

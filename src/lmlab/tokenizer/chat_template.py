@@ -8,8 +8,13 @@ tokenizer tests check on real templates. Compiled templates are cached by their 
 
 from __future__ import annotations
 
+import datetime
 import json
 from functools import lru_cache
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmlab.errors import ConfigError
 
@@ -17,12 +22,6 @@ from lmlab.errors import ConfigError
 @lru_cache(maxsize=16)
 def compile_template(template: str):
     """A chat template compiled in a sandboxed Jinja environment set up like transformers'."""
-    import datetime
-
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message: str):
         raise jinja2.exceptions.TemplateError(message)
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import jinja2
 import torch
 from tokenizers import processors
 from tokenizers import Tokenizer as Backend
@@ -136,6 +137,8 @@ class Tokenizer:
         when decoding); USER_DEFINED ones are matched whole but decoded. `metadata` may be passed if already read.
         """
         if metadata is None:
+            # imported here: lmlab.checkpoints is the floor above (its loaders build tokenizers with this class);
+            # at the top, the tokenizer would load every checkpoint format, and a circle once they import it there
             from lmlab.checkpoints.gguf import read_gguf_metadata
 
             metadata = read_gguf_metadata(path)
@@ -270,8 +273,6 @@ class Tokenizer:
                 raise DataError(f"messages[{i}]={message!r} must be a dict with 'role' and 'content'")
         variables = {f"{role}_token": token for role, token in self.special_tokens.items()}
         variables.update(kwargs)
-        import jinja2
-
         try:
             text = compile_template(template).render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt, **variables)

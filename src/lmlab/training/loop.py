@@ -134,8 +134,6 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return None if dtype == torch.float32 else dtype
 
 
-_precision = autocast_dtype  # the name older tests and notebooks use
-
 
 def _counted(objective, batch: dict[str, torch.Tensor]) -> int:
     """What the objective's mean loss averages over in `batch` (labelled tokens; pairs for DPO)."""

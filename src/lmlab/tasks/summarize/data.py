@@ -173,7 +173,7 @@ def load_hf(spec: str) -> DialogueSet:
     dataset_id, _, split = spec.partition(":")
     split = split or "test"
     try:
-        import datasets  # optional dependency: pip install 'lmlab[data]'
+        import datasets  # optional dependency (pip install 'lmlab[data]'), imported only for hf: sources
     except ImportError:
         raise DataError(
             f"hf:{spec} needs the 'datasets' package (pip install datasets), which is not installed; "

@@ -160,6 +160,8 @@ def generation_config(experiment: Experiment, max_new_tokens: int, seed: int, ch
     else is in its batch. (One seed for the whole batch would make row j of every batch share a stream
     and tie each summary to the batch size.)
     """
+    # imported here: lmlab.generation imports torch, and `lmlab lab --help` reads EXPERIMENTS from this module
+    # (building a command's parser imports no torch: tests/test_cli.py)
     from lmlab.generation import GenerationConfig
 
     stop = list(CHAT_STOP_STRINGS if chat else STOP_STRINGS)

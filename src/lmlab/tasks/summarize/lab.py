@@ -34,13 +34,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from tqdm.auto import tqdm
+
 from lmlab.errors import ConfigError, DataError
 from lmlab.tasks.summarize import report as _report
 from lmlab.tasks.summarize.data import Dialogue, DialogueSet, load_dialogues, require_references
 from lmlab.tasks.summarize.experiments import (
-    Experiment, check_shots, clean_summary, example_seed, generation_config, parse_experiments, spec_hash,
+    INSTRUCTION, Experiment, check_shots, clean_summary, example_seed, generation_config, parse_experiments, spec_hash,
 )
 from lmlab.tasks.summarize.rouge import n_words, score_example
+
+# The model side (torch, lmlab.precision, lmlab.checkpoints, lmlab.generation, lmlab.prompting, lmlab.adapt,
+# lmlab.align) is imported inside the functions that run a model, not here: `lmlab lab --help` reads
+# DEFAULT_MODEL and DEFAULT_POOL_SIZE from this module, and building a command's parser imports no torch
+# (1-10 s on a busy CPU; tests/test_cli.py checks it). Everything imported above is torch-free.
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_POOL_SIZE = 4
@@ -213,11 +220,9 @@ def _resolve_adapter(settings: LabSettings, experiments: list[Experiment]) -> tu
     if not any(e.adapter for e in experiments):
         return None, None
     from lmlab.adapt.peft import WEIGHTS_FILE, read_adapter_config
-    from lmlab.adapt.recipe import shipped_adapter
+    from lmlab.adapt.recipe import RECIPE_FILE, shipped_adapter
 
     names = ", ".join(e.name for e in experiments if e.adapter)
-    from lmlab.adapt.recipe import RECIPE_FILE
-
     model_dir = Path(str(settings.model))
     if settings.adapter is None and (model_dir / RECIPE_FILE).exists():
         # a fully fine-tuned model (lmlab finetune --method full): the model itself is the fine-tuned one
@@ -243,7 +248,6 @@ def _adapter_recipe(adapter: Path | None, chat: bool):
     if adapter is None:
         return None
     from lmlab.adapt.recipe import Recipe
-    from lmlab.tasks.summarize.experiments import INSTRUCTION
 
     return Recipe.load(adapter) or Recipe(template="instruction", instruction=INSTRUCTION, chat=chat,
                                           prompt_field="dialogue", response_field="summary")
@@ -356,10 +360,7 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
             echo(f"adapter: {adapter} (used by: {', '.join(e.name for e in experiments if e.adapter)})")
         from lmlab.precision import apply_precision
 
-        if settings.quantize:  # the integer kernels take bf16 activations themselves; the rest stays fp32
-            echo(f"precision: {settings.quantize} weights, fp32 activations (bf16 inside the quantized matmuls)")
-        else:
-            echo(f"precision: {apply_precision(model, settings.precision)}")
+        echo(f"precision: {apply_precision(model, settings.precision)}")  # as lmlab generate/summarize say it
         max_prompt = settings.max_prompt_tokens
         if max_prompt is None:
             max_prompt = max(16, model.config.max_seq_len - settings.max_new_tokens)
@@ -455,8 +456,6 @@ def _generate_rows(todo, model, tokenizer, builder: _PromptBuilder, settings: La
     A best-of-n experiment samples n summaries per dialogue and keeps the one `scorer` (the reward
     model) scores highest; with a scorer every row also stores the reward of its summary.
     """
-    from tqdm.auto import tqdm
-
     from lmlab.adapt.lora import lora_disabled
 
     written = 0

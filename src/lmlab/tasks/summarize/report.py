@@ -144,6 +144,7 @@ def write_report_md(path: Path, *, summaries: list[ExperimentSummary], examples_
 
 def plot_rouge(path: Path, summaries: list[ExperimentSummary], aggregation: str = "best", title: str = "") -> None:
     """Grouped bar chart: one group per ROUGE metric, one bar per experiment."""
+    # imported here: matplotlib takes ~1 s to import, and the tables and report.md (and lmlab rouge) never need it
     import matplotlib
 
     matplotlib.use("Agg")

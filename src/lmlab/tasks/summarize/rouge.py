@@ -27,6 +27,7 @@ from pathlib import Path
 
 from lmlab.errors import DataError, choices_error
 from lmlab.jsonl import iter_objects
+from lmlab.tasks.summarize.data import read_utf8, references_from_record
 
 METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 AGGREGATIONS = ("best", "mean")
@@ -43,6 +44,8 @@ def _get_scorer():
     """One shared RougeScorer (building the Porter stemmer is not free)."""
     global _scorer
     if _scorer is None:
+        # imported here: rouge_score pulls in nltk, several seconds of import that loading results, the
+        # tables and `lmlab lab --help` (which reads this module's METRICS) should not pay
         from rouge_score import rouge_scorer
 
         _scorer = rouge_scorer.RougeScorer(list(METRICS), use_stemmer=True)
@@ -120,8 +123,6 @@ _PREDICTION_FIELDS = ("prediction", "summary", "output")
 
 
 def _read_text(path: Path) -> str:
-    from lmlab.tasks.summarize.data import read_utf8
-
     return read_utf8(path)
 
 
@@ -166,8 +167,6 @@ def read_references(path: str | Path) -> list[list[str]]:
     lines, records = _lines_or_records(path)
     if records is None:
         return [[line] for line in lines]
-    from lmlab.tasks.summarize.data import references_from_record
-
     out = []
     for lineno, record in records:
         refs = references_from_record(record)
