@@ -74,7 +74,7 @@ def _linear_reason(name: str, module: nn.Module) -> str | None:
     from lmlab.quant.linear import Int4Linear, Int8Linear
 
     if isinstance(module, LoRALinear):
-        return _linear_reason(name, module.base)
+        return _linear_reason(name, module.base_layer)
     if isinstance(module, (Int8Linear, Int4Linear)):
         return None if module.in_features % 32 == 0 else f"{name}: in_features {module.in_features} not a multiple of 32"
     if type(module) is nn.Linear:
@@ -174,7 +174,7 @@ def linear_tensors(module: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor |
     from lmlab.quant.linear import Int4Linear, Int8Linear, unpack_nibbles
 
     if isinstance(module, LoRALinear):
-        module = module.base
+        module = module.base_layer
     if isinstance(module, Int8Linear):
         return KIND["q8"], interleave(module.qweight), _pad_rows(module._scale_bf16.float()).contiguous(), None
     if isinstance(module, Int4Linear):
