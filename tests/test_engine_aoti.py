@@ -258,3 +258,13 @@ def test_smollm2_greedy_tokens_identical(smollm2_path, tmp_path, monkeypatch):
     eager = generate_tokens(model, ids, mask, GenerationConfig(max_new_tokens=24, eos_token_ids=[]))
     assert engine_tokens(engine, model, ids, mask, 24, monkeypatch) == eager
     assert step_logits_error(engine, model, ids, mask, 8) < 1e-3
+
+
+def test_unwritable_cache_dir_runs_eager(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    model = tiny_model()
+    ids, mask = padded_batch(model.config.vocab_size)
+    with pytest.warns(UserWarning, match="cannot use the cache directory"):
+        run = AOTIEngine(model, cache_dir=blocker / "aoti").start(ids, mask, 4)
+    assert isinstance(run, DecoderOnlyRun)

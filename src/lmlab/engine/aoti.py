@@ -224,15 +224,30 @@ def _example_inputs(model, batch: int, capacity: int) -> tuple[torch.Tensor, ...
     return (tokens, torch.zeros(batch, dtype=torch.long), torch.zeros(1, dtype=torch.long), valid, *caches)
 
 
+@contextlib.contextmanager
+def _class_forwards(model):
+    """Trace the modules' own class ``forward``: an instance-level override (``lmlab.nn.packed`` patches
+    Linears during a batched generation) is set aside while exporting and put back afterwards."""
+    patched = [(m, m.__dict__.pop("forward")) for m in model.modules() if "forward" in m.__dict__]
+    try:
+        yield
+    finally:
+        for m, forward in patched:
+            m.forward = forward
+
+
 def _compile(model, batch: int, capacity: int, target: Path, configs: dict) -> None:
     """Export the step for one bucket, compile and package it to a temporary file, rename it to `target`."""
     step = StaticStep(model).eval()
     handle, tmp = tempfile.mkstemp(prefix=f".tmp-{target.stem}.", suffix=".pt2", dir=target.parent)
     os.close(handle)
     try:
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), _class_forwards(model):
             program = torch.export.export(step, _example_inputs(model, batch, capacity))
             torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=dict(configs))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared cache from other users
         os.replace(tmp, target)  # atomic: readers see no entry or a whole one
     finally:
         if os.path.exists(tmp):
@@ -240,16 +255,22 @@ def _compile(model, batch: int, capacity: int, target: Path, configs: dict) -> N
 
 
 def _probe_ok(model, compiled, batch: int, capacity: int) -> tuple[bool, str]:
-    """One step of the package against the eager model on the same tokens at position 0: a package that
-    loads but computes something else (a corrupt or mismatched entry) fails here."""
+    """One step of the package against the eager model on the same token at position 0 (row 0; the rows
+    share every weight, and one eager row keeps a hit cheap): a package that loads but computes something
+    else (a corrupt or mismatched entry) fails here."""
     inputs = _example_inputs(model, batch, capacity)
     with torch.inference_mode():
-        want = model(inputs[0][:, None])[:, -1].float()  # (B, V): one token, no cache
-        got = compiled(*inputs).float()
+        want = model(inputs[0][:1, None])[:, -1].float()  # (1, V): one token, no cache
+        got = compiled(*inputs)[:1].float()
     if got.shape != want.shape or not torch.isfinite(got).all():
         return False, f"probe gave shape {tuple(got.shape)} (finite: {bool(torch.isfinite(got).all())})"
     err = ((got - want).norm() / want.norm().clamp(min=1e-6)).item()
     return err < 0.05, f"probe relative error {err:.2e}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 class _Failed(Exception):
@@ -295,31 +316,36 @@ class AOTIEngine:
         """The loaded package of one bucket: from memory, else from disk, else compiled now (raises _Failed)."""
         if (batch, capacity) in self._loaded:
             return self._loaded[(batch, capacity)]
+        start = time.perf_counter()  # a hit's cost: the model digest, the load and the probe step
         target = self.path(batch, capacity)
-        start = time.perf_counter()
-        with _entry_lock(target):
-            compiled, action = None, "loaded"
-            if target.exists():
-                compiled, why = self._load(target, batch, capacity)
-                if compiled is None:
-                    warnings.warn(f"AOTInductor cache entry {target.name} is unusable ({why}); rebuilding it",
-                                  stacklevel=3)
-                    target.unlink(missing_ok=True)
-            if compiled is None:
-                action = "compiled"
-                try:
-                    _compile(self.model, batch, capacity, target, self.configs)
-                except Exception as exc:  # noqa: BLE001 -- any compiler failure means: run eager
-                    raise _Failed(f"compiling failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}") from exc
-                compiled, why = self._load(target, batch, capacity)
-                if compiled is None:
-                    target.unlink(missing_ok=True)
-                    raise _Failed(f"the freshly compiled package is unusable ({why})")
+        try:
+            with _entry_lock(target):
+                compiled, action = self._load_or_build(target, batch, capacity)
+        except OSError as exc:  # compile and load errors are _Failed already: this is the directory or lock
+            raise _Failed(f"cannot use the cache directory {self.cache_dir}: {exc}") from exc
         seconds = time.perf_counter() - start
         self.timings.append({"bucket": batch, "capacity": capacity, "action": action, "seconds": seconds})
         self.last_note = f"AOTInductor step b{batch} L{capacity}: {action} in {seconds:.2f} s ({target.name})"
         self._loaded[(batch, capacity)] = compiled
         return compiled
+
+    def _load_or_build(self, target: Path, batch: int, capacity: int):
+        """Under the entry's lock: -> (package, "loaded" | "compiled"); raises _Failed."""
+        if target.exists():
+            compiled, why = self._load(target, batch, capacity)
+            if compiled is not None:
+                return compiled, "loaded"
+            warnings.warn(f"AOTInductor cache entry {target.name} is unusable ({why}); rebuilding it", stacklevel=4)
+            target.unlink(missing_ok=True)
+        try:
+            _compile(self.model, batch, capacity, target, self.configs)
+        except Exception as exc:  # noqa: BLE001 -- any compiler failure means: run eager
+            raise _Failed(f"compiling failed: {_first_line(exc)}") from exc
+        compiled, why = self._load(target, batch, capacity)
+        if compiled is None:
+            target.unlink(missing_ok=True)
+            raise _Failed(f"the freshly compiled package is unusable ({why})")
+        return compiled, "compiled"
 
     def _load(self, target: Path, batch: int, capacity: int):
         """-> (package, "") or (None, why)."""
@@ -327,7 +353,7 @@ class AOTIEngine:
             compiled = torch._inductor.aoti_load_package(str(target))
             ok, why = _probe_ok(self.model, compiled, batch, capacity)
         except Exception as exc:  # noqa: BLE001 -- a corrupt file raises anything from zip to C++ errors
-            return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
+            return None, _first_line(exc)
         return (compiled, "") if ok else (None, why)
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int):
