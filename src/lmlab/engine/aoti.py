@@ -63,6 +63,11 @@ MIN_CAPACITY = 128
 # max_autotune with the CPP backend lets Inductor's C++ GEMM templates (AMX/AVX-512, incl. weight-only
 # int8/int4) compete with ATen's kernels per shape, chosen by benchmarking at compile time.
 INDUCTOR_CONFIGS = {"freezing": True}
+# A loaded package must reproduce the eager model's logits for one probe token within this relative error
+# (norm of the difference / norm of the logits): far above rounding, far below what a corrupt or mismatched
+# package gives (~1). bf16 activations: Inductor fuses chains of bf16 ops and rounds once per kernel where
+# eager rounds after every op; on SmolLM2-135M that alone measured 0.107.
+PROBE_TOLERANCE = {torch.bfloat16: 0.25, torch.float16: 0.25}
 AUTOTUNE_CONFIGS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
@@ -265,7 +270,8 @@ def _probe_ok(model, compiled, batch: int, capacity: int) -> tuple[bool, str]:
     if got.shape != want.shape or not torch.isfinite(got).all():
         return False, f"probe gave shape {tuple(got.shape)} (finite: {bool(torch.isfinite(got).all())})"
     err = ((got - want).norm() / want.norm().clamp(min=1e-6)).item()
-    return err < 0.05, f"probe relative error {err:.2e}"
+    limit = PROBE_TOLERANCE.get(model.dtype, 0.05)
+    return err < limit, f"probe relative error {err:.2e} (limit {limit})"
 
 
 def _first_line(exc: BaseException) -> str:
