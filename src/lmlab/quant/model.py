@@ -35,7 +35,6 @@ from lmlab.checkpoints.hf import parameterless_model, read_safetensors
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.nn.swap import replace_module, swap_modules
-from lmlab.precision import apply_precision
 from lmlab.quant.linear import (BITS, GROUP_SIZES, Int4Linear, Int8Linear, QuantizedEmbedding, QuantizedLinear,
                                 check_int4_shape, is_quantized)
 
