@@ -268,3 +268,22 @@ def test_unwritable_cache_dir_runs_eager(tmp_path):
     with pytest.warns(UserWarning, match="cannot use the cache directory"):
         run = AOTIEngine(model, cache_dir=blocker / "aoti").start(ids, mask, 4)
     assert isinstance(run, DecoderOnlyRun)
+
+
+@needs_compiler
+def test_generate_runs_the_aoti_engine_through_the_registry(monkeypatch, tmp_path):
+    """--engine aoti / LMLAB_ENGINE=aoti: the generation driver itself picks the compiled step (no test
+    double in between), and its greedy tokens on a padded batch equal the eager driver's."""
+    import lmlab.engine as engines
+
+    monkeypatch.setenv("LMLAB_CACHE_DIR", str(tmp_path))
+    model = tiny_model()
+    ids, mask = padded_batch(model.config.vocab_size)
+    config = GenerationConfig(max_new_tokens=6, eos_token_ids=[])
+    monkeypatch.setenv("LMLAB_ENGINE", "eager")
+    assert engines.select(model) is None
+    eager = generate_tokens(model, ids, mask, config)
+    monkeypatch.setenv("LMLAB_ENGINE", "aoti")
+    assert isinstance(engines.select(model), AOTIEngine)
+    assert generate_tokens(model, ids, mask, config) == eager
+    assert list(tmp_path.rglob("*.pt2")), "no compiled package was written: the eager path ran"

@@ -44,7 +44,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from lmlab.align.prefs import PreferencePair, append_preference, read_preferences
+from lmlab.align.prefs import DEFAULT_DATA, POLICIES, PreferencePair, append_preference, read_preferences
 from lmlab.errors import ConfigError, DataError, choices_error
 from lmlab.prompting import build_prompt
 from lmlab.tasks.summarize.data import load_dialogues, require_references
@@ -52,9 +52,7 @@ from lmlab.tasks.summarize.experiments import INSTRUCTION, clean_summary, exampl
 from lmlab.tasks.summarize.lab import _generate as generate_batch
 from lmlab.tasks.summarize.rouge import score_example
 
-POLICIES = ("base", "finetuned")
 HELD_OUT = range(400, 500)  # DialogSum dev records that evaluate and are never trained on
-DEFAULT_DATA = "../shared/data/dialogsum/dev.jsonl"
 
 
 @dataclass

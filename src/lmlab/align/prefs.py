@@ -23,6 +23,11 @@ from pathlib import Path
 from lmlab.errors import DataError
 from lmlab.jsonl import iter_objects
 
+# Used by `lmlab prefs build` (lmlab.align.build) and `lmlab extract`; defined here, in a module that does not
+# import torch, so that building those commands' parsers stays fast.
+POLICIES = ("base", "finetuned")  # whose sample is the rejected summary of a pair
+DEFAULT_DATA = "../shared/data/dialogsum/dev.jsonl"  # labeled dialogues: DialogSum dev beside the clone
+
 REQUIRED = ("prompt", "chosen", "rejected")
 
 

@@ -12,7 +12,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lmlab.align.build import DEFAULT_DATA
+    from lmlab.align.prefs import DEFAULT_DATA
 
     parser.add_argument("--model", default="smollm2-135m-instruct", help="default: %(default)s")
     parser.add_argument("--data", default=DEFAULT_DATA, help="labeled dialogues, DialogSum JSONL (default: %(default)s)")

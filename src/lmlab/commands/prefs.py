@@ -10,8 +10,9 @@ import argparse
 import os
 import sys
 
-from lmlab.align.build import DEFAULT_DATA, POLICIES, BuildSettings, build_preferences
-from lmlab.align.label import label_pairs
+from lmlab.align.prefs import DEFAULT_DATA, POLICIES
+
+# building and labelling (torch, the models) are imported in run(): `lmlab prefs --help` should not pay for torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmlab.align.build import BuildSettings, build_preferences
+    from lmlab.align.label import label_pairs
+
     if args.prefs_command == "build":
         build_preferences(BuildSettings(
             out=args.out, data=args.data, records=args.records, held_out=args.held_out, model=args.model,

@@ -18,14 +18,11 @@ import socket
 from pathlib import Path
 
 import lmlab
-import lmlab.serve as serving  # looked up at call time: tests replace lmlab.serve.serve
-from lmlab.adapt.recipe import RECIPE_FILE, Recipe, shipped_adapter
-from lmlab.checkpoints import load_config
 from lmlab.cli import positive_int
 from lmlab.errors import CheckpointError, ConfigError, LmlabError
-from lmlab.quant.model import parse_mode
-from lmlab.serve.app import ServeSettings, finetuned_recipe
-from lmlab.serve.runner import check_servable
+
+# The serving stack (torch, the model, Starlette) is imported inside the functions below, not here: the CLI
+# imports this module to build `lmlab serve --help`, which should not pay the seconds of importing torch.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +85,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 def chosen_adapter(args: argparse.Namespace) -> Path | None:
     """--adapter DIR (which must exist), else the adapter lmlab ships for the model unless --no-adapter."""
+    from lmlab.adapt.recipe import shipped_adapter
+
     if args.adapter is not None:
         if not Path(args.adapter).is_dir():
             raise ConfigError(f"--adapter {args.adapter}: no such directory (a LoRA adapter from lmlab finetune)")
@@ -98,6 +97,9 @@ def chosen_adapter(args: argparse.Namespace) -> Path | None:
 def load_for_serving(model: str, adapter: Path | None, quantize: str | None):
     """The model (its adapter attached, quantized if asked) and tokenizer, or a one-line LmlabError: the
     source is resolved and checked for serving from its config before any weights are read."""
+    from lmlab.checkpoints import load_config
+    from lmlab.serve.runner import check_servable
+
     try:
         config, _ = load_config(model)
         check_servable(config)
@@ -110,6 +112,11 @@ def load_for_serving(model: str, adapter: Path | None, quantize: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
+    import lmlab.serve as serving  # looked up at call time: tests replace lmlab.serve.serve
+    from lmlab.adapt.recipe import RECIPE_FILE, Recipe
+    from lmlab.quant.model import parse_mode
+    from lmlab.serve.app import ServeSettings, finetuned_recipe
+
     if not args.timeout > 0:
         raise ConfigError(f"--timeout {args.timeout} must be > 0 seconds")
     parse_mode(args.quantize)  # a bad mode fails here, before the port and the model
