@@ -443,7 +443,8 @@ def import_seconds() -> float:
     """What a cold interpreter takes here and now to import what `lmlab serve` imports (torch among them): a
     loaded shared machine can stretch it to seconds, and a fail-fast bound is on the work after it."""
     start = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import lmlab.commands.serve"], check=True)
+    subprocess.run([sys.executable, "-c", "import lmlab.commands.serve, lmlab.serve.app, lmlab.checkpoints, lmlab.quant"],
+                   check=True)
     return time.monotonic() - start
 
 
