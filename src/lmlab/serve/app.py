@@ -55,6 +55,7 @@ from lmlab.tasks.summarize.data import load_sample
 from lmlab.tasks.summarize.experiments import CHAT_STOP_STRINGS, INSTRUCTION, STOP_STRINGS, clean_summary
 
 STATIC = Path(__file__).parent / "static"
+INSPECT_STATIC = Path(__file__).parent.parent / "inspect" / "static"  # inspect.{js,css}, shared with lmlab inspect --html
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
 SUMMARY_RECIPES = {"fine-tuned": 0, "zero-shot": 0, "one-shot": 1, "few-shot": 3}  # recipe -> shots
@@ -759,6 +760,7 @@ ROUTES = [
     Route("/v1/preferences", preferences, methods=["POST"]),
     Route("/v1/inspect", inspect, methods=["POST"]),
     Route("/", index),
+    Mount("/static/inspect", StaticFiles(directory=INSPECT_STATIC), name="inspect-static"),  # the Inside tab's page
     Mount("/static", StaticFiles(directory=STATIC), name="static"),
 ]
 
