@@ -51,6 +51,8 @@ def test_inspect_bad_input_is_one_line_400():
             r = httpx.post(f"{url}/v1/inspect", json=body, timeout=60)
             message = r.json()["error"]["message"]
             assert r.status_code == 400 and want in message and "\n" not in message, (body, message)
+        r = httpx.post(f"{url}/v1/inspect", json={"text": "hi", "top_k": -3}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
 
 
 def test_inspect_runs_on_the_model_thread_beside_a_running_request():

@@ -683,6 +683,7 @@ async def inspect(request: Request, state: ServerState) -> Response:
     drew on (``lmlab.inspect.turns``). The recorded passes run on the model thread (``Scheduler.call``): the
     recorder's hooks live on the model's modules, so a decode step running meanwhile would fire them."""
     from lmlab.inspect import inspect_request
+    from lmlab.inspect.api import FIELDS as INSPECT_FIELDS
     from lmlab.inspect.turns import turn_attention
 
     body = await body_of(request)
@@ -730,7 +731,9 @@ async def inspect(request: Request, state: ServerState) -> Response:
     except Closing as exc:
         raise ApiError(503, str(exc), type="server_error", headers={"Retry-After": "5"}) from None
     except LmlabError as exc:
-        raise ApiError(400, str(exc)) from None
+        field = str(exc).split("=", 1)[0].split(" ", 1)[0]  # "top_k=...", "layer 40 is out of range" -> the field
+        raise ApiError(400, str(exc), {"layer": "layers", "head": "layers"}.get(field, field)
+                       if field in INSPECT_FIELDS | {"layer", "head"} else None) from None
     return JSONResponse(out)
 
 
