@@ -677,7 +677,7 @@ async def preferences(request: Request, state: ServerState) -> Response:
 
 
 @route
-async def inspect(request: Request, state: ServerState) -> Response:
+async def inspection(request: Request, state: ServerState) -> Response:
     """The Inside tab: ``lmlab.inspect.inspect_request`` on the served model, plus, with ``dialogue`` (and
     ``summary``, else the fine-tuned summarizer writes it, greedy), ``summary_turns``: which turns the summary
     drew on (``lmlab.inspect.turns``). The recorded passes run on the model thread (``Scheduler.call``): the
@@ -761,7 +761,7 @@ ROUTES = [
     Route("/v1/summarize", summarize, methods=["POST"]),
     Route("/v1/summarize/dialogues", dialogues),
     Route("/v1/preferences", preferences, methods=["POST"]),
-    Route("/v1/inspect", inspect, methods=["POST"]),
+    Route("/v1/inspect", inspection, methods=["POST"]),
     Route("/", index),
     Mount("/static/inspect", StaticFiles(directory=INSPECT_STATIC), name="inspect-static"),  # the Inside tab's page
     Mount("/static", StaticFiles(directory=STATIC), name="static"),
