@@ -102,3 +102,26 @@ def test_inspect_traces_the_fine_tuned_summary_to_the_dialogue_turns():
             assert r.status_code == 200 and r.json()["summary_turns"]["summary"] == written
         else:
             assert r.status_code == 400 and "empty summary" in r.json()["error"]["message"]
+
+
+def test_scheduler_call_runs_jobs_on_the_model_thread_and_passes_errors_back():
+    import pytest
+
+    from lmlab.errors import DataError
+    from lmlab.serve.scheduler import Closing, Scheduler
+
+    tok = tiny_tokenizer()
+    scheduler = Scheduler(tiny_model(tok.vocab_size), tok, max_batch=2)
+    try:
+        assert scheduler.call(lambda: threading.current_thread().name).result(30) == "lmlab-model-loop"
+
+        def bad():
+            raise DataError("layer 9 is out of range")
+
+        with pytest.raises(DataError, match="layer 9"):
+            scheduler.call(bad).result(30)
+        assert scheduler.alive  # a job's error is the caller's, not the loop's
+    finally:
+        scheduler.close()
+    with pytest.raises(Closing):
+        scheduler.call(lambda: None)
