@@ -1,4 +1,5 @@
-"""lmlab lab --turns: report.html shades each fine-tuned row's dialogue turns by its summary's attention."""
+"""lmlab lab's report.html shades each fine-tuned row's dialogue turns by its summary's attention (on by default;
+--no-turns leaves it out)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def tuned_dir(tiny_model_dir, tmp_path):
 def test_lab_turns_shade_the_fine_tuned_rows_and_are_reused(tuned_dir, tmp_path, monkeypatch):
     out = tmp_path / "lab"
     settings = LabSettings(model=str(tuned_dir), experiments="zero-shot-instruction,finetuned", limit=3,
-                           max_new_tokens=8, precision="fp32", out=out, turns=True)
+                           max_new_tokens=8, precision="fp32", out=out)
+    assert settings.turns  # the default
     result = run_lab(settings, **QUIET)
     assert "turn shading: 3 fine-tuned row(s)" in result.text
     page = (out / "report.html").read_text()
@@ -61,3 +63,17 @@ def test_lab_turns_shade_the_fine_tuned_rows_and_are_reused(tuned_dir, tmp_path,
     # without --turns: the same report, no shading
     plain = run_lab(LabSettings(**{**settings.__dict__, "turns": False}), **QUIET)
     assert "turn shading" not in plain.text and "class='turn'" not in (out / "report.html").read_text()
+
+
+def test_lab_without_fine_tuned_rows_skips_turn_shading_and_the_flag_turns_it_off(tiny_model_dir, tmp_path):
+    import argparse
+
+    from lmlab.commands.lab import add_arguments
+
+    result = run_lab(LabSettings(model=str(tiny_model_dir), experiments="zero-shot-instruction", limit=2,
+                                 max_new_tokens=4, out=tmp_path / "lab"), **QUIET)
+    assert "turn shading" not in result.text and (tmp_path / "lab" / "report.html").exists()
+    assert not (tmp_path / "lab" / TURNS).exists()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).turns and not parser.parse_args(["--no-turns"]).turns

@@ -69,7 +69,7 @@ class LabSettings:
     adapter: str | Path | None = None  # LoRA adapter of the "finetuned" experiment; None: the one lmlab ships
     reward: str | Path | None = None  # reward model (lmlab reward train): best-of-n experiments need it; every row gets its score
     quantize: str | None = None  # lmlab.quant: int8, int4[-gG] or native (a GGUF at its own precision); None: float
-    turns: bool = False  # report.html shades each fine-tuned row's dialogue turns by its summary's attention
+    turns: bool = True  # report.html shades each fine-tuned row's dialogue turns by its summary's attention
 
 
 class LabInterrupted(KeyboardInterrupt):
@@ -401,7 +401,8 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
     _report.plot_rouge(out / "rouge.png", summaries, "best",
                        title=f"ROUGE on {data.source} ({len(evaluated)} dialogues), {settings.model}")
     turns, turn_seconds = {}, 0.0
-    if settings.turns:
+    shade = settings.turns and any(e.adapter for e in experiments)
+    if shade:
         t_turns = time.perf_counter()
         tuned = [r for r in rows if r["experiment"] in {e.name for e in experiments if e.adapter}]
         turns = _turn_shading(tuned, {r.id: r for r in evaluated}, out, model, tokenizer, settings, adapter, echo)
@@ -419,7 +420,7 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
         parts += ["", line]
         with open(out / "report.md", "a", encoding="utf-8") as f:
             f.write(f"\n{line}\n")
-    if settings.turns:
+    if shade:
         parts += ["", f"turn shading: {len(turns)} fine-tuned row(s) in {turn_seconds:.1f} s "
                       f"({100 * turn_seconds / elapsed:.0f}% of this run)"]
     parts += ["", f"{new_rows} new row(s) in {elapsed:.1f} s; wrote {out / 'report.md'}, {out / 'report.html'}, "
