@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default=None, metavar="MODE",
                         help="run on quantized weights: int8, int4 (int4-g64, int4-g128), or native (a GGUF file at "
                              "its own precision); see docs/quantization.md")
+    parser.add_argument("--turns", action=argparse.BooleanOptionalAction, default=True,
+                        help="report.html shades the dialogue turns each fine-tuned summary attended to "
+                             "(lmlab.inspect.turns: one recorded forward pass per fine-tuned row, ~7%% of a default "
+                             "run; default: on)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         shots_from=args.shots_from, pool_size=args.pool_size, limit=args.limit, seed=args.seed,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=args.chat, out=args.out,
         examples=args.examples, precision=args.precision, adapter=args.adapter, reward=args.reward,
-        quantize=args.quantize,
+        quantize=args.quantize, turns=args.turns,
     )
     try:
         run_lab(settings)

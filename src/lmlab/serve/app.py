@@ -10,6 +10,7 @@ Routes (``create_app(settings, loader)`` builds a Starlette app; uvicorn runs it
     POST /v1/summarize           a dialogue -> a summary with the lab's recipes (fine-tuned, zero/one/few-shot)
     GET  /v1/summarize/dialogues the bundled dialogues and the recipes available (for the playground)
     POST /v1/preferences         {prompt, chosen, rejected, source?}: a person's choice, appended to --prefs-out FILE
+    POST /v1/inspect             inside the model on one text (lmlab.inspect.inspect_request; the Inside tab)
     GET  /                       the playground (static HTML/CSS/JS from ``serve/static``)
 
 This layer holds no model logic: a route handler (a plain module-level function of the request; the
@@ -54,6 +55,7 @@ from lmlab.tasks.summarize.data import load_sample
 from lmlab.tasks.summarize.experiments import CHAT_STOP_STRINGS, INSTRUCTION, STOP_STRINGS, clean_summary
 
 STATIC = Path(__file__).parent / "static"
+INSPECT_STATIC = Path(__file__).parent.parent / "inspect" / "static"  # inspect.{js,css}, shared with lmlab inspect --html
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
 SUMMARY_RECIPES = {"fine-tuned": 0, "zero-shot": 0, "one-shot": 1, "few-shot": 3}  # recipe -> shots
@@ -674,6 +676,67 @@ async def preferences(request: Request, state: ServerState) -> Response:
     return JSONResponse({"object": "preference", "file": str(prefs_out), "records": records})
 
 
+@route
+async def inspection(request: Request, state: ServerState) -> Response:
+    """The Inside tab: ``lmlab.inspect.inspect_request`` on the served model, plus, with ``dialogue`` (and
+    ``summary``, else the fine-tuned summarizer writes it, greedy), ``summary_turns``: which turns the summary
+    drew on (``lmlab.inspect.turns``). The recorded passes run on the model thread (``Scheduler.call``): the
+    recorder's hooks live on the model's modules, so a decode step running meanwhile would fire them."""
+    from lmlab.inspect import inspect_request
+    from lmlab.inspect.api import FIELDS as INSPECT_FIELDS
+    from lmlab.inspect.turns import turn_attention
+
+    body = await body_of(request)
+    scheduler = state.require_ready()
+    dialogue, summary = body.pop("dialogue", None), body.pop("summary", None)
+    prompt = None
+    if dialogue is not None:
+        if not isinstance(dialogue, str) or not dialogue.strip():
+            raise ApiError(400, "dialogue must be a non-empty string (#Person1#: ... one turn per line)", "dialogue")
+        if state.settings.finetuned is None:
+            raise ApiError(400, "dialogue: tracing a summary to its turns needs the fine-tuned summarizer (a server "
+                                "started with the shipped adapter or --adapter DIR)", "dialogue")
+        if summary is not None and (not isinstance(summary, str) or not summary.strip()):
+            raise ApiError(400, f"summary={summary!r} must be a non-empty string (or absent: the summarizer writes it)",
+                           "summary")
+        dialogue = dialogue.strip()
+        body.setdefault("text", dialogue)
+        try:
+            prompt, chat = await asyncio.to_thread(state.summarize_prompt, dialogue, "fine-tuned", 64)
+        except LmlabError as exc:
+            raise ApiError(400, str(exc), "dialogue") from None
+        if summary is None:
+            config = state.resolve(GenerationConfig(max_new_tokens=64, do_sample=False, stop_strings=list(
+                CHAT_STOP_STRINGS if chat else STOP_STRINGS)))
+            ids = state.encode(prompt.text)
+            state.check_window(ids, config.max_new_tokens)
+            result = await collect_or_499(ChoiceRun(state, [ids], [config]), request)
+            if isinstance(result, Response):
+                return result
+            summary = clean_summary(result[0][0])
+            if not summary:
+                raise ApiError(400, "the fine-tuned summarizer wrote an empty summary for this dialogue", "dialogue")
+    elif summary is not None:
+        raise ApiError(400, "summary needs the dialogue it summarizes (field dialogue)", "summary")
+
+    def run() -> dict:
+        out = inspect_request(state.model, state.tokenizer, body, name=state.settings.model_name)
+        if prompt is not None:
+            out["summary_turns"] = dict(turn_attention(state.model, state.tokenizer, prompt.text, summary, dialogue),
+                                        adapter="fine-tuned")
+        return out
+
+    try:
+        out = await asyncio.wrap_future(scheduler.call(run))
+    except Closing as exc:
+        raise ApiError(503, str(exc), type="server_error", headers={"Retry-After": "5"}) from None
+    except LmlabError as exc:
+        field = str(exc).split("=", 1)[0].split(" ", 1)[0]  # "top_k=...", "layer 40 is out of range" -> the field
+        raise ApiError(400, str(exc), {"layer": "layers", "head": "layers"}.get(field, field)
+                       if field in INSPECT_FIELDS | {"layer", "head"} else None) from None
+    return JSONResponse(out)
+
+
 async def index(request: Request) -> Response:
     return FileResponse(STATIC / "index.html")
 
@@ -698,7 +761,9 @@ ROUTES = [
     Route("/v1/summarize", summarize, methods=["POST"]),
     Route("/v1/summarize/dialogues", dialogues),
     Route("/v1/preferences", preferences, methods=["POST"]),
+    Route("/v1/inspect", inspection, methods=["POST"]),
     Route("/", index),
+    Mount("/static/inspect", StaticFiles(directory=INSPECT_STATIC), name="inspect-static"),  # the Inside tab's page
     Mount("/static", StaticFiles(directory=STATIC), name="static"),
 ]
 

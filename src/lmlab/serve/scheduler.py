@@ -45,6 +45,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from lmlab.errors import ConfigError, DataError, LmlabError
@@ -139,6 +140,7 @@ class Scheduler:
         self._outputs: dict[int, SequenceOutput] = {}  # sequence id -> its output state
         self._waiting: deque[Sequence] = deque()
         self._chunked: _Chunked | None = None  # the long prompt being prefilled chunk by chunk, if any
+        self._jobs: deque[tuple[Future, Callable[[], object]]] = deque()  # call(): work for the model thread
         self._cv = threading.Condition()
         self._ids = itertools.count(1)
         self._closing = False
@@ -191,6 +193,18 @@ class Scheduler:
             self._cv.notify()
         return seq
 
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn()` on the model thread between two iterations -> a Future of its result. For work that
+        uses the model outside the batch (e.g. ``/v1/inspect``'s recorded forward pass, whose hooks would
+        otherwise fire on the loop's own steps): running sequences pause while it runs."""
+        future: Future = Future()
+        with self._cv:
+            if self._closing:
+                raise Closing("the server is shutting down and takes no new requests")
+            self._jobs.append((future, fn))
+            self._cv.notify()
+        return future
+
     def cancel(self, seq: Sequence) -> None:
         """End `seq` soon (its client went away): the loop frees its slot before the next step."""
         with self._cv:
@@ -235,6 +249,9 @@ class Scheduler:
                 self._closing = True
                 stranded = self._all()
                 self._waiting.clear()
+                jobs, self._jobs = list(self._jobs), deque()
+            for future, _ in jobs:
+                future.set_exception(Closing(f"the model loop stopped: {self.error}"))
             for seq in stranded:
                 self._end(seq, "error", f"the model loop stopped: {self.error}")
             raise
@@ -243,14 +260,21 @@ class Scheduler:
         """Housekeeping, admission + prefill, one decode step -> False once closed and drained.
         (A method of its own so that nothing of a finished sequence outlives the iteration in a local.)"""
         with self._cv:
-            while not (self._waiting or self.running or self._chunked or self._closing):
+            while not (self._waiting or self.running or self._chunked or self._jobs or self._closing):
                 self._cv.wait()
-            if self._closing and not self._waiting and not self.running and not self._chunked:
+            if self._closing and not self._waiting and not self.running and not self._chunked and not self._jobs:
                 return False
+            jobs, self._jobs = list(self._jobs), deque()
             self._expire_waiting()
             chunk, admitted, start_chunked = self._plan_prefill()
             with self.metrics.lock:
                 self.metrics.queued = len(self._waiting)
+        for future, fn in jobs:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # the caller's error, not the loop's
+                    future.set_exception(exc)
         self._expire_running()
         if start_chunked is not None:
             self._start_chunked(start_chunked)

@@ -5,7 +5,9 @@
  * multiples, per-head summaries, embedding neighbours and PCA, the positional scheme, the residual stream and
  * logit lens, feed-forward sparsity, and the next-token distribution with live temperature / top-k / top-p /
  * min-p filtering -- the four steps of lmlab.generation.processors, in its order, over the whole vocabulary.
- * options.endpoint (e.g. "/v1/inspect"): a server to ask for more decoding steps and for new texts.
+ * options.endpoint (e.g. "/v1/inspect"): a server to ask for more decoding steps and for new texts;
+ * options.headers(): extra request headers (the playground's API key); options.textBox: false leaves out the
+ * page's own text box (the playground has its own).
  */
 (function () {
   "use strict";
@@ -175,7 +177,7 @@
       el("div", { class: "sub", text: `${data.arch}; ${data.tokens.length} tokens; tokenizer ${data.tokenizer || "?"}; ` +
         `attention stored as uint8 (1/255 steps)` }));
     for (const n of data.notes || []) root.append(el("div", { class: "note", text: n }));
-    if (options.endpoint) {
+    if (options.endpoint && options.textBox !== false) {
       const box = el("textarea", { id: "text-input", rows: 3, cols: 80 });
       box.value = data.text || "";
       root.append(el("div", { class: "controls" }, box, el("button", { id: "inspect-run", text: "Inspect",
@@ -444,7 +446,8 @@
       }
       stepBtn.addEventListener("click", async () => {
         if (st.nSteps >= data.steps.length && options.endpoint) {
-          const fresh = await post({ text: data.text, target: data.target, steps: data.steps.length + 3 });
+          const fresh = await post({ text: data.text, target: data.target, layers: data.layers[data.start.stack],
+            steps: Math.min(16, data.steps.length + 3) });  // the route's limit: 16 steps
           if (!fresh) return;
           data.steps = fresh.steps;
         }
@@ -458,7 +461,8 @@
 
     async function post(body) {
       try {
-        const r = await fetch(options.endpoint, { method: "POST", headers: { "Content-Type": "application/json" },
+        const r = await fetch(options.endpoint, { method: "POST",
+          headers: Object.assign({ "Content-Type": "application/json" }, options.headers ? options.headers() : {}),
           body: JSON.stringify(Object.assign({ format: "page" }, body, st.sampling)) });
         if (!r.ok) throw new Error(await r.text());
         return await r.json();

@@ -76,6 +76,7 @@ class LabSettings:
     adapter: str | Path | None = None  # LoRA adapter of the "finetuned" experiment; None: the one lmlab ships
     reward: str | Path | None = None  # reward model (lmlab reward train): best-of-n experiments need it; every row gets its score
     quantize: str | None = None  # lmlab.quant: int8, int4[-gG] or native (a GGUF at its own precision); None: float
+    turns: bool = True  # report.html shades each fine-tuned row's dialogue turns by its summary's attention
 
 
 class LabInterrupted(KeyboardInterrupt):
@@ -348,7 +349,7 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
          f"shot pool: {pool_desc}; {len(todo)} to generate, {len(experiments) * len(evaluated) - len(todo)} done")
 
     new_rows = 0
-    scorer = None
+    scorer = model = None
     if settings.reward is not None:
         from lmlab.align.reward import RewardScorer
 
@@ -400,6 +401,15 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
                             settings=run_settings, aggregations=aggregations, date=date, skipped=data.skipped)
     _report.plot_rouge(out / "rouge.png", summaries, "best",
                        title=f"ROUGE on {data.source} ({len(evaluated)} dialogues), {settings.model}")
+    turns, turn_seconds = {}, 0.0
+    shade = settings.turns and any(e.adapter for e in experiments)
+    if shade:
+        t_turns = time.perf_counter()
+        tuned = [r for r in rows if r["experiment"] in {e.name for e in experiments if e.adapter}]
+        turns = _turn_shading(tuned, {r.id: r for r in evaluated}, out, model, tokenizer, settings, adapter, echo)
+        turn_seconds = time.perf_counter() - t_turns
+    _report.write_report_html(out / "report.html", summaries=summaries, settings=run_settings, date=date,
+                              records=evaluated, rows_by_key=done, experiments=names, turns=turns)
     elapsed = time.perf_counter() - t_start
     parts = []
     if settings.examples:
@@ -411,8 +421,11 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
         parts += ["", line]
         with open(out / "report.md", "a", encoding="utf-8") as f:
             f.write(f"\n{line}\n")
-    parts += ["", f"{new_rows} new row(s) in {elapsed:.1f} s; wrote {out / 'report.md'}, {out / RESULTS}, "
-                  f"{out / 'rouge.png'}"]
+    if shade:
+        parts += ["", f"turn shading: {len(turns)} fine-tuned row(s) in {turn_seconds:.1f} s "
+                      f"({100 * turn_seconds / elapsed:.0f}% of this run)"]
+    parts += ["", f"{new_rows} new row(s) in {elapsed:.1f} s; wrote {out / 'report.md'}, {out / 'report.html'}, "
+                  f"{out / RESULTS}, {out / 'rouge.png'}"]
     text = "\n".join(parts)
     echo(text)
     return LabResult(out=out, summaries=summaries, rows=rows, new_rows=new_rows, seconds=elapsed, text=text,
@@ -447,6 +460,50 @@ def _mean_rewards(rows: list[dict], evaluated: list[Dialogue], names: list[str],
         if scores:
             means[name] = sum(scores) / len(scores)
     return means
+
+
+TURNS = "turns.jsonl"  # the turn shading of fine-tuned rows (--turns), kept so that a resumed run reuses it
+
+
+def _turn_shading(rows: list[dict], records: dict[str, Dialogue], out: Path, model, tokenizer, settings: LabSettings,
+                  adapter: Path | None, echo) -> dict[tuple[str, str], dict]:
+    """(experiment, id) -> lmlab.inspect.turns.turn_attention of each fine-tuned row (its prompt + summary,
+    teacher-forced, with the adapter on), or {"error": why}; computed once per summary and cached in turns.jsonl."""
+    from lmlab.inspect.turns import turn_attention
+
+    cache: dict[tuple[str, str, str], dict] = {}
+    if (out / TURNS).exists():
+        for line in (out / TURNS).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                t = json.loads(line)
+                cache[(t["experiment"], t["id"], t["summary"])] = t
+    result, todo = {}, []
+    for row in rows:
+        hit = cache.get((row["experiment"], row["id"], row["summary"]))
+        if hit is not None:
+            result[(row["experiment"], row["id"])] = hit
+        else:
+            todo.append(row)
+    if not todo:
+        return result
+    if model is None:  # a resumed run with nothing left to generate
+        from lmlab.checkpoints import load_model
+        from lmlab.precision import apply_precision
+
+        model = load_model(settings.model, adapter=adapter, quantize=settings.quantize)
+        if not settings.quantize:
+            apply_precision(model, settings.precision)
+    echo(f"turn shading: {len(todo)} fine-tuned row(s)")
+    with open(out / TURNS, "a", encoding="utf-8") as f:
+        for row in todo:
+            key = {"experiment": row["experiment"], "id": row["id"], "summary": row["summary"]}
+            try:
+                t = {**key, **turn_attention(model, tokenizer, row["prompt"], row["summary"], records[row["id"]].dialogue)}
+            except DataError as exc:
+                t = {**key, "error": str(exc)}
+            f.write(json.dumps(t, ensure_ascii=False) + "\n")
+            result[(row["experiment"], row["id"])] = t
+    return result
 
 
 def _generate_rows(todo, model, tokenizer, builder: _PromptBuilder, settings: LabSettings, chat: bool, out: Path,

@@ -1,4 +1,4 @@
-"""The lab's outputs: per-experiment summaries of results rows, terminal tables, report.md, rouge.png.
+"""The lab's outputs: per-experiment summaries of results rows, terminal tables, report.md, report.html, rouge.png.
 
 Everything here works from the rows of ``results.jsonl`` (plain dicts), so a resumed run reports
 exactly what was generated, whichever invocation generated it.
@@ -6,6 +6,7 @@ exactly what was generated, whichever invocation generated it.
 
 from __future__ import annotations
 
+import html
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,3 +167,63 @@ def plot_rouge(path: Path, summaries: list[ExperimentSummary], aggregation: str 
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")  # keep long titles inside the image
     plt.close(fig)
+
+
+def write_report_html(path: Path, *, summaries: list[ExperimentSummary], settings: dict, date: str, records,
+                      rows_by_key: dict[tuple[str, str], dict], experiments: list[str],
+                      turns: dict[tuple[str, str], dict] | None = None) -> None:
+    """report.html: one self-contained page with the settings, the scores (best reference) and, for every
+    evaluated dialogue, the human reference and each experiment's summary. With `turns` (``lmlab lab --turns``:
+    ``lmlab.inspect.turns.turn_attention`` of each fine-tuned row), a fine-tuned row also shows the dialogue
+    with each turn shaded by the share of the summary's attention it received."""
+    e = html.escape
+    turns = turns or {}
+    out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Dialogue-summarization lab</title>",
+           "<style>body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1f2328;max-width:1100px}"
+           "table{border-collapse:collapse}td,th{border:1px solid #d0d7de;padding:3px 7px;text-align:right}"
+           "td:first-child,th:first-child{text-align:left}.who{color:#57606a;width:12em;vertical-align:top}"
+           ".turn{padding:1px 6px;margin:1px 0;white-space:pre-wrap}.share{color:#57606a;font-size:12px;"
+           "display:inline-block;width:4em}.sub{color:#57606a;font-size:12px}.err{color:#9a6700}</style></head><body>",
+           "<h1>Dialogue-summarization lab</h1><ul>"]
+    out += [f"<li><b>{e(str(k))}</b>: {e(str(v))}</li>" for k, v in settings.items()] + [f"<li><b>date</b>: {e(date)}</li></ul>"]
+    out.append("<h2>Scores</h2><p class='sub'>ROUGE F x100, best reference; time: total generation seconds</p><table>"
+               "<tr><th>experiment</th><th>n</th>" + "".join(f"<th>{m}</th>" for m in METRIC_LABELS.values()) +
+               "<th>words</th><th>empty</th><th>time s</th></tr>")
+    for s in summaries:
+        out.append(f"<tr><td>{e(s.name)}</td><td>{s.n}</td>" + "".join(f"<td>{s.best[m] * 100:.2f}</td>" for m in METRICS)
+                   + f"<td>{s.words:.1f}</td><td>{s.empty}</td><td>{s.seconds:.1f}</td></tr>")
+    out.append("</table>")
+    if turns:
+        averaging = next((t["averaging"] for t in turns.values() if "averaging" in t), "")
+        out.append(f"<p class='sub'>Turn shading (fine-tuned rows): {e(averaging)}; the shares are normalized over "
+                   "the turns (the rest of the attention goes to the instruction, the template and the summary).</p>")
+    out.append("<h2>Summaries</h2>")
+    for record in records:
+        rows = [(x, rows_by_key[(x, record.id)]) for x in experiments if (x, record.id) in rows_by_key]
+        if not rows:
+            continue
+        out.append(f"<h3>{e(record.id)} ({e(record.topic or '')})</h3><table class='ex'>")
+        for i, ref in enumerate(record.references or []):
+            out.append(f"<tr><td class='who'>human{i + 1 if len(record.references) > 1 else ''}</td>"
+                       f"<td style='text-align:left'>{e(ref)}</td><td></td></tr>")
+        for name, row in rows:
+            best = row["scores"]["best"]
+            out.append(f"<tr><td class='who'>{e(name)}</td><td style='text-align:left'>{e(row['summary']) or '(empty)'}"
+                       f"</td><td>R1 {best['rouge1'] * 100:.0f}, RL {best['rougeL'] * 100:.0f}</td></tr>")
+            t = turns.get((name, record.id))
+            if t is not None:
+                out.append(f"<tr><td class='who'>{e(name)}: turns</td><td colspan='2' style='text-align:left'>"
+                           f"{_turns_html(t)}</td></tr>")
+        out.append("</table>")
+    out.append("</body></html>")
+    path.write_text("\n".join(out), encoding="utf-8")
+
+
+def _turns_html(t: dict) -> str:
+    """One fine-tuned row's dialogue, each turn shaded by its share of the summary's attention."""
+    if "error" in t:
+        return f"<span class='err'>no turn shading: {html.escape(t['error'])}</span>"
+    top = max(t["share"]) or 1.0
+    return "".join(f"<div class='turn' data-share='{share:.4f}' style='background:rgba(37,99,235,{0.6 * share / top:.3f})'>"
+                   f"<span class='share'>{100 * share:.1f}%</span>{html.escape(turn)}</div>"
+                   for turn, share in zip(t["turns"], t["share"]))
