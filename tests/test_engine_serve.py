@@ -222,3 +222,16 @@ def test_serve_engine_flag_reaches_the_runner_and_metrics(ext, model, monkeypatc
             assert state.scheduler.engine_name == expected
             text = httpx.get(f"{url}/metrics").text
         assert f'lmlab_engine_info{{engine="{expected}"}} 1' in text
+
+
+def test_serve_command_banner_names_the_engine(tiny_model_dir, monkeypatch, capsys):
+    """``lmlab serve --engine eager`` sets the process's engine (the scheduler reads it) and says so."""
+    import lmlab.serve
+    from lmlab.cli import main
+    from serving import free_port
+
+    monkeypatch.setenv(engine.ENV, "auto")  # restored afterwards: --engine writes it
+    monkeypatch.setattr(lmlab.serve, "serve", lambda loader, settings, **kw: None)
+    assert main(["serve", str(tiny_model_dir), "--no-adapter", "--port", str(free_port()), "--engine", "eager"]) == 0
+    assert "decode engine eager: asked for" in capsys.readouterr().out
+    assert engine.default_name() == "eager"
