@@ -207,7 +207,8 @@ def test_unavailable_engine_falls_back_to_eager_with_one_note(model, monkeypatch
     assert ModelRunner(model, 2, 64, engine="auto").engine_name == "eager"  # auto: silent
     unsupported = tiny_model(400, max_seq_len=64, norm="layernorm")
     assert decode_step_for(unsupported, "auto") is None
-    assert ModelRunner(model, 2, 64).engine_name == "eager"  # the library default asks for nothing
+    monkeypatch.delenv(engine.ENV, raising=False)
+    assert ModelRunner(model, 2, 64).engine_name == "eager"  # a library server without $LMLAB_ENGINE: eager
 
 
 def test_serve_engine_flag_reaches_the_runner_and_metrics(ext, model, monkeypatch):
@@ -225,13 +226,21 @@ def test_serve_engine_flag_reaches_the_runner_and_metrics(ext, model, monkeypatc
 
 
 def test_serve_command_banner_names_the_engine(tiny_model_dir, monkeypatch, capsys):
-    """``lmlab serve --engine eager`` sets the process's engine (the scheduler reads it) and says so."""
+    """``lmlab serve`` runs its server with $LMLAB_ENGINE set to --engine (default auto: the scheduler's
+    step comes from it), says which engine in its banner, and puts the variable back afterwards."""
+    import os
+
     import lmlab.serve
     from lmlab.cli import main
     from serving import free_port
 
-    monkeypatch.setenv(engine.ENV, "auto")  # restored afterwards: --engine writes it
-    monkeypatch.setattr(lmlab.serve, "serve", lambda loader, settings, **kw: None)
+    monkeypatch.setenv(engine.ENV, "x")
+    monkeypatch.delenv(engine.ENV)  # unset now, restored after the test whatever --engine writes
+    seen = []
+    monkeypatch.setattr(lmlab.serve, "serve", lambda loader, settings, **kw: seen.append(os.environ.get(engine.ENV)))
+    assert main(["serve", str(tiny_model_dir), "--no-adapter", "--port", str(free_port())]) == 0
+    assert seen == ["auto"] and engine.ENV not in os.environ
     assert main(["serve", str(tiny_model_dir), "--no-adapter", "--port", str(free_port()), "--engine", "eager"]) == 0
-    assert "decode engine eager: asked for" in capsys.readouterr().out
-    assert engine.default_name() == "eager"
+    assert seen[-1] == "eager"
+    banners = [line for line in capsys.readouterr().out.splitlines() if "decode engine" in line]
+    assert len(banners) == 2 and "decode engine eager: asked for" in banners[1]

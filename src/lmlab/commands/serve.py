@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import socket
 from pathlib import Path
 
@@ -25,6 +26,8 @@ import lmlab
 import lmlab.serve as serving  # looked up at call time: tests replace lmlab.serve.serve
 from lmlab.adapt.recipe import RECIPE_FILE, Recipe, shipped_adapter
 from lmlab.checkpoints import load_config
+from lmlab.engine import ENV as ENGINE_ENV
+from lmlab.engine import default_name as default_engine
 from lmlab.engine import resolve as resolve_engine
 from lmlab.cli import positive_int
 from lmlab.errors import CheckpointError, ConfigError, LmlabError
@@ -132,10 +135,19 @@ def run(args: argparse.Namespace) -> int:
         summarizer = f"fine-tuned summarizer: adapter {adapter}" if adapter is not None else "no adapter"
         print(f"lmlab serve: {args.model} ({summarizer}) on http://{args.host}:{args.port}/ (playground), "
               f"/v1 (OpenAI API), /health, /metrics", flush=True)
-        # --engine (set as $LMLAB_ENGINE by the CLI) picks the decode step of the continuous batch
-        print(f"lmlab serve: decode engine {resolve_engine(model)[1]}", flush=True)
-        serving.serve(lambda: (model, tokenizer), settings, host=args.host, port=args.port, log_level=args.log_level,
-                      sock=sock)
+        # the continuous batch's decode step: --engine (the CLI sets $LMLAB_ENGINE from it), default auto; the
+        # server's scheduler reads $LMLAB_ENGINE (lmlab.engine.serving), set here for as long as it serves
+        engine_env = os.environ.get(ENGINE_ENV)
+        os.environ[ENGINE_ENV] = default_engine()
+        try:
+            print(f"lmlab serve: decode engine {resolve_engine(model)[1]}", flush=True)
+            serving.serve(lambda: (model, tokenizer), settings, host=args.host, port=args.port,
+                          log_level=args.log_level, sock=sock)
+        finally:
+            if engine_env is None:
+                os.environ.pop(ENGINE_ENV, None)
+            else:
+                os.environ[ENGINE_ENV] = engine_env
     finally:
         sock.close()
     return 0

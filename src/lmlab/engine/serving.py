@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from lmlab.engine import check_name, default_name, note, select
+import os
+
+from lmlab.engine import ENV, check_name, default_name, note, select
 
 
 class NativeDecodeStep:
@@ -34,11 +36,17 @@ class NativeDecodeStep:
                                       view.rows, positions[:, 0])
 
 
+def serving_default() -> str:
+    """The engine a server runs when none is named: ``$LMLAB_ENGINE`` where it is set (``lmlab serve`` sets it
+    from ``--engine``, default auto), else "eager": a ``Scheduler`` or ``create_app`` used as a library keeps
+    the plain PyTorch forward (the one its hooks and tests see) unless asked."""
+    return default_name() if os.environ.get(ENV, "").strip() else "eager"
+
+
 def decode_step_for(model, name: str | None = None):
-    """The serving decode step of engine `name` for `model` (None: ``$LMLAB_ENGINE``, else auto), or None
-    when the eager step runs (asked for, or the engine cannot run here: then one line says why, as for
-    generation)."""
-    name = check_name(name) if name is not None else default_name()
+    """The serving decode step of engine `name` for `model` (None: ``serving_default()``), or None when the
+    eager step runs (asked for, or the engine cannot run here: then one line says why, as for generation)."""
+    name = check_name(name) if name is not None else serving_default()
     if name == "eager":
         return None
     engine = select(model, name)
@@ -50,4 +58,4 @@ def decode_step_for(model, name: str | None = None):
     return NativeDecodeStep(engine)
 
 
-__all__ = ["NativeDecodeStep", "decode_step_for"]
+__all__ = ["NativeDecodeStep", "decode_step_for", "serving_default"]

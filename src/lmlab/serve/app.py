@@ -212,7 +212,7 @@ class ServerState:
             model, tokenizer = self.loader()
             s = self.settings
             self.scheduler = Scheduler(model, tokenizer, max_batch=s.max_batch, max_queue=s.max_queue,
-                                       timeout=s.timeout, metrics=self.metrics, prefill_tokens=s.prefill_tokens, engine=None)
+                                       timeout=s.timeout, metrics=self.metrics, prefill_tokens=s.prefill_tokens)
             self.model, self.tokenizer = model, tokenizer
             self.ready.set()
         except Exception as exc:  # reported by /health and every endpoint

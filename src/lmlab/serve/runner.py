@@ -67,17 +67,18 @@ class ModelRunner:
 
     ``slots``: sequences decoded together (KV-cache rows); ``context_window``: the most positions one
     row holds; ``decode_step``: replaces the eager decode forward (a compiled engine); else ``engine``:
-    the decode engine to ask the registry for ("auto", "native", ...; None: ``$LMLAB_ENGINE``, else auto;
-    default "eager"), the eager step where it cannot run. ``engine_name`` says which step runs.
+    the decode engine to ask the registry for ("auto", "native", "eager", ...; None: ``$LMLAB_ENGINE``,
+    which ``lmlab serve`` sets from ``--engine``, else eager), the eager step where it cannot run.
+    ``engine_name`` says which step runs.
     """
 
     def __init__(self, model, slots: int, context_window: int, decode_step: DecodeStep | None = None,
-                 engine: str | None = "eager"):
+                 engine: str | None = None):
         check_servable(model.config)
         self.model = model.eval()
         self.slots = slots
         self.cache = SlotCache.for_model(model, slots, context_window)
-        if decode_step is None and engine != "eager":
+        if decode_step is None:
             from lmlab.engine import decode_step_for  # the registry: serving knows no engine's internals
 
             decode_step = decode_step_for(self.model, engine)

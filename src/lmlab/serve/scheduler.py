@@ -118,13 +118,13 @@ class Scheduler:
     arrival, before it ends with finish reason "timeout"; ``prefill_tokens``: prompt tokens prefilled per
     iteration between two decode steps (longer prompts go in chunks of this size); ``decode_step``: the
     runner's decode forward (default: the eager PyTorch model; see ``runner.DecodeStep``); ``engine``: else
-    the decode engine to run it ("auto", "native", "eager"...; None: ``$LMLAB_ENGINE``, which ``--engine``
-    sets, else auto), eager where it cannot run; ``engine_name`` and ``/metrics`` say which runs.
+    the decode engine to run it ("auto", "native", "eager"...; None: ``$LMLAB_ENGINE``, which ``lmlab serve
+    --engine`` sets, else eager), eager where it cannot run; ``engine_name`` and ``/metrics`` say which runs.
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, timeout: float | None = 600.0,
                  metrics: Metrics | None = None, max_context: int | None = None, prefill_tokens: int = 512,
-                 decode_step: DecodeStep | None = None, engine: str | None = "eager"):
+                 decode_step: DecodeStep | None = None, engine: str | None = None):
         check_servable(model.config)
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_tokens", prefill_tokens)):
             if not isinstance(value, int) or value < 1:
