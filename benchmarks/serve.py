@@ -172,7 +172,8 @@ def free_port() -> int:
 
 
 def start_server(model: str, threads: int, max_batch: int, prefill_tokens: int,
-                 src: str | None = None, engine: str | None = None) -> tuple[subprocess.Popen, str]:
+                 src: str | None = None, engine: str | None = None,
+                 quantize: str | None = None) -> tuple[subprocess.Popen, str]:
     """`lmlab serve MODEL` as its own process (from the checkout whose sources are `src`, default this
     process's) -> (the process, its base url) once /health answers 200. The base model is served (the
     offline references load it without an adapter), with --no-adapter where the checkout has the flag."""
@@ -185,7 +186,7 @@ def start_server(model: str, threads: int, max_batch: int, prefill_tokens: int,
     cmd = [sys.executable, "-m", "lmlab", "--threads", str(threads), "serve", model, "--port", str(port),
            "--max-batch", str(max_batch), "--prefill-tokens", str(prefill_tokens), "--max-queue", "256",
            "--log-level", "warning", *(["--no-adapter"] if "--no-adapter" in usage else []),
-           *(["--engine", engine] if engine else [])]
+           *(["--engine", engine] if engine else []), *(["--quantize", quantize] if quantize else [])]
     if engine and "--engine" not in usage:
         raise RuntimeError(f"--engine {engine}: the server of {src or 'this tree'} has no --engine flag")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -228,7 +229,8 @@ def compare(args, prompts: list[str]) -> None:
     try:
         baseline_engine = args.baseline_engine or args.engine
         for name, src, engine in (("baseline", args.baseline_src, baseline_engine), ("this", None, args.engine)):
-            servers[name] = start_server(args.model, args.threads, args.max_batch, args.prefill_tokens, src, engine)
+            servers[name] = start_server(args.model, args.threads, args.max_batch, args.prefill_tokens, src, engine,
+                                         args.quantize)
         for _, url in servers.values():
             warm_up(url, prompts, args)
         rounds: dict[str, list[dict]] = {"baseline": [], "this": []}
@@ -282,6 +284,8 @@ def main() -> None:
                         help="the server's decode engine (lmlab serve --engine) and the offline references'")
     parser.add_argument("--baseline-engine", default=None, choices=["auto", "compiled", "native", "aoti", "eager"],
                         help="compare this tree's server with --engine against its server with this engine")
+    parser.add_argument("--quantize", default=None, metavar="MODE", help="the served (and offline) model's "
+                        "weight-only quantization (lmlab serve --quantize: int8, int4)")
     parser.add_argument("--clients", default="1,8,32", type=lambda t: [int(n) for n in t.split(",")],
                         help="concurrent-client scenarios (default 1,8,32)")
     args = parser.parse_args()
@@ -294,7 +298,7 @@ def main() -> None:
     tokenizer = lmlab.load_tokenizer(args.model)
     prompts = prompts_for(tokenizer, 32)
     n_prompt = [len(tokenizer.encode(p, add_special_tokens=True)) for p in prompts]
-    print(f"model {args.model}, {args.threads} torch thread(s), server --max-batch {args.max_batch} "
+    print(f"model {args.model}{f' --quantize {args.quantize}' if args.quantize else ''}, {args.threads} torch thread(s), server --max-batch {args.max_batch} "
           f"--prefill-tokens {args.prefill_tokens}, "
           f"{args.max_tokens} new tokens a request (greedy, ignore_eos), prompts {min(n_prompt)}-{max(n_prompt)} "
           f"tokens; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
@@ -304,7 +308,8 @@ def main() -> None:
         return
     if args.engine:
         os.environ["LMLAB_ENGINE"] = args.engine  # the offline references' generate_tokens
-    proc, url = start_server(args.model, args.threads, args.max_batch, args.prefill_tokens, engine=args.engine)
+    proc, url = start_server(args.model, args.threads, args.max_batch, args.prefill_tokens, engine=args.engine,
+                             quantize=args.quantize)
     rounds: list[dict] = []
     try:
         warm_up(url, prompts, args)
@@ -315,7 +320,7 @@ def main() -> None:
         proc.wait(120)
     load_served = os.getloadavg()[0]
 
-    model = lmlab.load_model(args.model)
+    model = lmlab.load_model(args.model, quantize=args.quantize)
     ref = offline(model, tokenizer, prompts[:8], args.max_tokens, args.repeats)
 
     median = {name: {key: statistics.median(r[name][key] for r in rounds) for key in rounds[0][name]}
