@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import socket
 from pathlib import Path
 
@@ -26,9 +25,6 @@ import lmlab
 import lmlab.serve as serving  # looked up at call time: tests replace lmlab.serve.serve
 from lmlab.adapt.recipe import RECIPE_FILE, Recipe, shipped_adapter
 from lmlab.checkpoints import load_config
-from lmlab.engine import ENV as ENGINE_ENV
-from lmlab.engine import default_name as default_engine
-from lmlab.engine import resolve as resolve_engine
 from lmlab.cli import positive_int
 from lmlab.errors import CheckpointError, ConfigError, LmlabError
 from lmlab.quant.model import parse_mode
@@ -137,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
               f"/v1 (OpenAI API), /health, /metrics", flush=True)
         # the continuous batch's decode step: --engine (the CLI sets $LMLAB_ENGINE from it), default auto; the
         # server's scheduler reads $LMLAB_ENGINE (lmlab.engine.serving), set here for as long as it serves
+        import os
+
+        from lmlab.engine import ENV as ENGINE_ENV
+        from lmlab.engine import default_name as default_engine
+        from lmlab.engine import resolve as resolve_engine
+
         engine_env = os.environ.get(ENGINE_ENV)
         os.environ[ENGINE_ENV] = default_engine()
         try:
