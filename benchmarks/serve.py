@@ -36,6 +36,13 @@ rounds alternate between them (the order flips each round, so a change in the ma
 alike), and the table shows this tree's throughput and latencies as ratios of the baseline's.
 
     python benchmarks/serve.py --threads 1 --rounds 3 --baseline-src /tmp/base/src
+
+``--engine NAME`` runs the server (and the offline references) with that decode engine (``lmlab serve
+--engine``; default: the server's own default, auto). ``--baseline-engine NAME`` compares two engines of
+this tree the same way as ``--baseline-src``: e.g. the native decode step against the eager one, each
+server's own 8-clients-vs-sequential ratio printed too. ``--clients 8`` runs only that concurrency.
+
+    python benchmarks/serve.py --threads 1 --rounds 2 --engine native --baseline-engine eager --clients 8
 """
 
 from __future__ import annotations
@@ -165,7 +172,8 @@ def free_port() -> int:
 
 
 def start_server(model: str, threads: int, max_batch: int, prefill_tokens: int,
-                 src: str | None = None) -> tuple[subprocess.Popen, str]:
+                 src: str | None = None, engine: str | None = None,
+                 quantize: str | None = None) -> tuple[subprocess.Popen, str]:
     """`lmlab serve MODEL` as its own process (from the checkout whose sources are `src`, default this
     process's) -> (the process, its base url) once /health answers 200. The base model is served (the
     offline references load it without an adapter), with --no-adapter where the checkout has the flag."""
@@ -177,7 +185,10 @@ def start_server(model: str, threads: int, max_batch: int, prefill_tokens: int,
                            capture_output=True, text=True).stdout
     cmd = [sys.executable, "-m", "lmlab", "--threads", str(threads), "serve", model, "--port", str(port),
            "--max-batch", str(max_batch), "--prefill-tokens", str(prefill_tokens), "--max-queue", "256",
-           "--log-level", "warning", *(["--no-adapter"] if "--no-adapter" in usage else [])]
+           "--log-level", "warning", *(["--no-adapter"] if "--no-adapter" in usage else []),
+           *(["--engine", engine] if engine else []), *(["--quantize", quantize] if quantize else [])]
+    if engine and "--engine" not in usage:
+        raise RuntimeError(f"--engine {engine}: the server of {src or 'this tree'} has no --engine flag")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -207,7 +218,7 @@ def server_round(url: str, prompts: list[str], args) -> dict:
     """One round of the server scenarios -> scenario name -> its metrics."""
     run = lambda **kw: asyncio.run(scenario(url, prompts, args.max_tokens, **kw))  # noqa: E731
     rows = {"lone": run(concurrent=1), "sequential": run(concurrent=1, total=args.sequential)}
-    for n in (1, 8, 32):
+    for n in args.clients:
         rows[f"concurrent-{n}"] = run(concurrent=n)
     return rows
 
@@ -216,8 +227,10 @@ def compare(args, prompts: list[str]) -> None:
     """This tree's server against --baseline-src's, rounds alternating -> a table of ratios (this / baseline)."""
     servers = {}
     try:
-        for name, src in (("baseline", args.baseline_src), ("this", None)):
-            servers[name] = start_server(args.model, args.threads, args.max_batch, args.prefill_tokens, src)
+        baseline_engine = args.baseline_engine or args.engine
+        for name, src, engine in (("baseline", args.baseline_src, baseline_engine), ("this", None, args.engine)):
+            servers[name] = start_server(args.model, args.threads, args.max_batch, args.prefill_tokens, src, engine,
+                                         args.quantize)
         for _, url in servers.values():
             warm_up(url, prompts, args)
         rounds: dict[str, list[dict]] = {"baseline": [], "this": []}
@@ -229,7 +242,8 @@ def compare(args, prompts: list[str]) -> None:
             proc.terminate()
             proc.wait(120)
     keys = ("tokens_per_s", "ttft_p50", "ttft_p95", "itl_p50", "itl_p95")
-    print(f"\nthis tree / baseline ({args.baseline_src}), median of {args.rounds} round(s) each, rounds alternating; "
+    against = args.baseline_src or f"--engine {args.baseline_engine}"
+    print(f"\nthis tree{f' (--engine {args.engine})' if args.engine else ''} / baseline ({against}), median of {args.rounds} round(s) each, rounds alternating; "
           f"load average {os.getloadavg()[0]:.1f}")
     print("| scenario | tokens/s | TTFT p50 | TTFT p95 | ITL p50 | ITL p95 |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -242,6 +256,13 @@ def compare(args, prompts: list[str]) -> None:
             cells.append(f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})")
         print(f"| {scenario_name} | " + " | ".join(cells) + " |")
     print("(tokens/s above 1 is faster; TTFT and ITL below 1 are faster; in brackets the rounds' spread)")
+    if "concurrent-8" in rounds["this"][0]:
+        for name in ("this", "baseline"):
+            values = [r["concurrent-8"]["tokens_per_s"] / r["sequential"]["tokens_per_s"] for r in rounds[name]]
+            ratios[f"{name}.8-clients-vs-sequential"] = values
+            tps = statistics.median(r["concurrent-8"]["tokens_per_s"] for r in rounds[name])
+            print(f"{name}: 8 clients {tps:.1f} tokens/s, {statistics.median(values):.2f}x sequential "
+                  f"(rounds {min(values):.2f}-{max(values):.2f}; target >= 4)")
     if args.json:
         Path(args.json).write_text(json.dumps({"rounds": rounds, "ratios": ratios, "args": vars(args)}, indent=2))
 
@@ -259,6 +280,14 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--baseline-src", default=None, metavar="DIR",
                         help="another checkout's src/: compare the two servers round by round (no offline runs)")
+    parser.add_argument("--engine", default=None, choices=["auto", "compiled", "native", "aoti", "eager"],
+                        help="the server's decode engine (lmlab serve --engine) and the offline references'")
+    parser.add_argument("--baseline-engine", default=None, choices=["auto", "compiled", "native", "aoti", "eager"],
+                        help="compare this tree's server with --engine against its server with this engine")
+    parser.add_argument("--quantize", default=None, metavar="MODE", help="the served (and offline) model's "
+                        "weight-only quantization (lmlab serve --quantize: int8, int4)")
+    parser.add_argument("--clients", default="1,8,32", type=lambda t: [int(n) for n in t.split(",")],
+                        help="concurrent-client scenarios (default 1,8,32)")
     args = parser.parse_args()
 
     import torch
@@ -269,15 +298,18 @@ def main() -> None:
     tokenizer = lmlab.load_tokenizer(args.model)
     prompts = prompts_for(tokenizer, 32)
     n_prompt = [len(tokenizer.encode(p, add_special_tokens=True)) for p in prompts]
-    print(f"model {args.model}, {args.threads} torch thread(s), server --max-batch {args.max_batch} "
+    print(f"model {args.model}{f' --quantize {args.quantize}' if args.quantize else ''}, {args.threads} torch thread(s), server --max-batch {args.max_batch} "
           f"--prefill-tokens {args.prefill_tokens}, "
           f"{args.max_tokens} new tokens a request (greedy, ignore_eos), prompts {min(n_prompt)}-{max(n_prompt)} "
           f"tokens; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
 
-    if args.baseline_src:
+    if args.baseline_src or args.baseline_engine:
         compare(args, prompts)
         return
-    proc, url = start_server(args.model, args.threads, args.max_batch, args.prefill_tokens)
+    if args.engine:
+        os.environ["LMLAB_ENGINE"] = args.engine  # the offline references' generate_tokens
+    proc, url = start_server(args.model, args.threads, args.max_batch, args.prefill_tokens, engine=args.engine,
+                             quantize=args.quantize)
     rounds: list[dict] = []
     try:
         warm_up(url, prompts, args)
@@ -288,7 +320,7 @@ def main() -> None:
         proc.wait(120)
     load_served = os.getloadavg()[0]
 
-    model = lmlab.load_model(args.model)
+    model = lmlab.load_model(args.model, quantize=args.quantize)
     ref = offline(model, tokenizer, prompts[:8], args.max_tokens, args.repeats)
 
     median = {name: {key: statistics.median(r[name][key] for r in rounds) for key in rounds[0][name]}

@@ -5,6 +5,10 @@ bad flag (port, timeout, quantization mode, a missing adapter directory), a port
 (bound here, before the model loads), a model source it cannot find or serve (its config is read
 first), then the model's own loading. Only then does the server start, on the socket bound here.
 
+``--engine auto|native|eager`` picks the decode step of the continuous batch (``lmlab.engine.serving``):
+auto runs lmlab's native C++ step where it is built and supports the model, else eager; the banner and
+``/metrics`` (``lmlab_engine_info``) say which runs.
+
 Like ``lmlab summarize``, it serves the fine-tuned summarizer lmlab ships for the model (the LoRA adapter
 of ``lmlab.adapt.recipe.shipped_adapter``) unless ``--adapter DIR`` names another or ``--no-adapter``
 asks for the base model; the adapter's prompt recipe is then /v1/summarize's default.
@@ -134,8 +138,25 @@ def run(args: argparse.Namespace) -> int:
         summarizer = f"fine-tuned summarizer: adapter {adapter}" if adapter is not None else "no adapter"
         print(f"lmlab serve: {args.model} ({summarizer}) on http://{args.host}:{args.port}/ (playground), "
               f"/v1 (OpenAI API), /health, /metrics", flush=True)
-        serving.serve(lambda: (model, tokenizer), settings, host=args.host, port=args.port, log_level=args.log_level,
-                      sock=sock)
+        # the continuous batch's decode step: --engine (the CLI sets $LMLAB_ENGINE from it), default auto; the
+        # server's scheduler reads $LMLAB_ENGINE (lmlab.engine.serving), set here for as long as it serves
+        import os
+
+        from lmlab.engine import ENV as ENGINE_ENV
+        from lmlab.engine import default_name as default_engine
+        from lmlab.engine import resolve as resolve_engine
+
+        engine_env = os.environ.get(ENGINE_ENV)
+        os.environ[ENGINE_ENV] = default_engine()
+        try:
+            print(f"lmlab serve: decode engine {resolve_engine(model)[1]}", flush=True)
+            serving.serve(lambda: (model, tokenizer), settings, host=args.host, port=args.port,
+                          log_level=args.log_level, sock=sock)
+        finally:
+            if engine_env is None:
+                os.environ.pop(ENGINE_ENV, None)
+            else:
+                os.environ[ENGINE_ENV] = engine_env
     finally:
         sock.close()
     return 0

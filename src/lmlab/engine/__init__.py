@@ -8,7 +8,8 @@ engine follows one protocol::
     run.prefill() -> (B, V) logits;  run.step(tokens (B,)) -> (B, V);  run.reorder(index (B',))
 
 (the protocol of ``DecoderOnlyRun``), so greedy, sampling, beams, stop strings, streaming and batching
-all run on it unchanged.
+all run on it unchanged. ``lmlab serve``'s continuous batching asks ``decode_step_for(model)`` for its
+slot-cache decode step instead (``lmlab.engine.serving``).
 
 Engines, by name (``--engine`` on every command that generates, or ``$LMLAB_ENGINE``):
 
@@ -126,6 +127,14 @@ def select(model, name: str | None = None):
         return None
 
 
+def decode_step_for(model, name: str | None = None):
+    """The serving decode step (``lmlab.serve.runner.DecodeStep``) of engine `name` for `model`, or None: the
+    eager step runs (see ``lmlab.engine.serving``)."""
+    from lmlab.engine.serving import decode_step_for as step_for
+
+    return step_for(model, name)
+
+
 def describe(model=None, name: str | None = None, config=None) -> str:
     """One line for ``lmlab info``: which engine generation uses for `model` (or a model of `config`)."""
     name = check_name(name) if name is not None else default_name()
@@ -141,4 +150,4 @@ def describe(model=None, name: str | None = None, config=None) -> str:
     return module.describe_build(config)
 
 
-__all__ = ["CHOICES", "select", "resolve", "describe", "set_default", "default_name", "check_name", "note"]
+__all__ = ["CHOICES", "select", "decode_step_for", "resolve", "describe", "set_default", "default_name", "check_name", "note"]

@@ -48,6 +48,7 @@ class Metrics:
         self.generated_tokens = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
+        self.engine: str | None = None  # the decode step that runs ("eager", "native"), once the model is loaded
 
     def finished(self, reason: str) -> None:
         with self.lock:
@@ -78,4 +79,7 @@ class Metrics:
                 "# TYPE lmlab_inter_token_latency_seconds histogram",
                 *self.itl.lines("lmlab_inter_token_latency_seconds"),
             ]
+            if self.engine is not None:
+                lines += ["# HELP lmlab_engine_info The decode engine that runs each decode step (lmlab.engine).",
+                          "# TYPE lmlab_engine_info gauge", f'lmlab_engine_info{{engine="{self.engine}"}} 1']
         return "\n".join(lines) + "\n"

@@ -14,7 +14,8 @@ scheduler mirrors in its own list. Three kinds of forward, each returning next-t
 The decode step is a pluggable ``DecodeStep``: ``(tokens (A,), cache) -> logits (A, V)``, which writes
 each row's key/value at its own position and counts one more entry per row (``SlotCache.decode()``
 does both for it). ``EagerDecodeStep`` runs the PyTorch model; a compiled engine can take its place
-(``ModelRunner(..., decode_step=...)``) without the scheduler or the HTTP layer knowing.
+(``ModelRunner(..., decode_step=...)``, or ``engine=NAME``: the registry's step, ``lmlab.engine.decode_step_for``)
+without the scheduler or the HTTP layer knowing.
 
 Shapes: A active rows, B prompts of one prefill, T prompt tokens, V vocabulary, C model width.
 """
@@ -50,6 +51,8 @@ class DecodeStep(Protocol):
 class EagerDecodeStep:
     """The decode step as a plain forward of the PyTorch model (what serving runs unless given another)."""
 
+    name = "eager"
+
     def __init__(self, model):
         self.model = model
 
@@ -63,15 +66,24 @@ class ModelRunner:
     """Executes a decoder-only model for the scheduler (see the module docstring).
 
     ``slots``: sequences decoded together (KV-cache rows); ``context_window``: the most positions one
-    row holds; ``decode_step``: replaces the eager decode forward (a compiled engine).
+    row holds; ``decode_step``: replaces the eager decode forward (a compiled engine); else ``engine``:
+    the decode engine to ask the registry for ("auto", "native", "eager", ...; None: ``$LMLAB_ENGINE``,
+    which ``lmlab serve`` sets from ``--engine``, else eager), the eager step where it cannot run.
+    ``engine_name`` says which step runs.
     """
 
-    def __init__(self, model, slots: int, context_window: int, decode_step: DecodeStep | None = None):
+    def __init__(self, model, slots: int, context_window: int, decode_step: DecodeStep | None = None,
+                 engine: str | None = None):
         check_servable(model.config)
         self.model = model.eval()
         self.slots = slots
         self.cache = SlotCache.for_model(model, slots, context_window)
+        if decode_step is None:
+            from lmlab.engine import decode_step_for  # the registry: serving knows no engine's internals
+
+            decode_step = decode_step_for(self.model, engine)
         self.decode_step = decode_step or EagerDecodeStep(self.model)
+        self.engine_name: str = getattr(self.decode_step, "name", type(self.decode_step).__name__)
         self.steps = 0  # decode steps run (tests and benchmarks read it)
         self.prefills = 0  # prefill forwards run (a batch of prompts or one chunk counts once)
 
@@ -85,9 +97,12 @@ class ModelRunner:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        """Around the model loop: no autograd, and (CPU fp32) weights pre-packed for `slots` rows
-        (``lmlab.nn.packed``; ``LMLAB_PACKED_GEMM=0`` turns it off)."""
-        with torch.inference_mode(), maybe_packed_linears(self.model, self.slots):
+        """Around the model loop: no autograd, and (CPU fp32, eager decode step) weights pre-packed for `slots`
+        rows (``lmlab.nn.packed``; ``LMLAB_PACKED_GEMM=0`` turns it off; an engine's step reads the weights
+        itself, so the packed copies would only cost memory)."""
+        packed = maybe_packed_linears(self.model, self.slots) if isinstance(self.decode_step, EagerDecodeStep) \
+            else contextlib.nullcontext()
+        with torch.inference_mode(), packed:
             yield
 
     def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:

@@ -118,12 +118,14 @@ class Scheduler:
     slot before ``submit`` raises ``QueueFull``; ``timeout``: default seconds a sequence may run, from
     arrival, before it ends with finish reason "timeout"; ``prefill_tokens``: prompt tokens prefilled per
     iteration between two decode steps (longer prompts go in chunks of this size); ``decode_step``: the
-    runner's decode forward (default: the eager PyTorch model; see ``runner.DecodeStep``).
+    runner's decode forward (default: the eager PyTorch model; see ``runner.DecodeStep``); ``engine``: else
+    the decode engine to run it ("auto", "native", "eager"...; None: ``$LMLAB_ENGINE``, which ``lmlab serve
+    --engine`` sets, else eager), eager where it cannot run; ``engine_name`` and ``/metrics`` say which runs.
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, timeout: float | None = 600.0,
                  metrics: Metrics | None = None, max_context: int | None = None, prefill_tokens: int = 512,
-                 decode_step: DecodeStep | None = None):
+                 decode_step: DecodeStep | None = None, engine: str | None = None):
         check_servable(model.config)
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_tokens", prefill_tokens)):
             if not isinstance(value, int) or value < 1:
@@ -135,7 +137,8 @@ class Scheduler:
         self.prefill_tokens = prefill_tokens
         self.context_window = min(max_context or model.config.max_seq_len, model.config.max_seq_len)
         self.metrics = metrics or Metrics()
-        self.runner = ModelRunner(model, max_batch, self.context_window, decode_step)
+        self.runner = ModelRunner(model, max_batch, self.context_window, decode_step, engine)
+        self.engine_name = self.metrics.engine = self.runner.engine_name
         self.running: list[Sequence] = []  # running[i] owns cache row i
         self._outputs: dict[int, SequenceOutput] = {}  # sequence id -> its output state
         self._waiting: deque[Sequence] = deque()
