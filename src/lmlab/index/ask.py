@@ -22,6 +22,8 @@ NOT_FOUND = "not found in the indexed dialogues"
 INSTRUCTION = ("Answer the question using only the sources below. Cite the source of each fact with its id in "
                f"square brackets, like [{{example}}]. If the sources do not contain the answer, reply exactly: "
                f"{NOT_FOUND}.")
+REMINDER = (f"Answer in one sentence that ends with the id of its source, like [{{example}}]. If no source answers "
+            f"the question, reply: {NOT_FOUND}.")  # after the question: a small model follows the last words best
 _CITATION = re.compile(r"\[([^\[\]\s]{1,80})\]")
 _OPEN_CITATION = re.compile(r"\[[^\[\]\s]{0,80}")  # what may still become a citation once more text comes
 
@@ -30,7 +32,7 @@ def _body(question: str, sources: Sequence) -> str:
     example = sources[0].id if sources else "dev_1"
     body = INSTRUCTION.format(example=example) + "\n\n"
     body += "".join(f"Source [{s.id}]:\n{s.text}\n\n" for s in sources)
-    return body + f"Question: {question}"
+    return body + f"Question: {question}\n\n" + REMINDER.format(example=example)
 
 
 def _render(tokenizer, question: str, sources: Sequence, chat: bool) -> str:
