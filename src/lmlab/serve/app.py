@@ -746,7 +746,7 @@ async def dialogues(request: Request, state: ServerState) -> Response:
     settings = state.settings
     records = [{"id": d.id, "topic": d.topic, "dialogue": d.dialogue} for d in load_sample().records]
     return JSONResponse({"recipes": settings.recipes, "default_recipe": settings.default_recipe, "dialogues": records,
-                         "preferences": settings.prefs_out is not None})
+                         "preferences": settings.prefs_out is not None, "index": settings.index is not None})
 
 
 @route
