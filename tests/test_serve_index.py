@@ -60,7 +60,8 @@ def test_embeddings_with_the_openai_client_equal_lmlab_index_embed(client):
     assert [d.index for d in got.data] == [0, 1] and got.model == "all-minilm-l6-v2"
     assert np.array_equal(np.array([d.embedding for d in got.data], dtype=np.float32), ref)
     floats = client.embeddings.create(model="all-minilm-l6-v2", input=texts[0], encoding_format="float")
-    assert np.array_equal(np.array(floats.data[0].embedding, dtype=np.float32), embed(texts[:1])[0])  # one text: no padding
+    one = np.array(floats.data[0].embedding, dtype=np.float32)
+    assert np.array_equal(one, embed(texts[:1])[0])  # one text alone: no padding, the same bytes
     assert got.usage.prompt_tokens > 0
     with pytest.raises(openai.BadRequestError, match="embeds with 'all-minilm-l6-v2'"):
         client.embeddings.create(model="text-embedding-3-small", input="x")
@@ -103,7 +104,7 @@ def test_chat_retrieval_grounds_the_prompt_and_returns_the_sources(client, serve
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     assert [s["id"] for s in events[-1]["sources"]][0] == "d1" and events[-1]["usage"]["prompt_tokens"] > 30
     assert all("sources" not in e for e in events[:-1])
-    for retrieval, param in [({"k": 0}, "k"), ({"mode": "x"}, "retrieval.mode"), ("yes", "retrieval"),
+    for retrieval, param in [({"k": 0}, "retrieval.k"), ({"mode": "x"}, "retrieval.mode"), ("yes", "retrieval"),
                              ({"depth": 2}, "retrieval")]:
         r = httpx.post(f"{server[0]}/v1/chat/completions",
                        json={"messages": messages, "max_tokens": 2, "retrieval": retrieval})
@@ -175,7 +176,8 @@ def test_bad_response_format_is_a_400_naming_it(client):
              ({"type": "xml"}, "'xml'"), ({"type": "json_schema"}, "json_schema")]
     for response_format, named in cases:
         with pytest.raises(openai.BadRequestError) as err:
-            client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, response_format=response_format)
+            client.chat.completions.create(model="tiny", messages=messages, max_tokens=5,
+                                           response_format=response_format)
         assert named in str(err.value) and err.value.body["param"] == "response_format", err.value
     with pytest.raises(openai.BadRequestError, match="n=2 with response_format"):
         client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, n=2,

@@ -180,7 +180,7 @@ def is_not_found(answer: str) -> bool:
 
 @dataclass
 class Answer:
-    """A grounded answer: filled in as ``grounded_answer`` streams it (``text`` is the answer without invented citations)."""
+    """A grounded answer, filled in as ``grounded_answer`` streams it (``text``: without invented citations)."""
 
     question: str
     prompt: str

@@ -22,7 +22,8 @@ the model) and relays the scheduler's events, hopping them from the model thread
 every stream goes through one SSE helper (``sse_response``). Chat completions take ``"retrieval": {"k", "mode",
 "filter"}`` (with --index: the last user message is grounded in the index's hits by
 ``lmlab.index.grounded_messages``; the hits come back as ``sources``), and both completion endpoints take
-OpenAI's ``response_format`` (a per-request grammar constraint, ``lmlab.generation.constrain``). Errors are OpenAI-shaped:
+OpenAI's ``response_format`` (a per-request grammar constraint, ``lmlab.generation.constrain``).
+Errors are OpenAI-shaped:
 ``{"error": {"message", "type", "param", "code"}}`` with 400 (bad JSON or parameters, naming the field),
 401 (API key), 429 (queue full, with ``Retry-After``), 503 (loading or shutting down). A client that
 disconnects cancels its requests, which frees their slots before the next decode step.
@@ -242,14 +243,17 @@ def retrieval_options(body: dict) -> dict | None:
 
 def search_options(spec: dict, prefix: str = "", default_k: int = 5) -> dict:
     """{k, mode, filter} of a search or retrieval request, validated -> Index.search keywords."""
-    k = _number(spec, "k", default_k, 1, MAX_SEARCH_K, integer=True) if "k" in spec else default_k
+    try:
+        k = _number(spec, "k", default_k, 1, MAX_SEARCH_K, integer=True)
+    except ApiError as exc:
+        raise ApiError(400, prefix + exc.message, prefix + "k") from None
     mode = spec.get("mode", "hybrid")
     if mode not in SEARCH_MODES:
         raise ApiError(400, f"{prefix}mode={mode!r} is not valid; choose one of: {', '.join(SEARCH_MODES)}",
                        f"{prefix}mode")
     filt = spec.get("filter")
-    if filt is not None and (not isinstance(filt, dict)
-                             or any(not isinstance(v, (str, int, float)) or isinstance(v, bool) for v in filt.values())):
+    scalar = (lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool))
+    if filt is not None and (not isinstance(filt, dict) or not all(scalar(v) for v in filt.values())):
         raise ApiError(400, f"{prefix}filter={filt!r} must be an object {{field: value}} of strings or numbers",
                        f"{prefix}filter")
     return {"k": k, "mode": mode, "filter": filt or None}
@@ -849,9 +853,7 @@ def _embed(index, texts: list[str]):
 
 
 def _document(index, doc_id: str) -> tuple[str, dict]:
-    text = index.document(doc_id)
-    snap = index.store.snapshot()
-    return text, snap.doc_meta[snap.doc_index(doc_id)]
+    return index.document(doc_id), index.metadata(doc_id)
 
 
 def grounded(index, messages: list[dict], tokenizer, budget: int, k: int, mode: str, filter) -> tuple[list, list]:
