@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     from lmlab.quant.model import apply_compute_precision
 
     config = generation_config(args)
+    if args.no_adapter and not args.summarize:
+        from lmlab.errors import ConfigError
+
+        raise ConfigError("--no-adapter applies to --summarize (answers always come from the base model)")
     index = Index(args.index)  # a missing index or another encoder fails before the model loads
     if args.summarize:
         return _summarize(args, index, config)
