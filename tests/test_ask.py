@@ -109,6 +109,8 @@ def test_cli_ask_prints_sources_and_drops_invented_citations(idx, tiny_model_dir
     assert lines[0].startswith("* 1. [d1]") and "topic=restaurant" in lines[0]  # * marks a cited source
     assert main(["ask", str(idx.path), "x", "-k", "0"]) == 2
     assert "-k: 0 must be a positive integer" in capsys.readouterr().err
+    assert main(["ask", str(idx.path), "x", "--no-adapter"]) == 2
+    assert "--no-adapter applies to --summarize" in capsys.readouterr().err
     assert main(["ask", str(idx.path.parent / "nope"), "x", "--model", str(tiny_model_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope' does not exist" in err[0]
