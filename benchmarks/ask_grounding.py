@@ -52,12 +52,14 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--show", action="store_true", help="print every answer")
+    p.add_argument("--sets", default="unsupported,supported", help="which question sets to run (comma-separated)")
     args = p.parse_args()
     index = Index(args.index)
     model, tok = lmlab.load_model(args.model), lmlab.load_tokenizer(args.model)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens)
     sets = {"unsupported": [(None, q) for q in UNSUPPORTED[:args.n]],
             "supported": supported_questions(args.data, args.n)}
+    sets = {name: sets[name] for name in args.sets.split(",")}
     start = time.perf_counter()
     for name, questions in sets.items():
         not_found = own = cites = invented = 0
