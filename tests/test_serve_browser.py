@@ -190,3 +190,65 @@ def test_compare_tab_records_the_choice(browser, tmp_path):
     # the DOM's text collapses runs of whitespace: compare words
     assert records[0].chosen.split() == shown[1].split() and records[0].rejected.split() == shown[0].split()
     assert records[0].prompt == DIALOGUE and records[0].source.startswith("playground compare: recipe zero-shot")
+
+
+def test_ask_tab_streams_a_grounded_answer_and_opens_the_cited_dialogue(browser, tmp_path):
+    """Ask: a question against the served index -> the answer streams in, the sources follow, and clicking
+    a source shows its whole dialogue."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from lmlab.index import Index
+    from test_index import DOCS, ToyEncoder
+
+    index, _ = Index.build(tmp_path / "idx", DOCS, meta_fields=["topic"], encoder=ToyEncoder())
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size, max_seq_len=2048)
+    with running_server(lambda: (model, tok), index=index) as (url, _):
+        hook = slow_down(model, 0.03)
+        try:
+            browser.get(url + "/")
+            wait = WebDriverWait(browser, 60, poll_frequency=0.01)
+            wait.until(lambda d: "ready" in d.find_element(By.ID, "model-info").get_attribute("class"))
+            browser.find_element(By.ID, "tab-ask").click()
+            assert browser.find_element(By.ID, "panel-ask").get_attribute("hidden") is None
+            wait.until(lambda d: d.find_element(By.ID, "ask").is_enabled())
+            browser.find_element(By.ID, "ask-input").send_keys("What did the customer order with the salmon?")
+            k = browser.find_element(By.ID, "ask-k")
+            k.clear()
+            k.send_keys("3")
+            tokens = browser.find_element(By.ID, "ask-max-tokens")
+            tokens.clear()
+            tokens.send_keys("24")
+            browser.find_element(By.ID, "ask").click()
+            answer = browser.find_element(By.ID, "ask-answer")
+            wait.until(lambda d: answer.text and "streaming" in answer.get_attribute("class"))  # streamed
+            wait.until(lambda d: "streaming" not in answer.get_attribute("class"))
+            sources = browser.find_elements(By.CSS_SELECTOR, "#ask-sources button")
+            assert [s.get_attribute("data-id") for s in sources] == [h.id for h in index.search(
+                "What did the customer order with the salmon?", k=3)]
+            assert sources[0].get_attribute("data-id") == "d1"
+            assert "3 sources" in browser.find_element(By.ID, "ask-stats").text
+            sources[0].click()
+            doc = browser.find_element(By.ID, "ask-doc")
+            wait.until(lambda d: doc.text)
+            assert doc.text.split() == DOCS[0]["dialogue"].split()
+            assert "topic=restaurant" in browser.find_element(By.ID, "ask-doc-title").text
+            assert "open" in sources[0].get_attribute("class")
+            browser.save_screenshot(str(tmp_path / "ask.png"))
+        finally:
+            hook.remove()
+    assert (tmp_path / "ask.png").stat().st_size > 10_000
+
+
+def test_ask_tab_without_an_index_says_how_to_get_one(browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size, max_seq_len=2048)
+    with running_server(lambda: (model, tok)) as (url, _):
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 60, poll_frequency=0.01)
+        wait.until(lambda d: "--index INDEX" in d.find_element(By.ID, "ask-stats").get_attribute("textContent"))
+        assert not browser.find_element(By.ID, "ask").is_enabled()

@@ -39,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prefs": ("lmlab.commands.prefs", "preference pairs: build them from labeled dialogues, or label pairs by hand"),
     "reward": ("lmlab.commands.reward", "train a reward model on preference pairs, score summaries with it"),
     "index": ("lmlab.commands.index", "an embedded vector + BM25 index of your own documents: build, search, remove"),
+    "ask": ("lmlab.commands.ask", "answer a question from an index, citing the retrieved dialogues; or summarize "
+            "everything about a topic"),
     "extract": ("lmlab.commands.extract", "structured-output example: extract {speakers, topic, decision, amount} "
                 "from dialogues as schema-valid JSON, scored against the summaries"),
     "inspect": ("lmlab.commands.inspect", "look inside a model: tokens, embeddings, positions, attention, logit lens, "

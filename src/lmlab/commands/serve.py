@@ -1,7 +1,7 @@
 """`lmlab serve MODEL`: an OpenAI-compatible HTTP server with continuous batching and a web playground.
 
 It fails fast, in this order, each with one line and exit status 2 before any request can be taken: a
-bad flag (port, timeout, quantization mode, a missing adapter directory), a port it cannot listen on
+bad flag (port, timeout, quantization mode, a missing adapter directory, a missing --index), a port it cannot listen on
 (bound here, before the model loads), a model source it cannot find or serve (its config is read
 first), then the model's own loading. Only then does the server start, on the socket bound here.
 
@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefs-out", default=None, metavar="FILE",
                         help="the playground's compare tab appends people's choices to this preferences JSONL "
                              "(default: the tab is read-only)")
+    parser.add_argument("--index", default=None, metavar="INDEX",
+                        help="an index from lmlab index build: adds POST /v1/embeddings, POST /v1/search, retrieval "
+                             "for chat completions (\"retrieval\": {\"k\": 4}) and the playground's Ask tab")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -125,6 +128,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--timeout {args.timeout} must be > 0 seconds")
     parse_mode(args.quantize)  # a bad mode fails here, before the port and the model
     adapter = chosen_adapter(args)
+    index = None
+    if args.index is not None:  # a missing index, or one from another encoder, fails before the port and the model
+        from lmlab.index import Index
+
+        index = Index(args.index)
     sock = listen(args.host, args.port)
     try:
         model, tokenizer = load_for_serving(args.model, adapter, args.quantize)
@@ -134,8 +142,11 @@ def run(args: argparse.Namespace) -> int:
             finetuned = Recipe.load(args.model) if (Path(args.model) / RECIPE_FILE).is_file() else None
         settings = ServeSettings(model_name=args.model, api_key=args.api_key, max_batch=args.max_batch,
                                  max_queue=args.max_queue, timeout=args.timeout, shot_method=args.shots,
-                                 finetuned=finetuned, prefs_out=args.prefs_out, prefill_tokens=args.prefill_tokens)
+                                 finetuned=finetuned, prefs_out=args.prefs_out, prefill_tokens=args.prefill_tokens,
+                                 index=index)
         summarizer = f"fine-tuned summarizer: adapter {adapter}" if adapter is not None else "no adapter"
+        if index is not None:
+            summarizer += f"; index {args.index} ({len(index)} documents)"
         print(f"lmlab serve: {args.model} ({summarizer}) on http://{args.host}:{args.port}/ (playground), "
               f"/v1 (OpenAI API), /health, /metrics", flush=True)
         # the continuous batch's decode step: --engine (the CLI sets $LMLAB_ENGINE from it), default auto; the

@@ -217,6 +217,22 @@ class Index:
     def __len__(self) -> int:
         return len(self.store)
 
+    def document(self, doc_id: str) -> str:
+        """The whole text of document `doc_id` (a hit's ``text`` is only its best chunk)."""
+        snap = self.store.snapshot()
+        try:
+            return snap.doc_texts[snap.doc_index(str(doc_id))]
+        except KeyError:
+            raise DataError(f"index {str(self.path)!r} has no document {doc_id!r}") from None
+
+    def metadata(self, doc_id: str) -> dict[str, Any]:
+        """The metadata stored with document `doc_id` (``--meta-fields``)."""
+        snap = self.store.snapshot()
+        try:
+            return snap.doc_meta[snap.doc_index(str(doc_id))]
+        except KeyError:
+            raise DataError(f"index {str(self.path)!r} has no document {doc_id!r}") from None
+
     # --- searching -------------------------------------------------------------------------------
     def _bm25_for(self, snap) -> BM25:
         if self._bm25 is None or self._bm25[0] != snap.generation:

@@ -11,13 +11,20 @@ Routes (``create_app(settings, loader)`` builds a Starlette app; uvicorn runs it
     GET  /v1/summarize/dialogues the bundled dialogues and the recipes available (for the playground)
     POST /v1/preferences         {prompt, chosen, rejected, source?}: a person's choice, appended to --prefs-out FILE
     POST /v1/inspect             inside the model on one text (lmlab.inspect.inspect_request; the Inside tab)
+    POST /v1/embeddings          (with --index) texts -> the index encoder's unit vectors, OpenAI-shaped
+    POST /v1/search              (with --index) {query, k, mode, filter} -> the index's hits
+    GET  /v1/documents/{id}      (with --index) one indexed document, whole
     GET  /                       the playground (static HTML/CSS/JS from ``serve/static``)
 
 This layer holds no model logic: a route handler (a plain module-level function of the request; the
 server's ``ServerState`` is ``request.app.state.lmlab``) validates a request, turns it into prompt token
 ids and a ``GenerationConfig`` per choice, submits them to the ``Scheduler`` (the one thread that owns
 the model) and relays the scheduler's events, hopping them from the model thread onto the event loop;
-every stream goes through one SSE helper (``sse_response``). Errors are OpenAI-shaped:
+every stream goes through one SSE helper (``sse_response``). Chat completions take ``"retrieval": {"k", "mode",
+"filter"}`` (with --index: the last user message is grounded in the index's hits by
+``lmlab.index.grounded_messages``; the hits come back as ``sources``), and both completion endpoints take
+OpenAI's ``response_format`` (a per-request grammar constraint, ``lmlab.generation.constrain``).
+Errors are OpenAI-shaped:
 ``{"error": {"message", "type", "param", "code"}}`` with 400 (bad JSON or parameters, naming the field),
 401 (API key), 429 (queue full, with ``Retry-After``), 503 (loading or shutting down). A client that
 disconnects cancels its requests, which frees their slots before the next decode step.
@@ -26,6 +33,7 @@ disconnects cancels its requests, which frees their slots before the next decode
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -47,6 +55,7 @@ from lmlab.adapt.recipe import Recipe
 from lmlab.align.prefs import PreferencePair, append_preference
 from lmlab.errors import LmlabError
 from lmlab.generation import GenerationConfig
+from lmlab.generation.constrain import constraint_from_response_format
 from lmlab.generation.decode import resolve_config
 from lmlab.prompting import Example, SentenceEmbedder, build_prompt, select_shots
 from lmlab.serve.metrics import Metrics
@@ -59,6 +68,9 @@ INSPECT_STATIC = Path(__file__).parent.parent / "inspect" / "static"  # inspect.
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
 SUMMARY_RECIPES = {"fine-tuned": 0, "zero-shot": 0, "one-shot": 1, "few-shot": 3}  # recipe -> shots
+MAX_EMBED_INPUTS = 2048  # texts per /v1/embeddings request, as OpenAI allows
+MAX_SEARCH_K = 100
+SEARCH_MODES = ("hybrid", "dense", "bm25")  # lmlab.index.MODES (not imported here: it would load the encoder stack)
 
 
 @dataclass
@@ -74,6 +86,7 @@ class ServeSettings:
     shot_method: str = "nearest"  # summarize shots: "nearest" (MiniLM, the lab's best) or "random"
     finetuned: Any = None  # the prompt recipe (lmlab.adapt.recipe.Recipe) when serving a fine-tuned summarizer
     prefs_out: str | None = None  # the preferences JSONL file the playground's compare tab appends to
+    index: Any = None  # an lmlab.index.Index (lmlab serve --index): embeddings, search, retrieval, the Ask tab
 
     @property
     def default_recipe(self) -> str:
@@ -194,6 +207,60 @@ def generation_configs(body: dict, max_tokens_default: int, n: int = 1, max_toke
     return [config if seed is None else config.replace(seed=seed + i) for i in range(n)]
 
 
+async def response_constraint(body: dict, state: "ServerState", n: int):
+    """``response_format`` -> a grammar Constraint (None for absent or text); a bad schema, an unsupported
+    keyword, or a constraint with n > 1 or ignore_eos is a 400 naming it. Compiles in a worker thread."""
+    response_format = body.get("response_format")
+    if response_format is None:
+        return None
+    try:
+        constraint = await asyncio.to_thread(constraint_from_response_format, response_format, state.tokenizer,
+                                             state.model)
+    except LmlabError as exc:
+        raise ApiError(400, f"response_format: {exc}", "response_format") from None
+    if constraint is not None and n > 1:
+        raise ApiError(400, f"n={n} with response_format {constraint.kind!r} is not supported: ask for one choice",
+                       "n")
+    if constraint is not None and body.get("ignore_eos"):
+        raise ApiError(400, "ignore_eos with response_format is not supported: the grammar ends with "
+                            "end-of-sequence", "ignore_eos")
+    return constraint
+
+
+def retrieval_options(body: dict) -> dict | None:
+    """``"retrieval": true | {"k", "mode", "filter"}`` -> search keywords (None when not asked for)."""
+    spec = body.get("retrieval")
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        spec = {}
+    if not isinstance(spec, dict):
+        raise ApiError(400, f"retrieval={spec!r} must be true or an object {{k, mode, filter}}", "retrieval")
+    unknown = set(spec) - {"k", "mode", "filter"}
+    if unknown:
+        raise ApiError(400, f"retrieval has unknown field {sorted(unknown)[0]!r}; it takes k, mode and filter",
+                       "retrieval")
+    return search_options(spec, "retrieval.", default_k=4)
+
+
+def search_options(spec: dict, prefix: str = "", default_k: int = 5) -> dict:
+    """{k, mode, filter} of a search or retrieval request, validated -> Index.search keywords."""
+    try:
+        k = _number(spec, "k", default_k, 1, MAX_SEARCH_K, integer=True)
+    except ApiError as exc:
+        raise ApiError(400, prefix + exc.message, prefix + "k") from None
+    mode = spec.get("mode", "hybrid")
+    if mode not in SEARCH_MODES:
+        raise ApiError(400, f"{prefix}mode={mode!r} is not valid; choose one of: {', '.join(SEARCH_MODES)}",
+                       f"{prefix}mode")
+    filt = spec.get("filter")
+    scalar = (lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool))
+    if filt is not None and (not isinstance(filt, dict) or not all(scalar(v) for v in filt.values())):
+        raise ApiError(400, f"{prefix}filter={filt!r} must be an object {{field: value}} of strings or numbers",
+                       f"{prefix}filter")
+    return {"k": k, "mode": mode, "filter": filt or None}
+
+
 # --- the server state --------------------------------------------------------------------------------
 class ServerState:
     """The model, tokenizer and scheduler once loaded (in a background thread, so /health answers 503 meanwhile)."""
@@ -208,6 +275,7 @@ class ServerState:
         self._embedder = None
         self._embedder_lock = threading.Lock()
         self._prefs_lock = threading.Lock()  # one append at a time, whichever worker thread runs it
+        self._index_lock = threading.Lock()  # the index's encoder and SQLite connection: one worker thread at a time
 
     def load(self) -> None:
         try:
@@ -227,6 +295,19 @@ class ServerState:
             raise ApiError(503, "the model is still loading; retry shortly", type="server_error",
                            headers={"Retry-After": "1"})
         return self.scheduler
+
+    def require_index(self):
+        """The served index, or a 400 saying how to get one."""
+        if self.settings.index is None:
+            raise ApiError(400, "this server has no index: start it with lmlab serve MODEL --index INDEX "
+                                "(an index from lmlab index build)", code="no_index")
+        return self.settings.index
+
+    def with_index(self, fn: Callable, *args, **kwargs):
+        """fn(index, *args, **kwargs) holding the index lock (runs in a worker thread); LmlabError -> 400."""
+        index = self.require_index()
+        with self._index_lock:
+            return fn(index, *args, **kwargs)
 
     def embedder(self) -> SentenceEmbedder:
         with self._embedder_lock:
@@ -459,8 +540,8 @@ def include_usage(body: dict) -> bool:
     return bool(options.get("include_usage", False))
 
 
-def chat_prompt_ids(body: dict, state: ServerState) -> list[int]:
-    """The chat request's messages through the checkpoint's chat template -> prompt ids."""
+def chat_messages(body: dict, state: ServerState) -> list[dict]:
+    """The chat request's messages, validated -> [{role, content}] with text content."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, f"messages={messages!r} must be a non-empty list of {{role, content}} objects", "messages")
@@ -480,6 +561,11 @@ def chat_prompt_ids(body: dict, state: ServerState) -> list[int]:
         clean.append({"role": role, "content": content})
     if getattr(state.tokenizer, "chat_template", None) is None:
         raise ApiError(400, f"model {state.settings.model_name!r} has no chat template; use /v1/completions", "messages")
+    return clean
+
+
+def chat_prompt_ids(clean: list[dict], state: ServerState) -> list[int]:
+    """Chat messages through the checkpoint's chat template -> prompt ids."""
     try:
         text = state.tokenizer.apply_chat_template(clean, add_generation_prompt=True)
     except LmlabError as exc:
@@ -530,7 +616,8 @@ async def completions(request: Request, state: ServerState) -> Response:
         raise ApiError(400, f"prompt={prompt!r} must be a string or a non-empty list of strings", "prompt")
     n = choices_count(body)
     stream = _bool(body, "stream")
-    configs = [state.resolve(c) for c in _configs_or_400(body, 16, n)]
+    constraint = await response_constraint(body, state, n)
+    configs = [state.resolve(c.replace(constraint=constraint)) for c in _configs_or_400(body, 16, n)]
     ids = [state.encode(p) for p in prompts]
     for row in ids:
         if not row:
@@ -565,11 +652,26 @@ async def chat(request: Request, state: ServerState) -> Response:
     check_model(body)
     n = choices_count(body)
     stream = _bool(body, "stream")
-    ids = chat_prompt_ids(body, state)
+    messages = chat_messages(body, state)
+    retrieval = retrieval_options(body)
+    ids = chat_prompt_ids(messages, state)
     default = max(1, min(256, state.scheduler.context_window - len(ids)))
-    configs = [state.resolve(c) for c in _configs_or_400(body, default, n, "max_completion_tokens")]
+    constraint = await response_constraint(body, state, n)
+    configs = [state.resolve(c.replace(constraint=constraint))
+               for c in _configs_or_400(body, default, n, "max_completion_tokens")]
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    sources = None
+    if retrieval is not None:
+        state.require_index()
+        budget = state.scheduler.context_window - configs[0].max_new_tokens
+        try:
+            messages, sources = await asyncio.to_thread(state.with_index, grounded, messages, state.tokenizer,
+                                                        budget=budget, **retrieval)
+        except LmlabError as exc:
+            raise ApiError(400, f"retrieval: {exc}", "retrieval") from None
+        ids = chat_prompt_ids(messages, state)
     state.check_window(ids, configs[0].max_new_tokens, field)
+    extra = {} if sources is None else {"sources": [h.to_dict() for h in sources]}
     if stream:
         include_usage(body)  # validated; usage is always sent
     run = ChoiceRun(state, [ids] * n, configs)
@@ -584,14 +686,14 @@ async def chat(request: Request, state: ServerState) -> Response:
         roles = [chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None}]) for i in range(n)]
         return sse_response(run, delta, before=roles,
-                            after=lambda: [chunk([], _usage(len(ids), run.completion_tokens))])
+                            after=lambda: [{**chunk([], _usage(len(ids), run.completion_tokens)), **extra}])
     result = await collect_or_499(run, request)
     if isinstance(result, Response):
         return result
     choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
                for i, (t, r) in enumerate(zip(*result))]
-    return JSONResponse(_completion(rid, "chat.completion", created, name, choices,
-                                    _usage(len(ids), run.completion_tokens)))
+    return JSONResponse({**_completion(rid, "chat.completion", created, name, choices,
+                                       _usage(len(ids), run.completion_tokens)), **extra})
 
 
 @route
@@ -650,7 +752,7 @@ async def dialogues(request: Request, state: ServerState) -> Response:
     settings = state.settings
     records = [{"id": d.id, "topic": d.topic, "dialogue": d.dialogue} for d in load_sample().records]
     return JSONResponse({"recipes": settings.recipes, "default_recipe": settings.default_recipe, "dialogues": records,
-                         "preferences": settings.prefs_out is not None})
+                         "preferences": settings.prefs_out is not None, "index": settings.index is not None})
 
 
 @route
@@ -737,6 +839,93 @@ async def inspection(request: Request, state: ServerState) -> Response:
     return JSONResponse(out)
 
 
+@route
+async def embeddings(request: Request, state: ServerState) -> Response:
+    """OpenAI's embeddings endpoint over the index's encoder: the vectors ``lmlab.index.embed`` gives (unit
+    length, mean pooling), as floats or base64 little-endian float32 (``encoding_format``)."""
+    body = await body_of(request)
+    encoder = state.require_index().encoder
+    model = body.get("model")
+    if model is not None and model != encoder.name:
+        raise ApiError(400, f"model={model!r}: this server embeds with {encoder.name!r} (the index's encoder)",
+                       "model")
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if (not isinstance(texts, list) or not 1 <= len(texts) <= MAX_EMBED_INPUTS
+            or any(not isinstance(t, str) for t in texts)):
+        raise ApiError(400, f"input must be a string or a list of 1 to {MAX_EMBED_INPUTS} strings (token ids are "
+                            f"not supported), got {str(body.get('input'))[:60]!r}", "input")
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise ApiError(400, f"input[{i}] is empty", "input")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise ApiError(400, f"encoding_format={fmt!r} is not valid; choose float or base64", "encoding_format")
+    dims = body.get("dimensions")
+    if dims is not None and dims != encoder.dim:
+        raise ApiError(400, f"dimensions={dims!r}: {encoder.name!r} gives {encoder.dim}-dimensional vectors only",
+                       "dimensions")
+    vectors, tokens = await asyncio.to_thread(state.with_index, _embed, texts)  # (N, D) float32
+
+    def encode(v) -> list[float] | str:
+        return v.tolist() if fmt == "float" else base64.b64encode(v.astype("<f4").tobytes()).decode()
+
+    return JSONResponse({"object": "list", "model": encoder.name,
+                         "data": [{"object": "embedding", "index": i, "embedding": encode(v)}
+                                  for i, v in enumerate(vectors)],
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+@route
+async def search(request: Request, state: ServerState) -> Response:
+    """{query, k, mode, filter} -> the index's hits (documents, best first; ``lmlab index search --json``'s)."""
+    body = await body_of(request)
+    state.require_index()
+    query = body.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise ApiError(400, f"query={query!r} must be a non-empty string", "query")
+    unknown = set(body) - {"query", "k", "mode", "filter"}
+    if unknown:
+        raise ApiError(400, f"unknown field {sorted(unknown)[0]!r}; /v1/search takes query, k, mode and filter",
+                       sorted(unknown)[0])
+    options = search_options(body)
+    try:
+        hits = await asyncio.to_thread(state.with_index, lambda index: index.search(query, **options))
+    except LmlabError as exc:
+        raise ApiError(400, str(exc), "filter" if "filter" in str(exc) else "query") from None
+    return JSONResponse({"object": "search", "query": query, "mode": options["mode"],
+                         "hits": [h.to_dict() for h in hits]})
+
+
+@route
+async def document(request: Request, state: ServerState) -> Response:
+    """One indexed document, whole (the playground opens a cited source with it)."""
+    state.require_index()
+    doc_id = request.path_params["doc_id"]
+    try:
+        text, meta = await asyncio.to_thread(state.with_index, _document, doc_id)
+    except LmlabError as exc:
+        raise ApiError(404, str(exc), "id", code="not_found") from None
+    return JSONResponse({"object": "document", "id": doc_id, "text": text, "meta": meta})
+
+
+def _embed(index, texts: list[str]):
+    encoder = index.encoder
+    return encoder.embed(texts), sum(encoder.count_tokens(t) for t in texts)
+
+
+def _document(index, doc_id: str) -> tuple[str, dict]:
+    return index.document(doc_id), index.metadata(doc_id)
+
+
+def grounded(index, messages: list[dict], tokenizer, budget: int, k: int, mode: str, filter) -> tuple[list, list]:
+    """``lmlab.index.grounded_messages`` (imported when first asked for: it loads the retrieval stack)."""
+    from lmlab.index import grounded_messages
+
+    return grounded_messages(messages, tokenizer, index, budget, k=k, mode=mode, filter=filter)
+
+
 async def index(request: Request) -> Response:
     return FileResponse(STATIC / "index.html")
 
@@ -762,6 +951,9 @@ ROUTES = [
     Route("/v1/summarize/dialogues", dialogues),
     Route("/v1/preferences", preferences, methods=["POST"]),
     Route("/v1/inspect", inspection, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
+    Route("/v1/search", search, methods=["POST"]),
+    Route("/v1/documents/{doc_id:path}", document),
     Route("/", index),
     Mount("/static/inspect", StaticFiles(directory=INSPECT_STATIC), name="inspect-static"),  # the Inside tab's page
     Mount("/static", StaticFiles(directory=STATIC), name="static"),

@@ -108,6 +108,10 @@ async function init() {
     for (const option of $("dialogue-pick").options) {
       if (option.value) $("cmp-pick").appendChild(option.cloneNode(true));
     }
+    if (!listing.index) {
+      $("ask").disabled = true;
+      $("ask-stats").textContent = "this server has no index (start it with lmlab serve MODEL --index INDEX)";
+    }
     if (!listing.preferences) {
       $("cmp-stats").textContent = "this server records no choices (start it with lmlab serve --prefs-out FILE)";
     }
@@ -299,5 +303,86 @@ $("chat-input").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); }
 });
 $("clear").addEventListener("click", () => { history.length = 0; $("messages").textContent = ""; $("chat-stats").textContent = ""; });
+
+// --- ask: a question answered from the served index, streamed, with its sources --------------------------
+async function openSource(id, button) {
+  for (const b of document.querySelectorAll("#ask-sources button")) b.classList.toggle("open", b === button);
+  $("ask-doc-title").textContent = "Dialogue " + id;
+  try {
+    const response = await fetch("/v1/documents/" + encodeURIComponent(id), { headers: headers() });
+    const body = await response.json();
+    if (!response.ok) throw new Error(body.error.message);
+    const meta = Object.entries(body.meta || {}).map(([k, v]) => k + "=" + v).join(" · ");
+    $("ask-doc-title").textContent = "Dialogue " + id + (meta ? " (" + meta + ")" : "");
+    $("ask-doc").textContent = body.text;
+  } catch (err) {
+    $("ask-doc").innerHTML = '<span class="error">' + err.message + "</span>";
+  }
+}
+
+function showSources(sources, answer) {
+  const list = $("ask-sources");
+  list.textContent = "";
+  for (const s of sources) {
+    const item = document.createElement("li");
+    const button = document.createElement("button");
+    button.className = "source" + (answer.includes("[" + s.id + "]") ? " cited" : "");
+    button.dataset.id = s.id;
+    button.textContent = s.id + " ";
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = "score " + s.score.toFixed(3);
+    button.appendChild(score);
+    button.addEventListener("click", () => openSource(s.id, button));
+    item.appendChild(button);
+    list.appendChild(item);
+  }
+}
+
+$("ask").addEventListener("click", async () => {
+  const question = $("ask-input").value.trim();
+  const out = $("ask-answer"), stats = $("ask-stats"), button = $("ask");
+  if (!question) return;
+  let k, maxTokens;
+  try {
+    k = numberField("ask-k", true);
+    maxTokens = numberField("ask-max-tokens", true);
+  } catch (err) { stats.innerHTML = '<span class="error">' + err.message + "</span>"; return; }
+  out.textContent = "";
+  stats.textContent = "";
+  $("ask-sources").textContent = "";
+  $("ask-doc").textContent = "";
+  button.disabled = true;
+  out.classList.add("streaming");
+  const started = performance.now();
+  let firstAt = null, answer = "";
+  try {
+    const body = { messages: [{ role: "user", content: question }], stream: true, temperature: 0,
+                   max_tokens: maxTokens, retrieval: { k } };
+    await streamPost("/v1/chat/completions", body, (event) => {
+      const now = performance.now();
+      if (event.choices && event.choices.length && event.choices[0].delta.content) {
+        if (firstAt === null) firstAt = now;
+        answer += event.choices[0].delta.content;
+        out.textContent = answer;
+      }
+      if (event.sources) showSources(event.sources, answer);   // the final chunk: the retrieved sources
+      if (event.usage) {
+        const u = event.usage;
+        stats.innerHTML = "prompt <b>" + u.prompt_tokens + "</b> tokens (" + (event.sources || []).length +
+          " sources) · generated <b>" + u.completion_tokens + "</b> tokens · first token " +
+          ((firstAt ?? now) - started).toFixed(0) + " ms";
+      }
+    });
+  } catch (err) {
+    stats.innerHTML = '<span class="error">' + err.message + "</span>";
+  } finally {
+    out.classList.remove("streaming");
+    button.disabled = false;
+  }
+});
+$("ask-input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("ask").click(); }
+});
 
 init();
