@@ -267,3 +267,11 @@ def test_answer_prompt_has_numbered_sources_within_budget_and_invented_citations
     clean, cited, invented = check_citations("Salmon and lemonade [d1], a table [d9] [dev_999].", sources)
     assert cited == ["d1"] and invented == ["d9", "dev_999"]
     assert clean == "Salmon and lemonade [d1], a table ."
+
+
+def test_the_cli_spells_out_the_library_s_modes_and_encoder():
+    """commands/index.py copies two constants so that building its parser needs no torch: they must agree."""
+    import lmlab.index
+    from lmlab.commands import index as command
+
+    assert command.MODES == lmlab.index.MODES and command.DEFAULT_ENCODER == lmlab.index.DEFAULT_ENCODER

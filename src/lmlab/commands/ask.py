@@ -15,7 +15,7 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lmlab.cli import positive_int
     from lmlab.commands.generate import add_generation_arguments
-    from lmlab.index import MODES
+    from lmlab.commands.index import MODES  # not lmlab.index: that loads torch
 
     parser.add_argument("index", help="the index directory (lmlab index build)")
     parser.add_argument("question", help="the question (with --summarize: what to summarize everything about)")
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import lmlab
     from lmlab.commands.generate import generation_config
     from lmlab.index import Index, grounded_answer
-    from lmlab.quant.model import apply_compute_precision
+    from lmlab.precision import apply_precision
 
     config = generation_config(args)
     if args.no_adapter and not args.summarize:
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         return _summarize(args, index, config)
     model = lmlab.load_model(args.model, quantize=args.quantize)
     tokenizer = lmlab.load_tokenizer(args.model)
-    print(f"precision: {apply_compute_precision(model, args.precision)}", file=sys.stderr)
+    print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
     answer, pieces = grounded_answer(model, tokenizer, index, args.question, k=args.k, config=config,
                                      mode=args.mode, filter=args.filter)
     if args.show_context:
@@ -78,7 +78,7 @@ def _summarize(args: argparse.Namespace, index, config) -> int:
     from lmlab.adapt.recipe import Recipe, shipped_adapter
     from lmlab.index import summarize_hits
     from lmlab.prompting import summarize
-    from lmlab.quant.model import apply_compute_precision
+    from lmlab.precision import apply_precision
 
     adapter = None if args.no_adapter else shipped_adapter(args.model)
     template, chat, instruction = "instruction", None, None
@@ -89,7 +89,7 @@ def _summarize(args: argparse.Namespace, index, config) -> int:
         print(f"fine-tuned summarizer: adapter {adapter} (--no-adapter prompts the base model)", file=sys.stderr)
     model = lmlab.load_model(args.model, adapter=adapter, quantize=args.quantize)
     tokenizer = lmlab.load_tokenizer(args.model)
-    print(f"precision: {apply_compute_precision(model, args.precision)}", file=sys.stderr)
+    print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
 
     def one(text: str) -> str:
         summary, _ = summarize(text, model, tokenizer, template=template, chat=chat, config=config,

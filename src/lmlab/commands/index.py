@@ -11,9 +11,14 @@ import json
 import sys
 
 
+# lmlab.index.DEFAULT_ENCODER and lmlab.index.MODES, spelled out (tests/test_index.py checks they agree):
+# importing lmlab.index loads torch, and building `lmlab index --help` should not
+DEFAULT_ENCODER = "all-minilm-l6-v2"
+MODES = ("hybrid", "dense", "bm25")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lmlab.cli import positive_int
-    from lmlab.index import DEFAULT_ENCODER, MODES
 
     sub = parser.add_subparsers(dest="index_command", metavar="{build,search,remove}", required=True)
     b = sub.add_parser("build", help="embed and store the records of a JSONL file (adds new, updates changed ones)",
