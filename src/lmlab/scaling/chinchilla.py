@@ -28,6 +28,19 @@ def chinchilla_loss(n_params: float, n_tokens: float) -> float:
             + CHINCHILLA_B / n_tokens ** CHINCHILLA_BETA)
 
 
+def one_of(compute_flops: float | None, n_params: float | None, n_tokens: float | None) -> tuple[str, float]:
+    """The one of C, N, D a plan starts from -> (its name, its value); an error unless exactly one is a
+    positive finite number."""
+    given = {k: v for k, v in (("compute_flops", compute_flops), ("n_params", n_params), ("n_tokens", n_tokens))
+             if v is not None}
+    if len(given) != 1:
+        raise ConfigError(f"give exactly one of compute_flops, n_params, n_tokens; got {sorted(given) or 'none'}")
+    (name, value), = given.items()
+    if not value > 0 or math.isinf(value):
+        raise ConfigError(f"{name}={value!r} must be a positive finite number")
+    return name, value
+
+
 @dataclass(frozen=True)
 class ChinchillaPlan:
     n_params: float
@@ -51,13 +64,7 @@ def chinchilla_optimal(compute_flops: float | None = None, n_params: float | Non
         from D:  N = D / r,           C = 6*N*D
     The loss is ``chinchilla_loss(N, D)``.
     """
-    given = {k: v for k, v in (("compute_flops", compute_flops), ("n_params", n_params), ("n_tokens", n_tokens))
-             if v is not None}
-    if len(given) != 1:
-        raise ConfigError(f"give exactly one of compute_flops, n_params, n_tokens; got {sorted(given) or 'none'}")
-    (name, value), = given.items()
-    if not value > 0 or math.isinf(value):
-        raise ConfigError(f"{name}={value!r} must be a positive finite number")
+    one_of(compute_flops, n_params, n_tokens)
     if not tokens_per_param > 0:
         raise ConfigError(f"tokens_per_param={tokens_per_param!r} must be > 0")
     r = float(tokens_per_param)

@@ -24,7 +24,6 @@ What is fitted (notation of ``lmlab.scaling``: N parameters, D tokens, C = 6ND F
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,8 @@ import numpy as np
 from scipy.optimize import minimize
 
 from lmlab.errors import ConfigError, DataError
+from lmlab.jsonl import iter_objects
+from lmlab.scaling.chinchilla import one_of
 
 HUBER_DELTA = 1e-3
 N_STARTS = 16  # L-BFGS starts: the best points of the initialisation grid
@@ -46,15 +47,7 @@ def read_runs(path: str | Path) -> list[dict]:
     if not path.exists():
         raise DataError(f"runs file {str(path)!r} does not exist")
     runs = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            run = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-        if not isinstance(run, dict):
-            raise DataError(f"{path}:{i}: expected a JSON object with {', '.join(RUN_KEYS)}")
+    for i, run in iter_objects(path.read_text().splitlines(), str(path)):
         for key in RUN_KEYS:
             value = run.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -427,13 +420,7 @@ def plan_with_law(law: ScalingLaw, compute_flops: float | None = None, n_params:
     From C: eq. 4 directly. From N (or D): the compute at which N (or D) is optimal, inverting
     N_opt = G (C/6)^(beta/(alpha+beta)) (or D_opt = (C/6)^(alpha/(alpha+beta)) / G), then the other from C = 6ND.
     """
-    given = {k: v for k, v in (("compute_flops", compute_flops), ("n_params", n_params), ("n_tokens", n_tokens))
-             if v is not None}
-    if len(given) != 1:
-        raise ConfigError(f"give exactly one of compute_flops, n_params, n_tokens; got {sorted(given) or 'none'}")
-    (name, value), = given.items()
-    if not value > 0 or math.isinf(value):
-        raise ConfigError(f"{name}={value!r} must be a positive finite number")
+    one_of(compute_flops, n_params, n_tokens)
     a, b = law.alpha, law.beta
     if a <= 0 or b <= 0:
         raise ConfigError(f"the fitted law has alpha={a:.3g}, beta={b:.3g}: it implies no compute-optimal size")
