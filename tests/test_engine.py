@@ -346,7 +346,7 @@ def test_step_slots_decodes_rows_at_different_lengths(ext):
 
 
 @pytest.mark.parametrize("argv", [["generate", "m", "p"], ["summarize"], ["lab"], ["distill"], ["prefs", "build", "--out", "x.jsonl"],
-                                  ["serve", "m"], ["finetune"]])
+                                  ["serve", "m"], ["finetune"], ["ask", "idx", "q"], ["extract"]])
 def test_engine_flag_on_every_generating_command(argv, monkeypatch):
     from lmlab.cli import build_parser
 

@@ -13,9 +13,11 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lmlab.cli import positive_int
+    from lmlab.cli import add_engine_argument, positive_int
     from lmlab.commands.generate import add_generation_arguments
     from lmlab.commands.index import MODES  # not lmlab.index: that loads torch
+
+    add_engine_argument(parser)
 
     parser.add_argument("index", help="the index directory (lmlab index build)")
     parser.add_argument("question", help="the question (with --summarize: what to summarize everything about)")

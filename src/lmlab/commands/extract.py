@@ -13,6 +13,9 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lmlab.align.prefs import DEFAULT_DATA
+    from lmlab.cli import add_engine_argument
+
+    add_engine_argument(parser)
 
     parser.add_argument("--model", default="smollm2-135m-instruct", help="default: %(default)s")
     parser.add_argument("--data", default=DEFAULT_DATA, help="labeled dialogues, DialogSum JSONL (default: %(default)s)")
