@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "align": ("lmlab.commands.align", "align a model with preference pairs: DPO of a LoRA policy (reference: adapters off)"),
     "distill": ("lmlab.commands.distill", "distill a teacher into a smaller student with unlabeled data "
                 "(sequence- or token-level)"),
+    "sweep": ("lmlab.commands.sweep", "a grid of training recipes and decodings scored with ROUGE; resumable, one table"),
     "scaling": ("lmlab.commands.scaling", "scaling laws on your own runs: sweep a grid of small decoders, fit L(N, D)"),
     "plan": ("lmlab.commands.plan", "estimate memory (training/inference, DDP/ZeRO/FSDP) and plan compute-optimal training"),
     "prefs": ("lmlab.commands.prefs", "preference pairs: build them from labeled dialogues, or label pairs by hand"),

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmlab.errors import ConfigError
 from lmlab.prompting import build_prompt
 
 RECIPE_FILE = "lmlab_recipe.json"
@@ -33,6 +34,10 @@ class Recipe:
     prompt_field: str
     response_field: str
     max_new_tokens: int = 64
+    # how to decode with this fine-tune: GenerationConfig fields (num_beams, length_penalty, no_repeat_ngram_size,
+    # min_new_tokens, ...) that the lab's adapter experiments, `lmlab summarize` and `lmlab serve` apply by default;
+    # empty: greedy. A decoding sweep (`lmlab sweep`) picks them on validation data.
+    generation: dict = dataclasses.field(default_factory=dict)
 
     def prompt(self, text: str, tokenizer, max_prompt_tokens: int | None = None):
         """The lmlab.prompting Prompt for one input (cut in the middle to fit `max_prompt_tokens`)."""
@@ -45,7 +50,33 @@ class Recipe:
     @classmethod
     def load(cls, directory: str | Path) -> "Recipe | None":
         path = Path(directory) / RECIPE_FILE
-        return cls(**json.loads(path.read_text())) if path.exists() else None
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{str(path)!r}: unknown recipe field(s) {', '.join(unknown)}; valid: "
+                              f"{', '.join(sorted(known))}")
+        recipe = cls(**data)
+        recipe.check_generation(str(path))
+        return recipe
+
+    def check_generation(self, where: str = "recipe") -> None:
+        """Refuse decoding settings that are not GenerationConfig fields (or are invalid), in one line."""
+        from lmlab.generation.config import GenerationConfig  # lazy: reading a recipe does not import torch
+
+        fields = {f.name for f in dataclasses.fields(GenerationConfig)} - {"constraint", "seed"}
+        bad = sorted(set(self.generation) - fields)
+        if bad:
+            raise ConfigError(f"{where}: generation key(s) {', '.join(bad)} are not decoding settings; valid: "
+                              f"{', '.join(sorted(fields))}")
+        GenerationConfig(**self.generation)  # validates the values (a ConfigError naming the bad one)
+
+    def generation_config(self, base, **overrides):
+        """`base` (a GenerationConfig) with this recipe's decoding settings, then `overrides` (not None) on top."""
+        settings = {**self.generation, **{k: v for k, v in overrides.items() if v is not None}}
+        return base.replace(**settings) if settings else base
 
 
 

@@ -48,6 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default=None, metavar="MODE",
                         help="run on quantized weights: int8, int4 (int4-g64, int4-g128), or native (a GGUF file at "
                              "its own precision); see docs/quantization.md")
+    decoding = parser.add_argument_group("decoding of the fine-tuned experiments (default: the adapter recipe's)")
+    decoding.add_argument("--num-beams", type=int, default=None, metavar="N", help="beam search with N beams")
+    decoding.add_argument("--length-penalty", type=float, default=None, metavar="A",
+                          help="beam search: finished beams are scored sum(log p) / length ** A")
+    decoding.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                          help="never repeat an n-gram of N tokens")
+    decoding.add_argument("--min-new-tokens", type=int, default=None, metavar="N",
+                          help="suppress end-of-sequence until N tokens were generated")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the model runs (default auto: a CUDA GPU when torch sees one)")
     parser.add_argument("--turns", action=argparse.BooleanOptionalAction, default=True,
                         help="report.html shades the dialogue turns each fine-tuned summary attended to "
                              "(lmlab.inspect.turns: one recorded forward pass per fine-tuned row, ~7%% of a default "
@@ -60,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
         shots_from=args.shots_from, pool_size=args.pool_size, limit=args.limit, seed=args.seed,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=args.chat, out=args.out,
         examples=args.examples, precision=args.precision, adapter=args.adapter, reward=args.reward,
-        quantize=args.quantize, turns=args.turns,
+        quantize=args.quantize, turns=args.turns, device=args.device,
+        decoding={k: getattr(args, k) for k in ("num_beams", "length_penalty", "no_repeat_ngram_size",
+                                                  "min_new_tokens") if getattr(args, k) is not None} or None,
     )
     try:
         run_lab(settings)

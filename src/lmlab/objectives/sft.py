@@ -18,6 +18,8 @@ Shapes: B batch, T input length, S decoder length, C d_model, N counted position
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +32,16 @@ from lmlab.objectives.base import IGNORE_INDEX, Objective
 class SupervisedFineTuning(Objective):
     name = "sft"
 
-    def __init__(self, arch: str, pad_token_id: int, decoder_start_token_id: int | None = None):
+    def __init__(self, arch: str, pad_token_id: int, decoder_start_token_id: int | None = None,
+                 label_smoothing: float = 0.0, neftune_alpha: float = 0.0):
+        """``label_smoothing``: the target puts that much probability mass spread over the vocabulary
+        (Szegedy et al. 2016); ``neftune_alpha``: NEFTune (Jain et al. 2023): in training, uniform noise in
+        [-1, 1] * alpha / sqrt(T * C) is added to the token embeddings (T the batch's length, C the width)."""
+        if not 0 <= label_smoothing < 1:
+            raise ConfigError(f"label_smoothing={label_smoothing!r} must be in [0, 1)")
+        if not neftune_alpha >= 0:
+            raise ConfigError(f"neftune_alpha={neftune_alpha!r} must be >= 0 (0: off)")
+        self.label_smoothing, self.neftune_alpha = float(label_smoothing), float(neftune_alpha)
         if arch not in ("decoder", "encoder_decoder"):
             raise ConfigError(f"supervised fine-tuning trains generative models; arch={arch!r} has no decoder "
                               f"(use a decoder or encoder_decoder model)")
@@ -77,13 +88,26 @@ class SupervisedFineTuning(Objective):
                      decoder_input_ids=batch["decoder_input_ids"], return_hidden=True)
 
     def loss(self, model, batch):
-        hidden = self.hidden(model, batch)
+        head = getattr(model, "module", model)  # the unwrapped model: its embedding and output head
+        hook = None
+        if self.neftune_alpha > 0 and model.training:
+            hook = head.tok_embed.register_forward_hook(self._neftune)
+        try:
+            hidden = self.hidden(model, batch)
+        finally:
+            if hook is not None:
+                hook.remove()
         keep = batch["labels"] != IGNORE_INDEX  # (B, T)
-        head = getattr(model, "module", model)  # the output head of the unwrapped model
         logits = head.logits(hidden[keep])  # (N, V): the head on response positions only
         n_tokens = keep.sum()
-        total = F.cross_entropy(logits.float(), batch["labels"][keep], reduction="sum")
+        total = F.cross_entropy(logits.float(), batch["labels"][keep], reduction="sum",
+                                label_smoothing=self.label_smoothing)
         return total / n_tokens.clamp(min=1), n_tokens
+
+    def _neftune(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) embeddings + uniform noise of magnitude alpha / sqrt(T C) (NEFTune)."""
+        scale = self.neftune_alpha / math.sqrt(output.shape[-2] * output.shape[-1])
+        return output + torch.empty_like(output).uniform_(-scale, scale)
 
     def prepare(self, blocks, generator=None):  # pairs are collated by the data source, not from token blocks
         raise NotImplementedError("SupervisedFineTuning batches come from collate(pairs)")

@@ -29,7 +29,6 @@ unfinished run resumes from its checkpoint (``--resume``).
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -38,7 +37,6 @@ import subprocess
 import sys
 import sysconfig
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from dataclasses import field as dc_field  # `field` is also a config key (the JSONL text field)
 from pathlib import Path
@@ -50,7 +48,7 @@ from lmlab.config import ModelConfig
 from lmlab.errors import ConfigError, DataError
 from lmlab.scaling.chinchilla import training_flops
 from lmlab.scaling.memory import training_memory
-from lmlab.scaling.units import format_count, format_duration
+from lmlab.scaling.units import format_count
 
 HEAD_DIM = 32
 
@@ -267,25 +265,10 @@ def run_record(spec: RunSpec, summary: dict, run_cfg: dict, wall_s: float, avail
             "wall_s": round(wall_s, 1), "steps": spec.steps, "config": run_cfg}
 
 
-def _append(path: Path, record: dict) -> None:
-    with path.open("a") as f:  # one line per run, appended under a lock (workers finish concurrently)
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-        fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def done_ids(runs_path: Path) -> set[str]:
-    if not runs_path.exists():
-        return set()
-    ids = set()
-    for line in runs_path.read_text().splitlines():
-        try:
-            ids.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut by a kill mid-write: that run is simply redone
-    return ids
+    from lmlab.sweep.runner import done_ids as ids
+
+    return ids(runs_path)
 
 
 def _train_one(spec: RunSpec, run_cfg: dict, run_dir: Path, data_dir: Path, threads: int) -> tuple[dict, float]:
@@ -326,27 +309,19 @@ def sweep(cfg: SweepConfig, show_progress: bool = True, echo=print) -> Path:
     files, field_name, tok_dir = prepare_data(cfg, out, show_progress)
     available = training_tokens(cfg, out)
     check_epochs(cfg, todo, available)
-    total_flops, done_flops, started = sum(s.flops for s in todo), 0.0, time.time()
-    finished = len(specs) - len(todo)
-    queue = list(reversed(todo))  # the biggest first: the last runs to finish are the short ones
-    with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-        running: dict[Future, RunSpec] = {}
-        while queue or running:
-            while queue and len(running) < cfg.workers:
-                spec = queue.pop(0)
-                run_dir = out / spec.id
-                rc = run_config(cfg, spec, files, field_name, tok_dir, run_dir)
-                running[pool.submit(_train_one, spec, rc, run_dir, out / "data", cfg.threads_per_run)] = spec
-            complete, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in complete:
-                spec = running.pop(fut)
-                summary, wall = fut.result()
-                rc = run_config(cfg, spec, files, field_name, tok_dir, out / spec.id)
-                _append(runs_path, run_record(spec, summary, rc, wall, available))
-                finished += 1
-                done_flops += spec.flops
-                elapsed = time.time() - started
-                left = elapsed * (total_flops - done_flops) / done_flops if done_flops else float("nan")
-                echo(f"[{finished}/{len(specs)}] {spec.id}: N={format_count(spec.params)} D={format_count(spec.tokens)} "
-                     f"loss {summary['val_loss']:.4f} ({format_duration(wall)}); about {format_duration(left)} left")
+    from lmlab.sweep.runner import Job, run_jobs
+
+    def job(spec: RunSpec) -> Job:
+        run_dir = out / spec.id
+        rc = run_config(cfg, spec, files, field_name, tok_dir, run_dir)
+
+        def work() -> dict:
+            summary, wall = _train_one(spec, rc, run_dir, out / "data", cfg.threads_per_run)
+            return run_record(spec, summary, rc, wall, available)
+
+        return Job(spec.id, work, cost=spec.flops,
+                   describe=lambda r: f"N={format_count(r['params'])} D={format_count(r['tokens'])} loss {r['loss']:.4f}")
+
+    # the biggest first: the last runs to finish are the short ones
+    run_jobs([job(s) for s in reversed(todo)], out, workers=cfg.workers, echo=echo, total=len(specs))
     return runs_path

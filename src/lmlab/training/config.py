@@ -81,6 +81,8 @@ class FinetuneSection(TrainSection):
     """The training section of jobs that count passes over their data (fine-tuning, alignment, distillation)."""
 
     epochs: float | None = None  # when set, steps = ceil(epochs * batches per epoch / grad_accum)
+    label_smoothing: float = 0.0  # supervised fine-tuning: cross-entropy against smoothed targets (0: off)
+    neftune_alpha: float = 0.0  # supervised fine-tuning: NEFTune embedding noise alpha (0: off; the paper uses 5)
 
 
 @dataclass

@@ -162,7 +162,8 @@ def build(cfg: FinetuneConfig, env: dist.DistEnv, show_progress: bool = True) ->
     model = lmlab.load_model(cfg.base_model).to(env.device)
     recipe = resolve_recipe(d, tokenizer, cfg.eval.max_new_tokens, cfg.base_model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    objective = SupervisedFineTuning(model.config.arch, pad, model.config.decoder_start_token_id)
+    objective = SupervisedFineTuning(model.config.arch, pad, model.config.decoder_start_token_id,
+                                     label_smoothing=t.label_smoothing, neftune_alpha=t.neftune_alpha)
 
     # what trains: LoRA adapters on a frozen base (refused now if they could not be saved), or every weight
     torch.manual_seed(t.seed)

@@ -99,7 +99,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
 DEFAULT_EXPERIMENTS = ("zero-shot-bare", "zero-shot-instruction", "one-shot", "few-shot", "sample-t0.7", "finetuned")
 
 
-def spec_hash(experiment: Experiment, adapter: str | None = None, reward: str | None = None) -> str:
+def spec_hash(experiment: Experiment, adapter: str | None = None, reward: str | None = None,
+              decoding: dict | None = None) -> str:
     """A short hash of everything an experiment's rows depend on (recipe, instruction text, stop strings,
     and for adapter experiments the adapter's identity, `adapter`).
 
@@ -114,6 +115,8 @@ def spec_hash(experiment: Experiment, adapter: str | None = None, reward: str | 
         spec["reward"] = reward
     if experiment.adapter:
         spec["adapter"] = adapter
+    if decoding:  # beams, length penalty, ... (the adapter recipe's or --num-beams): other rows
+        spec["decoding"] = decoding
     if experiment.samples:  # rows sampled before per-example seeding (one seed per batch) are not reused
         spec["sampling_seed"] = "per example: example_seed(seed, id)"
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:10]

@@ -25,6 +25,7 @@ Interrupted (Ctrl-C), the batches already written stay; ``LabInterrupted`` says 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -77,6 +78,10 @@ class LabSettings:
     reward: str | Path | None = None  # reward model (lmlab reward train): best-of-n experiments need it; every row gets its score
     quantize: str | None = None  # lmlab.quant: int8, int4[-gG] or native (a GGUF at its own precision); None: float
     turns: bool = True  # report.html shades each fine-tuned row's dialogue turns by its summary's attention
+    # decoding settings (GenerationConfig fields: num_beams, length_penalty, no_repeat_ngram_size, min_new_tokens)
+    # for the greedy adapter experiments, on top of the adapter recipe's own; None: the recipe's
+    decoding: dict | None = None
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
 
 
 class LabInterrupted(KeyboardInterrupt):
@@ -196,6 +201,35 @@ def _resolve_chat(settings: LabSettings, tokenizer) -> bool:
     if settings.chat and not has_template:
         raise ConfigError(f"--chat: the tokenizer of {settings.model!r} has no chat template; use --no-chat")
     return settings.chat
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device {name!r} must be auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu")
+    return "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
+
+
+def _uses_recipe_decoding(experiment: Experiment) -> bool:
+    """The greedy adapter experiments decode as the adapter's recipe says (beams, length penalty, ...)."""
+    return experiment.adapter and experiment.best_of == 1 and not experiment.samples
+
+
+def _decoding(recipe, overrides: dict | None) -> dict:
+    """The recipe's decoding settings with ``--num-beams`` & co. on top (validated: a one-line error)."""
+    from lmlab.generation import GenerationConfig
+
+    settings = {**(recipe.generation if recipe is not None else {}),
+                **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    fields = {f.name for f in dataclasses.fields(GenerationConfig)}
+    bad = sorted(set(settings) - fields)
+    if bad:
+        raise ConfigError(f"decoding setting(s) {', '.join(bad)} are not GenerationConfig fields")
+    GenerationConfig(**settings)  # a bad value is a ConfigError naming it, before any model loads
+    return settings
 
 
 # --- generation ----------------------------------------------------------------------------------
@@ -332,12 +366,17 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
 
     adapter, adapter_id = _resolve_adapter(settings, experiments)
     reward_id = _resolve_reward(settings, experiments)
+    device = _resolve_device(settings.device)
     tokenizer = load_tokenizer(settings.model)
     chat = _resolve_chat(settings, tokenizer)
     out = Path(settings.out)
     sig = _signature(settings, data, pool_desc, chat)
     done_rows = _check_out_dir(out, sig)
-    specs = {e.name: spec_hash(e, adapter_id, reward_id) for e in experiments}
+    recipe_dir = adapter if adapter is not None else (Path(str(settings.model)) if adapter_id else None)
+    recipe = _adapter_recipe(recipe_dir, chat)
+    decoding = _decoding(recipe, settings.decoding)
+    specs = {e.name: spec_hash(e, adapter_id, reward_id, decoding=decoding if _uses_recipe_decoding(e) else None)
+             for e in experiments}
     for row in done_rows:
         if row["experiment"] in specs and row.get("spec") != specs[row["experiment"]]:
             raise ConfigError(f"{out / RESULTS} holds {row['experiment']!r} rows from an earlier definition of that "
@@ -356,7 +395,7 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
         scorer = RewardScorer.load(settings.reward, batch_size=settings.batch_size)
     if todo:
         # adapters are switched off outside "finetuned"
-        model = load_model(settings.model, adapter=adapter, quantize=settings.quantize)
+        model = load_model(settings.model, adapter=adapter, quantize=settings.quantize).to(device)
         if adapter is not None:
             echo(f"adapter: {adapter} (used by: {', '.join(e.name for e in experiments if e.adapter)})")
         from lmlab.precision import apply_precision
@@ -365,9 +404,10 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
         max_prompt = settings.max_prompt_tokens
         if max_prompt is None:
             max_prompt = max(16, model.config.max_seq_len - settings.max_new_tokens)
-        recipe_dir = adapter if adapter is not None else (Path(str(settings.model)) if adapter_id else None)
-        builder = _PromptBuilder(pool, tokenizer, chat, settings.shots, settings.seed, max_prompt,
-                                 recipe=_adapter_recipe(recipe_dir, chat))
+        if decoding and any(_uses_recipe_decoding(e) for e in experiments):
+            echo(f"decoding of {', '.join(e.name for e in experiments if _uses_recipe_decoding(e))}: "
+                 + ", ".join(f"{k}={v}" for k, v in sorted(decoding.items())))
+        builder = _PromptBuilder(pool, tokenizer, chat, settings.shots, settings.seed, max_prompt, recipe=recipe)
         builder.specs = specs
         # every prompt is built (shots chosen, budget fitted) before the first token is generated, so a
         # prompt that cannot be built is an error now, not halfway through the run
@@ -395,6 +435,8 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
         run_settings["adapter (finetuned)"] = f"{adapter} ({adapter_id})"
     if settings.quantize:
         run_settings["quantize"] = settings.quantize
+    if decoding and any(_uses_recipe_decoding(e) for e in experiments):
+        run_settings["decoding (finetuned)"] = ", ".join(f"{k}={v}" for k, v in sorted(decoding.items()))
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     _report.write_report_md(out / "report.md", summaries=summaries,
                             examples_md=_report.examples_text(evaluated, done, names, settings.examples, markdown=True),
@@ -490,7 +532,7 @@ def _turn_shading(rows: list[dict], records: dict[str, Dialogue], out: Path, mod
         from lmlab.checkpoints import load_model
         from lmlab.precision import apply_precision
 
-        model = load_model(settings.model, adapter=adapter, quantize=settings.quantize)
+        model = load_model(settings.model, adapter=adapter, quantize=settings.quantize).to(_resolve_device(settings.device))
         if not settings.quantize:
             apply_precision(model, settings.precision)
     echo(f"turn shading: {len(todo)} fine-tuned row(s)")
@@ -529,6 +571,8 @@ def _generate_rows(todo, model, tokenizer, builder: _PromptBuilder, settings: La
                     row_chat = builder.recipe.chat if experiment.adapter else chat
                     config = generation_config(experiment, settings.max_new_tokens, settings.seed, row_chat,
                                                example_ids=[r.id for r in batch])  # sampled: a seed per row
+                    if _uses_recipe_decoding(experiment):  # the recipe's beams, length penalty, ... (or --num-beams)
+                        config = config.replace(**_decoding(builder.recipe, settings.decoding))
                     t0 = time.perf_counter()
                     picked = None
                     with contextlib.nullcontext() if experiment.adapter else lora_disabled(model):

@@ -113,6 +113,22 @@ def corpus_score(scores: list[ExampleScore | dict], aggregation: str = "best") -
     return {m: sum(r[m] for r in rows) / len(rows) for m in METRICS}
 
 
+def is_looping(text: str, n: int = 3, times: int = 3) -> bool:
+    """Whether a summary loops: some run of `n` words occurs `times` times or more (case-insensitive).
+
+    "#Person1# wants to buy a car. #Person1# wants to buy a car. #Person1# wants ..." loops; a summary that
+    names a speaker three times does not (a 3-word run rarely recurs three times in 1-2 honest sentences).
+    """
+    words = re.findall(r"[\w#']+", text.lower())
+    counts: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] >= times:
+            return True
+    return False
+
+
 def n_words(text: str) -> int:
     """Summary length in whitespace-separated words."""
     return len(text.split())
