@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lmlab.adapt.peft import load_adapter
+from lmlab.adapt.student import is_student_dir, load_student, read_bundle
 from lmlab.checkpoints import gguf, hf, native, registry
 from lmlab.checkpoints.families import config_from_hf_dict
 from lmlab.config import ModelConfig
@@ -111,8 +112,12 @@ def _default_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 
 def load_model(source: str | Path, dtype: torch.dtype | str | None = None, adapter: str | Path | None = None,
-               quantize: str | None = None, dequantize_other: bool = False):
+               quantize: str | None = None, dequantize_other: bool = False, student: str | Path | None = None):
     """Load a Transformer (eval mode) from any supported source; see the module docstring.
+
+    ``student``: a distilled student bundle (``lmlab.adapt.student``: ``lmlab distill`` with
+    ``student.lora``) whose base model is `source`: the base's kept layers with the teacher's and the
+    student's adapters merged. A `source` directory holding ``lmlab_student.json`` is such a bundle too.
 
     ``adapter``: a LoRA adapter directory in PEFT's format (``lmlab finetune`` writes them, and so does
     ``peft``) attached to the loaded model; ``lmlab.adapt.merge_lora`` folds it into the weights.
@@ -125,6 +130,10 @@ def load_model(source: str | Path, dtype: torch.dtype | str | None = None, adapt
     """
     mode = parse_mode(quantize)
     dtype = _default_dtype(dtype)
+    if student is None and is_student_dir(source):  # load_model(DIR) of a bundle: its own base
+        source, student = None, source
+    if student is not None:
+        return _load_student(source, student, dtype, adapter, quantize, mode)
     where = resolve(source)
     if mode is not None and dtype != torch.float32:
         raise CheckpointError(f"quantize={quantize!r} runs fp32 activations around integer weights; drop dtype={dtype}")
@@ -155,8 +164,30 @@ def load_model(source: str | Path, dtype: torch.dtype | str | None = None, adapt
     return model
 
 
+def _load_student(source, student, dtype, adapter, quantize, mode):
+    """``load_model(source, student=DIR)``: the merged student, then quantized if asked."""
+    if adapter is not None:
+        raise CheckpointError(f"adapter={str(adapter)!r} and student={str(student)!r} cannot be combined: a student "
+                              f"bundle holds its own adapters")
+    if mode == "native":
+        raise CheckpointError(f"quantize={quantize!r} runs a GGUF file at its own precision; the student "
+                              f"{str(student)!r} merges adapters into float weights (use quantize='int8' or 'int4')")
+    if mode is not None and dtype != torch.float32:
+        raise CheckpointError(f"quantize={quantize!r} runs fp32 activations around integer weights; drop dtype={dtype}")
+    model = load_student(student, source, dtype)
+    if mode is not None:  # after merging: the merged weights are what gets quantized
+        quantize_model(model, *mode)
+    return model
+
+
 def load_config(source: str | Path) -> tuple[ModelConfig, Resolved]:
-    """The ModelConfig of a source, reading as little as possible (config.json, GGUF metadata)."""
+    """The ModelConfig of a source, reading as little as possible (config.json, GGUF metadata).
+
+    A student bundle's config is its base model's with the bundle's number of layers."""
+    if is_student_dir(source):
+        bundle = read_bundle(source)
+        config, where = load_config(bundle.base_model)
+        return config.replace(n_layers=len(bundle.keep_layers)), where
     where = resolve(source, need="config")
     if where.kind == "lmlab":
         return native.read_config(where.path), where
@@ -170,7 +201,10 @@ def load_config(source: str | Path) -> tuple[ModelConfig, Resolved]:
 
 
 def load_tokenizer(source: str | Path):
-    """The tokenizer that belongs with `source` (same resolution rules as ``load_model``)."""
+    """The tokenizer that belongs with `source` (same resolution rules as ``load_model``; a student bundle:
+    its base model's)."""
+    if is_student_dir(source):
+        source = read_bundle(source).base_model
     where = resolve(source, need="tokenizer")
     if where.kind == "gguf":
         return Tokenizer.from_gguf(where.path)

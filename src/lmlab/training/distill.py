@@ -9,7 +9,9 @@ against the model configs) is checked before the teacher loads. Two methods:
 * ``sequence`` (Kim & Rush, 2016): the teacher summarizes every unlabeled input once (greedy, the
   prompt of its recipe; ``lmlab.training.pseudo_labels`` caches them in ``OUT/pseudo_labels.jsonl``,
   resumable), and the student is fine-tuned on (input, teacher summary) with the supervised
-  fine-tuning objective. Human labels, if the data has them, are ignored.
+  fine-tuning objective. Where ``data.label_field`` gives a human label, the input also gives
+  (input, label) — with ``pseudo.label_labeled: false`` only that pair, so a fully labelled set needs
+  no teacher generation at all (DistilBART's "shrink and fine-tune").
 * ``token`` (Hinton et al., 2015): ``lmlab.objectives.distill.TokenDistillation``: on every response
   token the student matches the teacher's softened distribution (KL at temperature τ, scaled by τ²),
   mixed with the cross-entropy on human labels where ``data.label_field`` gives them (weight α).
@@ -23,6 +25,10 @@ The student (``student``):
   ``model: config.json``: a ``ModelConfig`` initialised at random. An explicit ``keep_layers`` applies
   on top (unset, such a student keeps all its layers).
   Either way it uses the teacher's tokenizer; a vocabulary of another size is refused.
+* ``lora: {r, alpha, ...}``: only LoRA adapters on the frozen student train. A student cut from the
+  teacher is then saved as a *bundle* (``lmlab.adapt.student``): the teacher's adapter on the kept
+  layers plus the student's adapter, a few MB that ``lmlab.load_model(teacher, student=DIR)`` merges
+  over the teacher's base weights; a student ``model`` gets a PEFT adapter over that model.
 
 Evaluation data stays out of training: ``data.holdout`` (default: DialogSum ``dev.jsonl`` records
 400:500, the lab's evaluation range) is checked against every training source — by index for a file of
@@ -31,7 +37,8 @@ that name, by dialogue text for every file — and an overlap is an error that n
 Run directory::
 
     OUT/pseudo_labels.jsonl   the teacher's summaries (resumable cache)
-    OUT/best/, OUT/final/     the student (lmlab format + the prompt recipe: lmlab lab/summarize/serve use it)
+    OUT/best/, OUT/final/     the student (lmlab format, or the bundle / adapter with student.lora; + the prompt
+                              recipe: lmlab lab/summarize/serve use it)
     OUT/checkpoint.pt, OUT/metrics.jsonl, OUT/loss.png, OUT/run_config.json, OUT/summary.json
 
 Config (YAML or JSON; every field can be overridden with ``--set section.key=value``)::
@@ -39,11 +46,13 @@ Config (YAML or JSON; every field can be overridden with ``--set section.key=val
     teacher: smollm2-135m-instruct
     teacher_adapter: shipped          # shipped | null (no adapter) | a PEFT adapter directory
     method: sequence                  # sequence | token
-    student: {keep_layers: every-other, model: null}   # keep_layers null: every-other of the teacher, all of a model
+    student: {keep_layers: every-other, model: null, lora: null}
+                                      # keep_layers null: every-other of the teacher, all of a model;
+                                      # lora: {r: 16, alpha: 32, dropout: 0.05, targets: [q, k, ...], rslora: false}
     data:
       train: [{path: ../shared/data/dialogsum/hiddentest.jsonl}, {path: ../shared/data/dialogsum/dev.jsonl, records: "0:400"}]
       field: dialogue                 # the input field
-      label_field: null               # token: human labels for the hard-label loss (e.g. summary)
+      label_field: null               # human labels (e.g. summary): token: the hard-label loss; sequence: pairs
       holdout: {path: dev.jsonl, records: "400:500"}   # never trained on; null disables the guard
       validation: null                # {path, records}: val loss + ROUGE on human labels (not the holdout!)
       max_seq_len: 768
@@ -51,7 +60,8 @@ Config (YAML or JSON; every field can be overridden with ``--set section.key=val
                                       # positions: all = the KL on the prompt's positions too (decoder-only);
                                       # hard_pseudo_labels: the CE term on teacher summaries too (Kim & Rush's
                                       # sequence- plus word-level mix)
-    pseudo: {batch_size: 8, max_new_tokens: 64}
+    pseudo: {batch_size: 8, max_new_tokens: 64, label_labeled: true}   # label_labeled: sequence: teacher
+                                      # summaries of labelled inputs too
     eval: {rouge_examples: 24, max_new_tokens: 64, batch_size: 8, select: rouge1, patience: null}
     train: {epochs: 1, batch_size: 4, grad_accum: 2, lr: 2e-4, ...}   # epochs (default 1) sets the steps; null: train.steps
     out_dir: runs/distill
@@ -69,8 +79,9 @@ from typing import Any
 import torch
 
 import lmlab
-from lmlab.adapt.lora import merge_lora
-from lmlab.adapt.peft import WEIGHTS_FILE
+from lmlab.adapt.lora import apply_lora, merge_lora
+from lmlab.adapt.peft import WEIGHTS_FILE, check_savable, save_adapter
+from lmlab.adapt.student import base_model_name, keep_layers, restrict_adapter, write_bundle
 from lmlab.adapt.recipe import Recipe, shipped_adapter
 from lmlab.checkpoints import load_config, save_model
 from lmlab.config import PRESETS, ModelConfig
@@ -81,8 +92,8 @@ from lmlab.objectives.distill import TokenDistillation
 from lmlab.objectives.sft import SupervisedFineTuning
 from lmlab.tasks.summarize.experiments import INSTRUCTION
 from lmlab.training import distributed as dist
-from lmlab.training.config import (EvalSection, FinetuneSection, _deep_merge, _section, apply_overrides, check_eval,
-                                   read_config_file)
+from lmlab.training.config import (EvalSection, FinetuneSection, LoraSection, _deep_merge, _section, apply_overrides,
+                                   check_eval, check_lora, read_config_file)
 from lmlab.training.job import Built, JobSpec, run_job
 from lmlab.training.pseudo_labels import CACHE_FILE, generate_pseudo_labels, read_cache, text_key
 from lmlab.training.sft_data import (SFTBatches, Tokenized, check_source, eval_set, evaluate_sft, read_pairs,
@@ -98,13 +109,16 @@ class StudentSection:
     keep_layers: str | list[int] | None = None  # every-other | [i, j, ...] | "0,2,4" | all; null: every-other
     # of the teacher, or all of another student model
     model: str | None = None  # null: the teacher; a model source (weights) or a ModelConfig preset / JSON (random)
+    lora: dict | None = None  # {r, alpha, dropout, targets, rslora} (lmlab.training.config.LoraSection): train
+    # LoRA adapters on the frozen student instead of every weight; a student cut from the teacher is then saved
+    # as a bundle (lmlab.adapt.student): the kept layers' teacher adapter + the student's adapter
 
 
 @dataclass
 class DistillData:
     train: list[dict] = field(default_factory=list)  # [{path, records: "a:b" | null, weight: 1.0}]
     field: str = "dialogue"
-    label_field: str | None = None  # human labels (token method: the hard-label loss); ignored by sequence
+    label_field: str | None = None  # human labels: token: the hard-label loss; sequence: (input, label) pairs
     holdout: dict | None = dataclasses.field(default_factory=lambda: dict(DEFAULT_HOLDOUT))  # (`field` is taken)
     validation: dict | None = None  # {path, records}; scored against its label_field (default: summary)
     max_seq_len: int = 768
@@ -122,6 +136,8 @@ class TokenSection:
 class PseudoSection:
     batch_size: int = 8
     max_new_tokens: int = 64
+    label_labeled: bool = True  # sequence with data.label_field: the teacher also summarizes labelled inputs, and
+    # both pairs train ((input, human label) and (input, teacher summary)); false: labelled inputs give only theirs
 
 
 @dataclass
@@ -195,7 +211,10 @@ def validate(cfg: DistillConfig) -> None:
             raise ConfigError(f"token.alpha={cfg.token.alpha!r} must be in [0, 1] (the weight of the hard-label loss)")
         if cfg.token.positions not in ("response", "all"):
             raise choices_error("token.positions", cfg.token.positions, ("response", "all"))
+    if not isinstance(cfg.pseudo.label_labeled, bool):
+        raise ConfigError(f"pseudo.label_labeled={cfg.pseudo.label_labeled!r} must be true or false")
     teacher_adapter(cfg)
+    student_lora(cfg.student)
     check_student(cfg.student, cfg.teacher)
 
 
@@ -236,6 +255,30 @@ def check_student(section: StudentSection, teacher: str) -> None:
                           f"arch={config.arch!r} (set student.keep_layers: all)")
 
 
+def student_lora(section: StudentSection) -> LoraSection | None:
+    """``student.lora`` as a checked LoraSection (None: every weight of the student trains)."""
+    if section.lora is None:
+        return None
+    if not isinstance(section.lora, dict):
+        raise ConfigError(f"student.lora={section.lora!r} must be a mapping like {{r: 16, alpha: 32}} (or null)")
+    lora = _section(LoraSection, section.lora, "student.lora")
+    try:
+        check_lora(lora)
+    except ConfigError as exc:
+        raise ConfigError(f"student.{exc}") from None
+    if section.model is not None and _student_config(section) is not None:
+        raise ConfigError(f"student.lora trains adapters on a frozen student, but student.model={section.model!r} "
+                          f"is initialised at random; give a model with weights, or set student.lora to null")
+    return lora
+
+
+def student_layers(section: StudentSection, n_layers: int) -> list[int] | None:
+    """The layers a student keeps of a model with `n_layers` (None: all), as ``build_student`` keeps them."""
+    spec = section.keep_layers if section.keep_layers is not None else ("every-other" if section.model is None
+                                                                         else "all")
+    return parse_keep_layers(spec, n_layers)
+
+
 # --- the student -----------------------------------------------------------------------------
 def parse_keep_layers(spec, n_layers: int | None) -> list[int] | None:
     """``every-other`` | ``"0,2,4"`` | [0, 2, 4] | None -> sorted layer indices (None: keep all).
@@ -264,29 +307,6 @@ def parse_keep_layers(spec, n_layers: int | None) -> list[int] | None:
     return sorted(indices)
 
 
-def keep_layers(model, indices: list[int]):
-    """A new decoder-only Transformer holding only ``indices`` of `model`'s layers, their weights copied.
-
-    Everything outside the stack (embeddings, final norm, head) is copied as is; layer ``indices[j]``
-    becomes layer ``j``. RoPE positions and the KV cache are per layer, so nothing else changes.
-    """
-    if model.config.arch != "decoder":
-        raise ConfigError(f"keep_layers builds students of decoder-only models; the teacher has "
-                          f"arch={model.config.arch!r}")
-    student = Transformer(model.config.replace(n_layers=len(indices)))
-    source = model.state_dict()
-    state = {}
-    for key in student.state_dict():
-        if key.startswith("decoder.layers."):
-            j, rest = key[len("decoder.layers."):].split(".", 1)
-            key_in_teacher = f"decoder.layers.{indices[int(j)]}.{rest}"
-        else:
-            key_in_teacher = key
-        state[key] = source[key_in_teacher].detach().clone()
-    student.load_state_dict(state, strict=True)
-    return student.to(model.dtype)
-
-
 def build_student(cfg: StudentSection, teacher, seed: int = 0):
     """The student model (train mode, every weight trainable); its vocabulary must be the teacher's."""
     if cfg.model is None:
@@ -299,8 +319,7 @@ def build_student(cfg: StudentSection, teacher, seed: int = 0):
         else:
             student = lmlab.load_model(cfg.model)
     check_vocabulary(student.config.vocab_size, teacher.config.vocab_size, cfg.model)
-    spec = cfg.keep_layers if cfg.keep_layers is not None else ("every-other" if cfg.model is None else "all")
-    indices = parse_keep_layers(spec, student.config.n_layers)
+    indices = student_layers(cfg, student.config.n_layers)
     if indices is not None:
         student = keep_layers(student, indices)
     elif student is teacher:
@@ -478,14 +497,15 @@ def build(cfg: DistillConfig, env: dist.DistEnv, show_progress: bool, pseudo_onl
     check_holdout(cfg.data.train, cfg.data.holdout, cfg.data.field)
     if cfg.data.validation:
         check_holdout([cfg.data.validation], cfg.data.holdout, cfg.data.field)
-    label_field = cfg.data.label_field if cfg.method == "token" else None  # sequence ignores human labels
-    sources = [(read_inputs(source, cfg.data.field, label_field, f"data.train[{i}]"), float(source.get("weight", 1.0)))
-               for i, source in enumerate(cfg.data.train)]
+    sources = [(read_inputs(source, cfg.data.field, cfg.data.label_field, f"data.train[{i}]"),
+                float(source.get("weight", 1.0))) for i, source in enumerate(cfg.data.train)]
+    # sequence: labelled inputs give (input, label) and, with pseudo.label_labeled, (input, teacher summary) too
+    both = cfg.method == "sequence" and cfg.pseudo.label_labeled
 
     # 2. the teacher, and its summaries of every input that has no human label
     teacher, tokenizer, recipe, (adapter, adapter_id) = load_teacher(cfg)
     teacher.to(env.device)
-    unlabeled = [(x.id, x.text) for inputs, _ in sources for x in inputs if x.label is None]
+    unlabeled = [(x.id, x.text) for inputs, _ in sources for x in inputs if x.label is None or both]
     pseudo: dict[str, str] = {}
     if unlabeled:
         signature = {"teacher": cfg.teacher, "adapter": adapter_id, "recipe": dataclasses.asdict(recipe),
@@ -502,17 +522,21 @@ def build(cfg: DistillConfig, env: dist.DistEnv, show_progress: bool, pseudo_onl
         return {"finished": False, "pseudo_only": True, "pseudo_labels": len(pseudo), "pseudo_missing": missing,
                 "step": 0, "rank": env.rank, "interrupted": None, "cache": str(out / CACHE_FILE)}
 
-    # 3. (input, response) pairs: the human label (token method) or the teacher's summary
+    # 3. (input, response) pairs: the human label, the teacher's summary, or (sequence, label_labeled) both
     train_sources, n_train, n_empty, n_hard, n_hard_rows, n_truncated = [], 0, 0, 0, 0, 0
     for inputs, weight in sources:
         pairs, human = [], []
         for x in inputs:
-            response = x.label if x.label is not None else pseudo[text_key(x.text)]
-            if not response.strip():
-                n_empty += 1  # the teacher said nothing: nothing to learn from this input
-                continue
-            pairs.append((x.id, x.text, response))
-            human.append(x.label is not None)
+            if x.label is not None:
+                pairs.append((x.id, x.text, x.label))
+                human.append(True)
+            if x.label is None or both:
+                response = pseudo[text_key(x.text)]
+                if not response.strip():
+                    n_empty += 1  # the teacher said nothing: nothing to learn from this input
+                    continue
+                pairs.append((x.id, x.text, response))
+                human.append(False)
         hard = [h or cfg.token.hard_pseudo_labels for h in human]  # rows the cross-entropy term covers
         examples = tokenize_pairs(pairs, recipe, tokenizer, cfg.data.max_seq_len)
         examples = [DistillExample(**vars(e), hard=h) for e, h in zip(examples, hard)]
@@ -525,8 +549,19 @@ def build(cfg: DistillConfig, env: dist.DistEnv, show_progress: bool, pseudo_onl
     if not n_train:
         raise DataError("no training pairs: the teacher produced an empty summary for every input")
 
-    # 4. the student, the objective and the batches
+    # 4. the student (LoRA adapters on it when student.lora), the objective and the batches
+    lora_section = student_lora(cfg.student)
     student = build_student(cfg.student, teacher, seed=t.seed).to(env.device)
+    lora = bundle = None
+    if lora_section is not None:
+        lora = lora_section.to_lora()
+        torch.manual_seed(t.seed)
+        echo(apply_lora(student, lora))
+        check_savable(student)  # refused now, not after training, if the adapter could not be written
+        if cfg.student.model is None:  # cut from the teacher: saved as a bundle over the teacher's own base
+            kept = student_layers(cfg.student, teacher.config.n_layers) or list(range(teacher.config.n_layers))
+            restricted = restrict_adapter(adapter, kept, teacher) if adapter is not None else None
+            bundle = (kept, restricted)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     arch, start_id = student.config.arch, student.config.decoder_start_token_id
     sft = SupervisedFineTuning(arch, pad, start_id)
@@ -545,23 +580,37 @@ def build(cfg: DistillConfig, env: dist.DistEnv, show_progress: bool, pseudo_onl
                               cfg.data.max_seq_len, cfg.eval.max_new_tokens)
     torch.manual_seed(t.seed)
 
+    saved_recipe = dataclasses.replace(recipe, prompt_field=cfg.data.field)
+
     def save(directory: Path, metrics: dict | None = None) -> None:
-        was_training = student.training
-        save_model(student, directory, tokenizer)
-        student.train(was_training)
-        dataclasses.replace(recipe, prompt_field=cfg.data.field).save(directory)
+        """A student bundle (LoRA on layers of the teacher), an adapter (LoRA on another model), or the whole
+        model (lmlab format); each with the prompt recipe."""
+        if bundle is not None:
+            write_bundle(directory, student, lora, base_model=base_model_name(cfg.teacher), keep=bundle[0],
+                         teacher_adapter=bundle[1], extra=saved_recipe.save)
+            return
+        if lora is not None:
+            save_adapter(student, directory, lora, base_model=cfg.student.model)
+        else:
+            was_training = student.training
+            save_model(student, directory, tokenizer)
+            student.train(was_training)
+        saved_recipe.save(directory)
 
     n_layers = student.config.n_layers
+    trainable = sum(p.numel() for p in {id(p): p for p in student.parameters()}.values() if p.requires_grad)
     return Built(
         name=f"distill {cfg.method} · {n_layers}-layer student", model=student, objective=objective, batches=batches,
         save=save, evaluate=(lambda m: evaluate_sft(m, sft, validation, tokenizer, cfg.eval, env)) if validation else None,
-        select=cfg.eval.select, patience=cfg.eval.patience,
+        select=cfg.eval.select, patience=cfg.eval.patience, trainable_only=lora is not None,
         announce=lambda: (f"distill ({cfg.method}) {cfg.teacher}{' + ' + adapter if adapter else ''} -> student with "
-                          f"{n_layers} layers, {student.num_parameters():,} parameters: {n_train} training pairs "
+                          f"{n_layers} layers, {student.num_parameters():,} parameters ({trainable:,} trainable"
+                          f"{', LoRA' if lora else ''}): {n_train} training pairs "
                           f"({n_hard} human labels, {n_train - n_hard} teacher summaries, {n_empty} empty teacher "
                           f"summaries skipped, {n_truncated} prompts cut), {t.steps} steps of {t.batch_size} x "
                           f"{t.grad_accum}"),
         summary={"method": cfg.method, "student_layers": n_layers, "student_parameters": student.num_parameters(),
-                 "train_pairs": n_train, "human_labels": n_hard,
+                 "trainable_parameters": trainable, "train_pairs": n_train, "human_labels": n_hard,
+                 "teacher_summaries": n_train - n_hard, "student_bundle": bundle is not None,
                  "hard_label_rows": n_hard_rows if cfg.method == "token" else 0, "empty_teacher_summaries": n_empty,
                  "truncated_prompts": n_truncated, "pseudo_labels": str(out / CACHE_FILE)})
