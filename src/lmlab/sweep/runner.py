@@ -26,10 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from lmlab.errors import LmlabError
 from lmlab.scaling.units import format_duration
 
 RUNS_FILE = "runs.jsonl"
 FAILED_FILE = "failed.jsonl"
+
+
+class SweepFailed(LmlabError):
+    """Some jobs of a sweep failed (the others finished and are recorded); a re-run retries them."""
 
 
 @dataclass
@@ -75,7 +80,7 @@ def run_jobs(jobs: list[Job], out: Path, workers: int = 1, echo: Callable[[str],
     """Run every job of `jobs` not yet recorded in ``OUT/runs.jsonl`` -> the records written now.
 
     A failing job does not stop the others; the failures are listed at the end and raised as one
-    RuntimeError naming them (so a sweep with failures exits non-zero after finishing what it could).
+    SweepFailed naming them (so a sweep with failures exits non-zero after finishing what it could).
     """
     if workers < 1:
         raise ValueError(f"workers={workers} must be >= 1")
@@ -119,7 +124,7 @@ def run_jobs(jobs: list[Job], out: Path, workers: int = 1, echo: Callable[[str],
                 echo(f"[{finished}/{total}] {job.id}: {what} ({format_duration(wall)}); "
                      f"about {format_duration(left)} left")
     if failures:
-        raise RuntimeError(f"{len(failures)} job(s) failed: " + "; ".join(f"{i} ({type(e).__name__}: {e})"
+        raise SweepFailed(f"{len(failures)} job(s) failed: " + "; ".join(f"{i} ({type(e).__name__}: {e})"
                                                                         for i, e in failures)
                            + f"; details in {out / FAILED_FILE}; run the sweep again to retry them")
     return written

@@ -69,7 +69,6 @@ Config (YAML or JSON; every field can be overridden with ``--set section.key=val
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
@@ -322,8 +321,8 @@ def build_student(cfg: StudentSection, teacher, seed: int = 0):
     indices = student_layers(cfg, student.config.n_layers)
     if indices is not None:
         student = keep_layers(student, indices)
-    elif student is teacher:
-        student = copy.deepcopy(teacher)
+    elif student is teacher:  # a copy through the state dict (deepcopy would also copy an engine's packed weights)
+        student = keep_layers(teacher, list(range(teacher.config.n_layers)))
     return student.float().train().requires_grad_(True)
 
 
