@@ -25,6 +25,7 @@ Interrupted (Ctrl-C), the batches already written stay; ``LabInterrupted`` says 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -77,6 +78,7 @@ class LabSettings:
     reward: str | Path | None = None  # reward model (lmlab reward train): best-of-n experiments need it; every row gets its score
     quantize: str | None = None  # lmlab.quant: int8, int4[-gG] or native (a GGUF at its own precision); None: float
     turns: bool = True  # report.html shades each fine-tuned row's dialogue turns by its summary's attention
+    student: str | Path | None = None  # the bundle of the "student" experiment; None: the one lmlab ships for model
 
 
 class LabInterrupted(KeyboardInterrupt):
@@ -243,6 +245,18 @@ def _resolve_adapter(settings: LabSettings, experiments: list[Experiment]) -> tu
     return path, hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
 
 
+def _resolve_student(settings: LabSettings, experiments: list[Experiment]) -> tuple[Path | None, str | None]:
+    """The student bundle of the student experiments and a short hash of its files (None, None if unused)."""
+    if not any(e.student for e in experiments):
+        return None, None
+    from lmlab.adapt.recipe import SHIPPED, resolve_student
+    from lmlab.adapt.student import bundle_id, read_bundle
+
+    path = resolve_student(settings.student if settings.student is not None else SHIPPED, settings.model)
+    read_bundle(path)  # a clear error now, before any generation
+    return path, bundle_id(path)
+
+
 def _adapter_recipe(adapter: Path | None, chat: bool):
     """The prompt recipe saved with the adapter or fine-tuned model (lmlab finetune writes it); the lab's
     instruction recipe otherwise."""
@@ -279,7 +293,7 @@ class _PromptBuilder:
     def __call__(self, experiment: Experiment, record: Dialogue):
         from lmlab.prompting import build_prompt, select_shots
 
-        if experiment.adapter:  # exactly the prompt the adapter was trained on
+        if experiment.adapter or experiment.student:  # exactly the prompt the adapter (student) was trained on
             return self.recipe.prompt(record.dialogue, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens)
         k = experiment.n_shots(self.k)
         shots = []
@@ -332,12 +346,13 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
 
     adapter, adapter_id = _resolve_adapter(settings, experiments)
     reward_id = _resolve_reward(settings, experiments)
+    student, student_id = _resolve_student(settings, experiments)
     tokenizer = load_tokenizer(settings.model)
     chat = _resolve_chat(settings, tokenizer)
     out = Path(settings.out)
     sig = _signature(settings, data, pool_desc, chat)
     done_rows = _check_out_dir(out, sig)
-    specs = {e.name: spec_hash(e, adapter_id, reward_id) for e in experiments}
+    specs = {e.name: spec_hash(e, adapter_id, reward_id, student_id) for e in experiments}
     for row in done_rows:
         if row["experiment"] in specs and row.get("spec") != specs[row["experiment"]]:
             raise ConfigError(f"{out / RESULTS} holds {row['experiment']!r} rows from an earlier definition of that "
@@ -355,27 +370,48 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
 
         scorer = RewardScorer.load(settings.reward, batch_size=settings.batch_size)
     if todo:
-        # adapters are switched off outside "finetuned"
-        model = load_model(settings.model, adapter=adapter, quantize=settings.quantize)
-        if adapter is not None:
-            echo(f"adapter: {adapter} (used by: {', '.join(e.name for e in experiments if e.adapter)})")
         from lmlab.precision import apply_precision
 
-        echo(f"precision: {apply_precision(model, settings.precision)}")  # as lmlab generate/summarize say it
-        max_prompt = settings.max_prompt_tokens
-        if max_prompt is None:
-            max_prompt = max(16, model.config.max_seq_len - settings.max_new_tokens)
-        recipe_dir = adapter if adapter is not None else (Path(str(settings.model)) if adapter_id else None)
-        builder = _PromptBuilder(pool, tokenizer, chat, settings.shots, settings.seed, max_prompt,
-                                 recipe=_adapter_recipe(recipe_dir, chat))
-        builder.specs = specs
+        # the lab's model serves every experiment but "student", which runs on the student bundle, loaded apart
+        runs = []  # (model, tokenizer, prompt builder, [(experiment, record, prompt)])
+        main_todo = [(e, r) for e, r in todo if not e.student]
+        if main_todo:
+            # adapters are switched off outside "finetuned"
+            model = load_model(settings.model, adapter=adapter, quantize=settings.quantize)
+            if adapter is not None:
+                echo(f"adapter: {adapter} (used by: {', '.join(e.name for e in experiments if e.adapter)})")
+            echo(f"precision: {apply_precision(model, settings.precision)}")  # as lmlab generate/summarize say it
+            recipe_dir = adapter if adapter is not None else (Path(str(settings.model)) if adapter_id else None)
+            runs.append((model, tokenizer, _adapter_recipe(recipe_dir, chat), main_todo))
+        student_todo = [(e, r) for e, r in todo if e.student]
+        if student_todo:
+            student_model = load_model(student, quantize=settings.quantize)
+            echo(f"student: {student} ({student_model.config.n_layers} layers; used by: "
+                 f"{', '.join(e.name for e in experiments if e.student)}); precision: "
+                 f"{apply_precision(student_model, settings.precision)}")
+            student_tokenizer = load_tokenizer(student)
+            runs.append((student_model, student_tokenizer, _adapter_recipe(student, chat), student_todo))
         # every prompt is built (shots chosen, budget fitted) before the first token is generated, so a
         # prompt that cannot be built is an error now, not halfway through the run
-        todo = [(e, r, builder(e, r)) for e, r in todo]
+        built = []
+        for run_model, run_tokenizer, recipe, items in runs:
+            max_prompt = settings.max_prompt_tokens
+            if max_prompt is None:
+                max_prompt = max(16, run_model.config.max_seq_len - settings.max_new_tokens)
+            builder = _PromptBuilder(pool, run_tokenizer, chat, settings.shots, settings.seed, max_prompt,
+                                     recipe=recipe)
+            builder.specs = specs
+            built.append((run_model, run_tokenizer, builder, [(e, r, builder(e, r)) for e, r in items]))
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(json.dumps(sig, indent=2, sort_keys=True) + "\n")
-        new_rows = _generate_rows(todo, model, tokenizer, builder, settings, chat, out, _sig_hash(sig), done,
-                                  progress, scorer)
+        for run_model, run_tokenizer, builder, items in built:
+            left = None if settings.max_rows is None else settings.max_rows - new_rows
+            run_settings_ = settings if left is None else dataclasses.replace(settings, max_rows=left)
+            try:
+                new_rows += _generate_rows(items, run_model, run_tokenizer, builder, run_settings_, chat, out,
+                                           _sig_hash(sig), done, progress, scorer)
+            except LabInterrupted as exc:  # rows written by the runs before this one count too
+                raise LabInterrupted(out, new_rows + exc.rows_written, exc.rows_total) from None
 
     # 3. report from all rows of the selected experiments and evaluated dialogues
     out.mkdir(parents=True, exist_ok=True)
@@ -393,6 +429,8 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
     }
     if adapter is not None:
         run_settings["adapter (finetuned)"] = f"{adapter} ({adapter_id})"
+    if student is not None:
+        run_settings["student"] = f"{student} ({student_id})"
     if settings.quantize:
         run_settings["quantize"] = settings.quantize
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -526,7 +564,7 @@ def _generate_rows(todo, model, tokenizer, builder: _PromptBuilder, settings: La
                 for i in range(0, len(items), settings.batch_size):
                     batch = [r for r, _ in items[i:i + settings.batch_size]]
                     prompts = [p for _, p in items[i:i + settings.batch_size]]
-                    row_chat = builder.recipe.chat if experiment.adapter else chat
+                    row_chat = builder.recipe.chat if experiment.adapter or experiment.student else chat
                     config = generation_config(experiment, settings.max_new_tokens, settings.seed, row_chat,
                                                example_ids=[r.id for r in batch])  # sampled: a seed per row
                     t0 = time.perf_counter()
