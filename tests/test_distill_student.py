@@ -311,7 +311,7 @@ def test_serve_a_student(tiny_model_dir, bundle, monkeypatch, capsys):
     for args in (["--student", str(bundle)], [str(tiny_model_dir), "--student", str(bundle)]):
         assert main(["serve", *args, "--port", "8123"]) == 0, capsys.readouterr()
         settings, (model, tokenizer) = seen["settings"], seen["loaded"]
-        assert settings.model_name.endswith(f"+student:{bundle.name}") and "student" in capsys.readouterr().out
+        assert settings.model_name.endswith(f"+student:{bundle.parent.name}/final") and "student" in capsys.readouterr().out
         assert settings.finetuned.instruction == "Condense this chat, please."
         with torch.no_grad():
             assert torch.allclose(model(ids), want) and model.config.n_layers == 1
@@ -371,3 +371,13 @@ def test_lab_student_needs_a_bundle(tiny_model_dir, tmp_path):
     with pytest.raises(CheckpointError, match=f"has no {STUDENT_FILE}"):
         run_lab(LabSettings(model=str(tiny_model_dir), experiments="student", student=str(tiny_model_dir),
                             out=tmp_path), echo=lambda t: None)
+
+
+def test_the_shipped_student_config_is_valid():
+    from lmlab.training.distill import load_distill_config, student_lora
+
+    cfg = load_distill_config(Path(__file__).resolve().parents[1] / "configs" / "distill-smollm2-dialogsum-student.yaml")
+    validate(cfg)
+    assert cfg.method == "sequence" and cfg.data.label_field == "summary" and cfg.pseudo.label_labeled
+    assert student_lora(cfg.student).r == 32 and cfg.student.model is None
+    assert [s.get("records") for s in cfg.data.train] == [None, "0:400"]  # never 400:500

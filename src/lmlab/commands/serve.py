@@ -13,7 +13,7 @@ Like ``lmlab summarize``, it serves the fine-tuned summarizer lmlab ships for th
 of ``lmlab.adapt.recipe.shipped_adapter``) unless ``--adapter DIR`` names another or ``--no-adapter``
 asks for the base model; the adapter's prompt recipe is then /v1/summarize's default. ``--student [DIR]``
 serves a distilled student bundle instead (``lmlab.adapt.student``; without DIR the one lmlab ships for
-MODEL), named ``MODEL+student:NAME`` in /v1/models, its recipe /v1/summarize's default.
+MODEL), named ``MODEL+student:NAME`` in /v1/models (NAME: the bundle's directory, RUN/best for a run's), its recipe /v1/summarize's default.
 """
 
 from __future__ import annotations
@@ -172,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
             finetuned = finetuned_recipe(student)
             from lmlab.adapt.student import read_bundle
 
-            name = f"{args.model or read_bundle(student).base_model}+student:{student.resolve().name}"
+            where = student.resolve()  # a run's best/ or final/ is named by its run directory too
+            label = f"{where.parent.name}/{where.name}" if where.name in ("best", "final") else where.name
+            name = f"{args.model or read_bundle(student).base_model}+student:{label}"
         elif adapter is not None:
             finetuned = finetuned_recipe(adapter)
         else:  # a fully fine-tuned or distilled model brings its recipe
