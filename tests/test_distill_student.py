@@ -110,6 +110,19 @@ def test_lora_student_bundle_reloads_to_the_trained_student(tiny_model_dir, teac
     assert load_config(final)[0].n_layers == 1
 
 
+def test_a_lora_student_resumes_exactly(tiny_model_dir, teacher_adapter, dialogues, tmp_path):
+    data = [{"path": str(dialogues), "records": "0:6"}]
+    distill(_config(tiny_model_dir, teacher_adapter, data, tmp_path / "a"), show_progress=False)
+    first = distill(_config(tiny_model_dir, teacher_adapter, data, tmp_path / "b", train__stop_after=2),
+                    show_progress=False)
+    assert first["step"] == 2 and not (tmp_path / "b" / "final").exists()
+    distill(_config(tiny_model_dir, teacher_adapter, data, tmp_path / "b"), resume=True, show_progress=False)
+    whole = load_file(str(tmp_path / "a" / "final" / WEIGHTS_FILE))
+    resumed = load_file(str(tmp_path / "b" / "final" / WEIGHTS_FILE))
+    assert sorted(whole) == sorted(resumed)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # bit for bit, as lmlab finetune resumes
+
+
 def test_the_bundle_needs_its_teacher_adapter_and_its_base(tiny_model_dir, teacher_adapter, dialogues, tmp_path):
     distill(_config(tiny_model_dir, teacher_adapter, [{"path": str(dialogues), "records": "0:4"}], tmp_path / "run",
                     train__steps=1), show_progress=False)
@@ -315,6 +328,7 @@ def test_serve_a_student(tiny_model_dir, bundle, monkeypatch, capsys):
         assert settings.finetuned.instruction == "Condense this chat, please."
         with torch.no_grad():
             assert torch.allclose(model(ids), want) and model.config.n_layers == 1
+        assert tokenizer.eos_token_id == lmlab.load_tokenizer(tiny_model_dir).eos_token_id  # the base's
     assert main(["serve", "--student", "--port", "8123"]) == 2
     assert "give MODEL" in capsys.readouterr().err
     assert main(["serve", str(tiny_model_dir), "--student", str(tiny_model_dir), "--port", "8123"]) == 2
