@@ -2,15 +2,19 @@
 # The generative-AI lifecycle of the course notes, example 2, end to end on DialogSum:
 #
 #   1. fine-tune the teacher on labeled data        lmlab finetune  (or reuse the adapter lmlab ships)
-#   2. distill a student with unlabeled data        lmlab distill   (half the teacher's layers)
-#   3. quantize the student                          lmlab quantize  (int8 weight-only)
-#   4. serve the student                             lmlab serve     (OpenAI-compatible API + playground)
+#   2. distill a student                            lmlab distill   (half the teacher's layers + a LoRA adapter
+#                                                                    trained on human and teacher summaries)
+#   3. quantize the student                          lmlab serve --quantize int8 (weight-only, when it loads)
+#   4. serve the student                             lmlab serve --student (OpenAI-compatible API + playground)
 #
 # Usage:  bash scripts/lifecycle.sh [--retrain-teacher] [--quick] [--no-serve] [--out DIR] [--threads N] [--port P]
 #
 #   --retrain-teacher  step 1 trains a LoRA adapter with configs/finetune-smollm2-dialogsum-lora.yaml (about
 #                      35 minutes on 2 cores) instead of reusing src/lmlab/adapters/smollm2-135m-instruct-dialogsum-lora
 #   --quick            a smoke run: 8 unlabeled dialogues, 2 training steps (minutes; the student is not useful)
+#
+# The student is a bundle (docs/distill.md, "The student bundle"): the kept layers' share of the teacher's
+# adapter plus the student's own adapter, ~29 MB over the base model's weights.
 #   --no-serve         stop after step 3 (step 4 blocks until Ctrl-C)
 #
 # Every step resumes: rerun the same command after an interruption (the teacher's pseudo-labels and the
@@ -55,32 +59,27 @@ else
   echo "== 1. the teacher: the shipped adapter $ADAPTER (--retrain-teacher trains it again)"
 fi
 
-# 2. the student: every other layer of the teacher, distilled on unlabeled dialogues
-echo "== 2. distill a 15-layer student from unlabeled dialogues"
+# 2. the student: every other layer of the teacher + a LoRA adapter trained on the human summaries of dev 0-399
+#    and the teacher's summaries of those and of the unlabeled hiddentest dialogues (a student bundle)
+echo "== 2. distill a 15-layer student (LoRA) from human and teacher summaries"
 SIZE=()
 if [[ $QUICK == 1 ]]; then
   SIZE=(--data "$DATA/hiddentest.jsonl:0:8" --steps 2)
 else
   SIZE=(--data "$DATA/hiddentest.jsonl" "$DATA/dev.jsonl:0:400")
 fi
-"$LMLAB" --threads "$THREADS" distill --config configs/distill-smollm2-dialogsum.yaml \
+"$LMLAB" --threads "$THREADS" distill --config configs/distill-smollm2-dialogsum-student.yaml \
   --teacher-adapter "$ADAPTER" --out "$OUT/student" "${SIZE[@]}" $(resume_flag "$OUT/student")
-STUDENT="$OUT/student/final"
+STUDENT="$OUT/student/best"
+[[ -f "$STUDENT/lmlab_student.json" ]] || { echo "error: $STUDENT is not a student bundle" >&2; exit 1; }
+echo "   student bundle: $STUDENT ($(du -sh "$STUDENT" | cut -f1))"
 
-# 3. quantize the student (weight-only int8)
-SERVED="$STUDENT"
-if "$LMLAB" quantize --help > /dev/null 2>&1; then
-  echo "== 3. quantize the student to int8"
-  # --force: a rerun replaces the int8 copy this script wrote before (lmlab refuses it otherwise)
-  "$LMLAB" --threads "$THREADS" quantize "$STUDENT" "$OUT/student-int8" --bits 8 --force
-  SERVED="$OUT/student-int8"
-else
-  echo "== 3. skipped: this lmlab has no 'lmlab quantize' yet; serving the fp32 student"
-fi
-
-# 4. serve it: /v1/chat/completions, /v1/summarize (recipe fine-tuned), the playground at /
+# 3 + 4. serve it, quantized to int8 as it loads (the adapters are merged first, then every linear quantized):
+#    /v1/chat/completions, /v1/summarize (the student's recipe), the playground at /
+SERVE_CMD=("$LMLAB" --threads "$THREADS" serve smollm2-135m-instruct --student "$STUDENT" --quantize int8 --port "$PORT")
 if [[ $SERVE == 1 ]]; then
-  echo "== 4. serve $SERVED on http://127.0.0.1:$PORT/ (Ctrl-C stops)"
-  exec "$LMLAB" --threads "$THREADS" serve "$SERVED" --port "$PORT"
+  echo "== 3. quantize the student to int8 (weight-only, when the server loads it)"
+  echo "== 4. serve the student on http://127.0.0.1:$PORT/ (Ctrl-C stops)"
+  exec "${SERVE_CMD[@]}"
 fi
-echo "done: student in $SERVED; serve it with: $LMLAB serve $SERVED"
+echo "done: student bundle in $STUDENT; serve it (int8) with: ${SERVE_CMD[*]}"

@@ -110,6 +110,19 @@ def test_lora_student_bundle_reloads_to_the_trained_student(tiny_model_dir, teac
     assert load_config(final)[0].n_layers == 1
 
 
+def test_a_lora_student_resumes_exactly(tiny_model_dir, teacher_adapter, dialogues, tmp_path):
+    data = [{"path": str(dialogues), "records": "0:6"}]
+    distill(_config(tiny_model_dir, teacher_adapter, data, tmp_path / "a"), show_progress=False)
+    first = distill(_config(tiny_model_dir, teacher_adapter, data, tmp_path / "b", train__stop_after=2),
+                    show_progress=False)
+    assert first["step"] == 2 and not (tmp_path / "b" / "final").exists()
+    distill(_config(tiny_model_dir, teacher_adapter, data, tmp_path / "b"), resume=True, show_progress=False)
+    whole = load_file(str(tmp_path / "a" / "final" / WEIGHTS_FILE))
+    resumed = load_file(str(tmp_path / "b" / "final" / WEIGHTS_FILE))
+    assert sorted(whole) == sorted(resumed)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # bit for bit, as lmlab finetune resumes
+
+
 def test_the_bundle_needs_its_teacher_adapter_and_its_base(tiny_model_dir, teacher_adapter, dialogues, tmp_path):
     distill(_config(tiny_model_dir, teacher_adapter, [{"path": str(dialogues), "records": "0:4"}], tmp_path / "run",
                     train__steps=1), show_progress=False)
@@ -231,3 +244,154 @@ def test_shrink_and_fine_tune_never_asks_the_teacher(tiny_model_dir, dialogues, 
     with pytest.raises(AssertionError, match="generated pseudo-labels"):
         distill(_config(tiny_model_dir, None, [{"path": str(dialogues), "records": "0:5"}], tmp_path / "r2",
                         train__steps=2, data__label_field="summary"), show_progress=False)
+
+
+# --- plugging the student in: shipped bundles, load_model, summarize, serve, the lab ------------
+@pytest.fixture(scope="module")
+def bundle(tiny_model_dir, teacher_adapter, dialogues, tmp_path_factory) -> Path:
+    """A student bundle of the tiny teacher (layer 1 kept, the teacher's adapter, a trained student adapter),
+    with a recipe whose instruction is its own (so tests can tell its prompt apart)."""
+    out = tmp_path_factory.mktemp("bundle") / "run"
+    distill(_config(tiny_model_dir, teacher_adapter, [{"path": str(dialogues), "records": "0:4"}], out,
+                    train__steps=2), show_progress=False)
+    recipe = json.loads((out / "final" / "lmlab_recipe.json").read_text())
+    (out / "final" / "lmlab_recipe.json").write_text(json.dumps({**recipe, "instruction": "Condense this chat, please.",
+                                                                 "chat": False}))
+    return out / "final"
+
+
+def test_the_shipped_student_is_found_by_model_name(tiny_model_dir, bundle, tmp_path, monkeypatch):
+    from lmlab.adapt import recipe as recipe_module
+
+    monkeypatch.setattr(recipe_module, "STUDENTS_DIR", tmp_path / "students")
+    monkeypatch.setitem(recipe_module.SHIPPED_STUDENTS, str(tiny_model_dir), "tiny-student")
+    assert recipe_module.shipped_student(str(tiny_model_dir)) is None  # not installed yet
+    with pytest.raises(ConfigError, match=f"lmlab ships no student for '{tiny_model_dir}'; pass --student DIR"):
+        lmlab.load_model(tiny_model_dir, student="shipped")
+    shutil.copytree(bundle, tmp_path / "students" / "tiny-student")
+    assert recipe_module.shipped_student(str(tiny_model_dir)) == tmp_path / "students" / "tiny-student"
+    ids = _ids(lmlab.load_tokenizer(tiny_model_dir).vocab_size)
+    with torch.no_grad():
+        assert torch.equal(lmlab.load_model(tiny_model_dir, student="shipped")(ids), lmlab.load_model(bundle)(ids))
+    assert recipe_module.SHIPPED_STUDENTS["smollm2-135m-instruct"] == "smollm2-135m-instruct-dialogsum-student"
+
+
+def test_the_package_data_carries_every_file_of_a_shipped_bundle(bundle):
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["lmlab"]
+    files = [p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()]
+    assert "teacher_adapter/adapter_model.safetensors" in files and STUDENT_FILE in files
+    for f in files + ["README.md"]:
+        name = f"students/smollm2-135m-instruct-dialogsum-student/{f}"
+        # setuptools globs: "*" does not cross "/"
+        assert any(fnmatch.fnmatch(name, p) and name.count("/") == p.count("/") for p in patterns), name
+
+
+def test_summarize_with_a_student(tiny_model_dir, bundle, capsys, monkeypatch):
+    from lmlab.adapt import recipe as recipe_module
+    from lmlab.cli import main
+
+    dialogue = "#Person1#: Hi, how are you?\n#Person2#: Fine, thanks."
+    assert main(["summarize", "--student", str(bundle), dialogue, "--show-prompt", "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "distilled student" in err and "Condense this chat, please." in err  # the bundle's recipe
+    # the same text as the merged student loaded directly (--model DIR reads the bundle and its recipe too)
+    assert main(["summarize", "--model", str(bundle), dialogue, "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == out
+    assert main(["summarize", "--model", str(tiny_model_dir), "--student", str(bundle), dialogue,
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == out
+    assert main(["summarize", "--student", str(bundle), "--adapter", str(bundle), dialogue]) == 2  # one or the other
+    assert "not allowed with argument" in capsys.readouterr().err
+    monkeypatch.setattr(recipe_module, "SHIPPED_STUDENTS", {})
+    assert main(["summarize", dialogue, "--student"]) == 2
+    assert "lmlab ships no student for 'smollm2-135m-instruct'; pass --student DIR" in capsys.readouterr().err
+
+
+def test_serve_a_student(tiny_model_dir, bundle, monkeypatch, capsys):
+    import lmlab.serve
+    from lmlab.cli import main
+
+    seen = {}
+    monkeypatch.setattr(lmlab.serve, "serve", lambda loader, settings, **kw: seen.update(settings=settings,
+                                                                                         loaded=loader()))
+    ids = _ids(lmlab.load_tokenizer(tiny_model_dir).vocab_size)
+    with torch.no_grad():
+        want = lmlab.load_model(bundle)(ids)
+    for args in (["--student", str(bundle)], [str(tiny_model_dir), "--student", str(bundle)]):
+        assert main(["serve", *args, "--port", "8123"]) == 0, capsys.readouterr()
+        settings, (model, tokenizer) = seen["settings"], seen["loaded"]
+        assert settings.model_name.endswith(f"+student:{bundle.parent.name}/final") and "student" in capsys.readouterr().out
+        assert settings.finetuned.instruction == "Condense this chat, please."
+        with torch.no_grad():
+            assert torch.allclose(model(ids), want) and model.config.n_layers == 1
+        assert tokenizer.eos_token_id == lmlab.load_tokenizer(tiny_model_dir).eos_token_id  # the base's
+    assert main(["serve", "--student", "--port", "8123"]) == 2
+    assert "give MODEL" in capsys.readouterr().err
+    assert main(["serve", str(tiny_model_dir), "--student", str(tiny_model_dir), "--port", "8123"]) == 2
+    assert f"has no {STUDENT_FILE}" in capsys.readouterr().err
+
+
+def test_lab_runs_finetuned_and_student_in_one_run(tiny_model_dir, teacher_adapter, bundle, tmp_path, capsys,
+                                                   monkeypatch):
+    from lmlab.tasks.summarize import lab as lab_mod
+
+    used, real = [], lab_mod._generate
+    monkeypatch.setattr(lab_mod, "_generate", lambda m, t, prompts, c: used.append((m.config.n_layers, len(prompts)))
+                        or real(m, t, prompts, c))
+    from lmlab.adapt.recipe import Recipe
+    from lmlab.cli import main
+    from lmlab.generation import generate
+    from lmlab.tasks.summarize.experiments import generation_config, parse_experiments
+
+    out = tmp_path / "lab"
+    args = ["lab", "--model", str(tiny_model_dir), "--experiments", "finetuned,student", "--adapter",
+            str(teacher_adapter), "--student", str(bundle), "--limit", "3", "--max-new-tokens", "6",
+            "--precision", "fp32", "--no-turns", "--out", str(out), "--examples", "0"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "student:" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["experiment"] for r in rows) == ["finetuned"] * 3 + ["student"] * 3
+    tokenizer = lmlab.load_tokenizer(tiny_model_dir)
+    recipe = Recipe.load(bundle)
+    dialogues = {d.id: d.dialogue for d in load_dialogues().records}
+    models = {"student": lmlab.load_model(bundle), "finetuned": lmlab.load_model(tiny_model_dir, adapter=teacher_adapter)}
+    for name in ("student", "finetuned"):
+        mine = [r for r in rows if r["experiment"] == name]
+        if name == "student":  # the prompt the student was distilled with
+            assert all(r["prompt"] == recipe.prompt(dialogues[r["id"]], tokenizer).text for r in mine)
+        config = generation_config(parse_experiments(name)[0], 6, 0, False)
+        assert [r["output"] for r in mine] == generate(models[name], tokenizer, [r["prompt"] for r in mine], config)
+    # which model wrote which rows (tiny random models may write the same text): 2 layers, then the 1-layer student
+    assert used == [(2, 3), (1, 3)]
+    # resume: nothing to redo; a changed student is another experiment definition, refused
+    assert main(args) == 0 and "0 new row(s)" in capsys.readouterr().out
+    changed = tmp_path / "changed"
+    shutil.copytree(bundle, changed)
+    tensors = load_file(str(changed / WEIGHTS_FILE))
+    save_file({k: v * 2 for k, v in tensors.items()}, str(changed / WEIGHTS_FILE))
+    assert main([a if a != str(bundle) else str(changed) for a in args]) == 2
+    assert "'student' rows from an earlier definition" in capsys.readouterr().err
+
+
+def test_lab_student_needs_a_bundle(tiny_model_dir, tmp_path):
+    from lmlab.tasks.summarize.lab import LabSettings, run_lab
+
+    with pytest.raises(ConfigError, match=f"lmlab ships no student for '{tiny_model_dir}'; pass --student DIR"):
+        run_lab(LabSettings(model=str(tiny_model_dir), experiments="student", out=tmp_path), echo=lambda t: None)
+    with pytest.raises(CheckpointError, match=f"has no {STUDENT_FILE}"):
+        run_lab(LabSettings(model=str(tiny_model_dir), experiments="student", student=str(tiny_model_dir),
+                            out=tmp_path), echo=lambda t: None)
+
+
+def test_the_shipped_student_config_is_valid():
+    from lmlab.training.distill import load_distill_config, student_lora
+
+    cfg = load_distill_config(Path(__file__).resolve().parents[1] / "configs" / "distill-smollm2-dialogsum-student.yaml")
+    validate(cfg)
+    assert cfg.method == "sequence" and cfg.data.label_field == "summary" and cfg.pseudo.label_labeled
+    assert student_lora(cfg.student).r == 32 and cfg.student.model is None
+    assert [s.get("records") for s in cfg.data.train] == [None, "0:400"]  # never 400:500

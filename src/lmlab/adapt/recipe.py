@@ -6,6 +6,9 @@ template, instruction and chat setting it trained on. The lab's ``finetuned`` ex
 
 ``shipped_adapter(model)`` finds the adapter packaged with lmlab for a registry model: today the
 DialogSum summarizer for SmolLM2-135M-Instruct (``lmlab/adapters/``, CC BY-NC-SA 4.0 like its data).
+``shipped_student(model)`` finds the distilled student bundle (``lmlab.adapt.student``) packaged for a
+registry model in ``lmlab/students/``; ``resolve_student`` turns ``--student``'s value (a directory, or
+"shipped") into a bundle directory.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ RECIPE_FILE = "lmlab_recipe.json"
 ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "adapters"
 # registry model name -> the adapter directory shipped for it
 SHIPPED_ADAPTERS = {"smollm2-135m-instruct": "smollm2-135m-instruct-dialogsum-lora"}
+STUDENTS_DIR = Path(__file__).resolve().parents[1] / "students"
+# registry model name -> the distilled student bundle shipped for it (its base model is that model)
+SHIPPED_STUDENTS = {"smollm2-135m-instruct": "smollm2-135m-instruct-dialogsum-student"}
+SHIPPED = "shipped"  # the value of --student / student= that names the shipped bundle
 
 
 @dataclass
@@ -85,3 +92,26 @@ def shipped_adapter(model: str) -> Path | None:
     name = SHIPPED_ADAPTERS.get(str(model))
     path = ADAPTERS_DIR / name if name else None
     return path if path is not None and (path / "adapter_model.safetensors").exists() else None
+
+
+def shipped_student(model: str) -> Path | None:
+    """The student bundle lmlab ships for registry model `model`, or None when there is none (or not installed)."""
+    name = SHIPPED_STUDENTS.get(str(model))
+    path = STUDENTS_DIR / name if name else None
+    return path if path is not None and (path / "lmlab_student.json").exists() else None
+
+
+def resolve_student(student: str | Path, model: str | Path | None) -> Path:
+    """``--student`` / ``student=``: "shipped" -> the bundle shipped for `model`; anything else: that directory.
+
+    One-line ConfigError when nothing is shipped for `model`.
+    """
+    from lmlab.errors import ConfigError  # lazy, like the rest of this module's light imports
+
+    if str(student) != SHIPPED:
+        return Path(student)
+    path = shipped_student(str(model)) if model is not None else None
+    if path is None:
+        raise ConfigError(f"lmlab ships no student for {str(model)!r}; pass --student DIR (a bundle from lmlab "
+                          f"distill with student.lora)")
+    return path

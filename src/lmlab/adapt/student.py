@@ -118,6 +118,20 @@ def read_bundle(directory: str | Path) -> StudentBundle:
     return StudentBundle(base, layers, data.get("teacher_adapter"), data.get("student_adapter", "."))
 
 
+def bundle_id(directory: str | Path) -> str:
+    """A short hash of every file of the bundle (its weights, both adapters' configs, the kept layers, the recipe;
+    not lmlab's output marker, which records when it was written): rows made with it are tied to it."""
+    import hashlib
+
+    from lmlab.checkpoints.save import MARKER_FILE
+
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER_FILE):
+        digest.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 # --- writing --------------------------------------------------------------------------------------
 def restrict_adapter(adapter: str | Path, indices: list[int], teacher) -> tuple[dict, dict[str, torch.Tensor]]:
     """The teacher's PEFT adapter on the kept layers only, renumbered -> (adapter_config, tensors).

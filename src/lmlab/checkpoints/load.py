@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lmlab.adapt.peft import load_adapter
+from lmlab.adapt.recipe import resolve_student
 from lmlab.adapt.student import is_student_dir, load_student, read_bundle
 from lmlab.checkpoints import gguf, hf, native, registry
 from lmlab.checkpoints.families import config_from_hf_dict
@@ -117,7 +118,8 @@ def load_model(source: str | Path, dtype: torch.dtype | str | None = None, adapt
 
     ``student``: a distilled student bundle (``lmlab.adapt.student``: ``lmlab distill`` with
     ``student.lora``) whose base model is `source`: the base's kept layers with the teacher's and the
-    student's adapters merged. A `source` directory holding ``lmlab_student.json`` is such a bundle too.
+    student's adapters merged; ``"shipped"``: the bundle lmlab ships for `source`. A `source` directory
+    holding ``lmlab_student.json`` is such a bundle too.
 
     ``adapter``: a LoRA adapter directory in PEFT's format (``lmlab finetune`` writes them, and so does
     ``peft``) attached to the loaded model; ``lmlab.adapt.merge_lora`` folds it into the weights.
@@ -132,6 +134,8 @@ def load_model(source: str | Path, dtype: torch.dtype | str | None = None, adapt
     dtype = _default_dtype(dtype)
     if student is None and is_student_dir(source):  # load_model(DIR) of a bundle: its own base
         source, student = None, source
+    if student is not None:  # "shipped": the bundle lmlab ships for this base model
+        student = resolve_student(student, source)
     if student is not None:
         return _load_student(source, student, dtype, adapter, quantize, mode)
     where = resolve(source)

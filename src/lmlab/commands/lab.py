@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, metavar="DIR",
                         help="LoRA adapter (PEFT format, e.g. from lmlab finetune) for the finetuned experiment "
                              "(default: the adapter lmlab ships for smollm2-135m-instruct)")
+    parser.add_argument("--student", default=None, metavar="DIR",
+                        help="a distilled student bundle (lmlab distill with student.lora) for the student experiment "
+                             "(default: the student lmlab ships for --model)")
     parser.add_argument("--reward", default=None, metavar="DIR",
                         help="a reward model (lmlab reward train): best-of-n experiments (finetuned-best-of-4) keep "
                              "the summary it scores highest, and the report gives each experiment's mean reward")
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         shots_from=args.shots_from, pool_size=args.pool_size, limit=args.limit, seed=args.seed,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, chat=args.chat, out=args.out,
         examples=args.examples, precision=args.precision, adapter=args.adapter, reward=args.reward,
-        quantize=args.quantize, turns=args.turns, device=args.device,
+        quantize=args.quantize, turns=args.turns, student=args.student, device=args.device,
         decoding={k: getattr(args, k) for k in ("num_beams", "length_penalty", "no_repeat_ngram_size",
                                                   "min_new_tokens") if getattr(args, k) is not None} or None,
     )

@@ -11,7 +11,9 @@ auto runs lmlab's native C++ step where it is built and supports the model, else
 
 Like ``lmlab summarize``, it serves the fine-tuned summarizer lmlab ships for the model (the LoRA adapter
 of ``lmlab.adapt.recipe.shipped_adapter``) unless ``--adapter DIR`` names another or ``--no-adapter``
-asks for the base model; the adapter's prompt recipe is then /v1/summarize's default.
+asks for the base model; the adapter's prompt recipe is then /v1/summarize's default. ``--student [DIR]``
+serves a distilled student bundle instead (``lmlab.adapt.student``; without DIR the one lmlab ships for
+MODEL), named ``MODEL+student:NAME`` in /v1/models (NAME: the bundle's directory, RUN/best for a run's), its recipe /v1/summarize's default.
 """
 
 from __future__ import annotations
@@ -33,12 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lmlab.cli import add_engine_argument
 
     add_engine_argument(parser)
-    parser.add_argument("model", help="registry name (e.g. smollm2-135m-instruct), .gguf file, or model directory")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="registry name (e.g. smollm2-135m-instruct), .gguf file, or model directory (optional "
+                             "with --student DIR: the bundle's own base model)")
     adapter = parser.add_mutually_exclusive_group()
     adapter.add_argument("--adapter", default=None, metavar="DIR",
                          help="a LoRA adapter directory (lmlab finetune writes them), served as the fine-tuned "
                               "summarizer. Default: the adapter lmlab ships for the model, as lmlab summarize does")
     adapter.add_argument("--no-adapter", action="store_true", help="serve the base model, without the shipped adapter")
+    adapter.add_argument("--student", nargs="?", const="shipped", default=None, metavar="DIR",
+                         help="serve a distilled student bundle (lmlab distill with student.lora; its recipe is "
+                              "/v1/summarize's default); without DIR: the student lmlab ships for MODEL")
     parser.add_argument("--quantize", default=None, metavar="MODE",
                         help="weight-only quantization: int8, int4 (int4-g64, int4-g128), or native (a GGUF file at "
                              "its own precision); see docs/quantization.md")
@@ -101,15 +108,38 @@ def chosen_adapter(args: argparse.Namespace) -> Path | None:
     return None if args.no_adapter else shipped_adapter(args.model)
 
 
-def load_for_serving(model: str, adapter: Path | None, quantize: str | None):
-    """The model (its adapter attached, quantized if asked) and tokenizer, or a one-line LmlabError: the
-    source is resolved and checked for serving from its config before any weights are read."""
+def chosen_student(args: argparse.Namespace) -> Path | None:
+    """--student DIR (a bundle, checked now), --student alone (the one lmlab ships for MODEL), or None."""
+    from lmlab.adapt.recipe import resolve_student
+    from lmlab.adapt.student import read_bundle
+
+    if args.student is None:
+        if args.model is None:
+            raise ConfigError("give the MODEL to serve (or --student DIR, a distilled student bundle)")
+        return None
+    if args.student == "shipped" and args.model is None:
+        raise ConfigError("--student without DIR serves the student lmlab ships for MODEL: give MODEL "
+                          "(e.g. smollm2-135m-instruct) or --student DIR")
+    student = resolve_student(args.student, args.model)
+    read_bundle(student)  # a bad bundle fails before the port and the model
+    return student
+
+
+def load_for_serving(model: str | None, adapter: Path | None, quantize: str | None, student: Path | None = None):
+    """The model (its adapter attached, or the student bundle over `model`; quantized if asked) and tokenizer,
+    or a one-line LmlabError: the source is resolved and checked for serving from its config before any
+    weights are read."""
     from lmlab.checkpoints import load_config
     from lmlab.serve.runner import check_servable
 
+    source = student if student is not None else model
     try:
-        config, _ = load_config(model)
+        config, _ = load_config(source)
         check_servable(config)
+        if student is not None:
+            loaded = lmlab.load_model(model, student=student, quantize=quantize) if model is not None else \
+                lmlab.load_model(student, quantize=quantize)
+            return loaded, lmlab.load_tokenizer(student)
         return lmlab.load_model(model, adapter=adapter, quantize=quantize), lmlab.load_tokenizer(model)
     except LmlabError:
         raise
@@ -127,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.timeout > 0:
         raise ConfigError(f"--timeout {args.timeout} must be > 0 seconds")
     parse_mode(args.quantize)  # a bad mode fails here, before the port and the model
-    adapter = chosen_adapter(args)
+    student = chosen_student(args)
+    adapter = chosen_adapter(args) if student is None else None
     index = None
     if args.index is not None:  # a missing index, or one from another encoder, fails before the port and the model
         from lmlab.index import Index
@@ -135,19 +166,28 @@ def run(args: argparse.Namespace) -> int:
         index = Index(args.index)
     sock = listen(args.host, args.port)
     try:
-        model, tokenizer = load_for_serving(args.model, adapter, args.quantize)
-        if adapter is not None:
+        model, tokenizer = load_for_serving(args.model, adapter, args.quantize, student)
+        name = args.model
+        if student is not None:  # the student bundle brings its recipe; its name says it is the student
+            finetuned = finetuned_recipe(student)
+            from lmlab.adapt.student import read_bundle
+
+            where = student.resolve()  # a run's best/ or final/ is named by its run directory too
+            label = f"{where.parent.name}/{where.name}" if where.name in ("best", "final") else where.name
+            name = f"{args.model or read_bundle(student).base_model}+student:{label}"
+        elif adapter is not None:
             finetuned = finetuned_recipe(adapter)
         else:  # a fully fine-tuned or distilled model brings its recipe
             finetuned = Recipe.load(args.model) if (Path(args.model) / RECIPE_FILE).is_file() else None
-        settings = ServeSettings(model_name=args.model, api_key=args.api_key, max_batch=args.max_batch,
+        settings = ServeSettings(model_name=name, api_key=args.api_key, max_batch=args.max_batch,
                                  max_queue=args.max_queue, timeout=args.timeout, shot_method=args.shots,
                                  finetuned=finetuned, prefs_out=args.prefs_out, prefill_tokens=args.prefill_tokens,
                                  index=index)
-        summarizer = f"fine-tuned summarizer: adapter {adapter}" if adapter is not None else "no adapter"
+        summarizer = (f"distilled student {student}" if student is not None else
+                      f"fine-tuned summarizer: adapter {adapter}" if adapter is not None else "no adapter")
         if index is not None:
             summarizer += f"; index {args.index} ({len(index)} documents)"
-        print(f"lmlab serve: {args.model} ({summarizer}) on http://{args.host}:{args.port}/ (playground), "
+        print(f"lmlab serve: {name} ({summarizer}) on http://{args.host}:{args.port}/ (playground), "
               f"/v1 (OpenAI API), /health, /metrics", flush=True)
         # the continuous batch's decode step: --engine (the CLI sets $LMLAB_ENGINE from it), default auto; the
         # server's scheduler reads $LMLAB_ENGINE (lmlab.engine.serving), set here for as long as it serves

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from lmlab.commands.generate import add_generation_arguments, generation_config
 
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lmlab.cli import add_engine_argument
@@ -16,13 +18,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dialogue", nargs="?", default=None,
                         help="the dialogue text (#Person1#: ... one turn per line); else --file, else stdin")
     parser.add_argument("--file", default=None, help="read the dialogue from this text file")
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="default: smollm2-135m-instruct")
+    parser.add_argument("--model", default=None,
+                        help="default: smollm2-135m-instruct (with --student DIR: the bundle's own base model)")
     adapter = parser.add_mutually_exclusive_group()
     adapter.add_argument("--adapter", default=None, metavar="DIR",
                          help="LoRA adapter (PEFT format, e.g. from lmlab finetune); its prompt recipe is used. "
                               "Default without --shots, --template or --chat/--no-chat: the fine-tuned summarizer "
                               "lmlab ships for the default model")
     adapter.add_argument("--no-adapter", action="store_true", help="prompt the base model, no fine-tuned adapter")
+    adapter.add_argument("--student", nargs="?", const="shipped", default=None, metavar="DIR",
+                         help="summarize with a distilled student bundle (lmlab distill with student.lora) and its "
+                              "prompt recipe; without DIR: the student lmlab ships for --model")
     parser.add_argument("--shots", type=int, default=0, help="number of examples in the prompt (default 0)")
     parser.add_argument("--shots-from", default=None, metavar="FILE",
                         help="DialogSum JSONL (fields dialogue, summary) to draw the shots from")
@@ -67,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
         from lmlab.tasks.summarize.data import load_dialogues
 
         pool = [Example(d.dialogue, d.references[0]) for d in load_dialogues(args.shots_from).records if d.references]
+    if args.student is not None:
+        return _run_student(args, dialogue.strip(), config, pool)
+    args.model = args.model or DEFAULT_MODEL
     adapter = args.adapter
     prompt_chosen = args.template is not None or args.chat is not None  # the user asked for a prompt style
     if adapter is None and not args.no_adapter and not args.shots and not prompt_chosen:
@@ -106,6 +115,39 @@ def run(args: argparse.Namespace) -> int:
     if not summary:
         print("note: the model produced no summary text (it stopped at a stop string at once); "
               "try --chat or --template instruction", file=sys.stderr)
+    print(summary)
+    return 0
+
+
+def _run_student(args: argparse.Namespace, dialogue: str, config, pool) -> int:
+    """--student [DIR]: the bundle's merged student, prompted with the recipe it was distilled with."""
+    import lmlab
+    from lmlab.adapt.recipe import Recipe, resolve_student
+    from lmlab.adapt.student import read_bundle
+    from lmlab.errors import ConfigError
+    from lmlab.precision import apply_precision
+    from lmlab.prompting import summarize
+
+    if args.shots or args.template is not None or args.chat is not None or args.best_of != 1:
+        raise ConfigError("--student uses the prompt recipe the student was distilled with; drop --shots, "
+                          "--template, --chat/--no-chat and --best-of")
+    student = resolve_student(args.student, args.model or DEFAULT_MODEL)
+    bundle = read_bundle(student)  # a clear error before any weights load
+    recipe = Recipe.load(student)
+    template, chat, instruction = ((recipe.template, recipe.chat, recipe.instruction) if recipe is not None
+                                   else ("instruction", None, None))
+    print(f"distilled student: {student} ({len(bundle.keep_layers)} layers of {bundle.base_model})", file=sys.stderr)
+    model = lmlab.load_model(args.model, student=student, quantize=args.quantize) if args.model else \
+        lmlab.load_model(student, quantize=args.quantize)
+    tokenizer = lmlab.load_tokenizer(student)
+    print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
+    summary, prompt = summarize(dialogue, model, tokenizer, pool, 0, template=template, chat=chat, config=config,
+                                instruction=instruction)
+    if args.show_prompt:
+        print(prompt.text, file=sys.stderr)
+        print(f"--- {prompt.n_tokens} prompt tokens, 0 shots", file=sys.stderr)
+    for note in prompt.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(summary)
     return 0
 

@@ -13,6 +13,9 @@ Each experiment is one row of the lab's report. Two families:
                                it was trained with (``lmlab_recipe.json`` beside the adapter)
     ``finetuned-best-of-4``    the same, sampling 4 summaries at T=0.7; the reward model given with
                                ``--reward DIR`` keeps the one it scores highest (``lmlab.align.best_of_n``)
+    ``student``                the distilled student (a bundle from ``lmlab distill`` with ``student.lora``:
+                               the shipped one or ``--student DIR``), loaded beside the lab's model, with
+                               the prompt recipe it was distilled with, greedy
 * decoding variants, all on the ``zero-shot-instruction`` recipe (the cheapest prompt that asks for a
   summary) so they differ from it only in how tokens are chosen; ``greedy`` is that recipe itself,
   named as the baseline of a decoding sweep:
@@ -57,6 +60,7 @@ class Experiment:
     generation: dict[str, Any] = field(default_factory=dict)  # GenerationConfig overrides
     adapter: bool = False  # run with the LoRA adapter on (its own prompt recipe); every other experiment runs without
     best_of: int = 1  # >1: sample this many summaries and keep the one the reward model (--reward DIR) scores highest
+    student: bool = False  # run on the distilled student bundle (its own model and prompt recipe), not the lab's model
 
     def n_shots(self, k: int) -> int:
         return k if self.shots is None else self.shots
@@ -83,6 +87,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                "prompt recipe, greedy", adapter=True),
     Experiment("finetuned-best-of-4", "the fine-tuned summarizer sampling 4 summaries at T=0.7; the reward model "
                "(--reward DIR) keeps the best", adapter=True, generation=dict(_SAMPLE, temperature=0.7), best_of=4),
+    Experiment("student", "the distilled student (the shipped bundle or --student DIR), its own prompt recipe, greedy",
+               student=True),
     Experiment("greedy", "zero-shot-instruction recipe, greedy (decoding baseline)"),
     Experiment("sample-t0.7", "zero-shot-instruction recipe, sampling at temperature 0.7",
                generation=dict(_SAMPLE, temperature=0.7)),
@@ -100,9 +106,10 @@ DEFAULT_EXPERIMENTS = ("zero-shot-bare", "zero-shot-instruction", "one-shot", "f
 
 
 def spec_hash(experiment: Experiment, adapter: str | None = None, reward: str | None = None,
-              decoding: dict | None = None) -> str:
+              student: str | None = None, decoding: dict | None = None) -> str:
     """A short hash of everything an experiment's rows depend on (recipe, instruction text, stop strings,
-    and for adapter experiments the adapter's identity, `adapter`).
+    for adapter experiments the adapter's identity, `adapter`, and for student experiments the hash of the
+    student bundle's files, `student`).
 
     Stored in every results row, so rows generated before an experiment's definition changed are
     detected on resume instead of being mixed with new ones.
@@ -115,6 +122,10 @@ def spec_hash(experiment: Experiment, adapter: str | None = None, reward: str | 
         spec["reward"] = reward
     if experiment.adapter:
         spec["adapter"] = adapter
+    if experiment.student:  # the student's weights (both adapters, the kept layers, the base) and recipe
+        spec["student_weights"] = student
+    else:  # the field came later: rows of the other experiments keep their hash
+        del spec["student"]
     if decoding:  # beams, length penalty, ... (the adapter recipe's or --num-beams): other rows
         spec["decoding"] = decoding
     if experiment.samples:  # rows sampled before per-example seeding (one seed per batch) are not reused

@@ -78,8 +78,9 @@ class LabSettings:
     reward: str | Path | None = None  # reward model (lmlab reward train): best-of-n experiments need it; every row gets its score
     quantize: str | None = None  # lmlab.quant: int8, int4[-gG] or native (a GGUF at its own precision); None: float
     turns: bool = True  # report.html shades each fine-tuned row's dialogue turns by its summary's attention
+    student: str | Path | None = None  # the bundle of the "student" experiment; None: the one lmlab ships for model
     # decoding settings (GenerationConfig fields: num_beams, length_penalty, no_repeat_ngram_size, min_new_tokens)
-    # for the greedy adapter experiments, on top of the adapter recipe's own; None: the recipe's
+    # for the greedy adapter and student experiments, on top of their recipe's own; None: the recipe's
     decoding: dict | None = None
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
 
@@ -214,8 +215,8 @@ def _resolve_device(name: str) -> str:
 
 
 def _uses_recipe_decoding(experiment: Experiment) -> bool:
-    """The greedy adapter experiments decode as the adapter's recipe says (beams, length penalty, ...)."""
-    return experiment.adapter and experiment.best_of == 1 and not experiment.samples
+    """The greedy adapter and student experiments decode as their recipe says (beams, length penalty, ...)."""
+    return (experiment.adapter or experiment.student) and experiment.best_of == 1 and not experiment.samples
 
 
 def _decoding(recipe, overrides: dict | None) -> dict:
@@ -277,6 +278,18 @@ def _resolve_adapter(settings: LabSettings, experiments: list[Experiment]) -> tu
     return path, hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
 
 
+def _resolve_student(settings: LabSettings, experiments: list[Experiment]) -> tuple[Path | None, str | None]:
+    """The student bundle of the student experiments and a short hash of its files (None, None if unused)."""
+    if not any(e.student for e in experiments):
+        return None, None
+    from lmlab.adapt.recipe import SHIPPED, resolve_student
+    from lmlab.adapt.student import bundle_id, read_bundle
+
+    path = resolve_student(settings.student if settings.student is not None else SHIPPED, settings.model)
+    read_bundle(path)  # a clear error now, before any generation
+    return path, bundle_id(path)
+
+
 def _adapter_recipe(adapter: Path | None, chat: bool):
     """The prompt recipe saved with the adapter or fine-tuned model (lmlab finetune writes it); the lab's
     instruction recipe otherwise."""
@@ -313,7 +326,7 @@ class _PromptBuilder:
     def __call__(self, experiment: Experiment, record: Dialogue):
         from lmlab.prompting import build_prompt, select_shots
 
-        if experiment.adapter:  # exactly the prompt the adapter was trained on
+        if experiment.adapter or experiment.student:  # exactly the prompt the adapter (student) was trained on
             return self.recipe.prompt(record.dialogue, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens)
         k = experiment.n_shots(self.k)
         shots = []
@@ -366,6 +379,7 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
 
     adapter, adapter_id = _resolve_adapter(settings, experiments)
     reward_id = _resolve_reward(settings, experiments)
+    student, student_id = _resolve_student(settings, experiments)
     device = _resolve_device(settings.device)
     tokenizer = load_tokenizer(settings.model)
     chat = _resolve_chat(settings, tokenizer)
@@ -374,8 +388,10 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
     done_rows = _check_out_dir(out, sig)
     recipe_dir = adapter if adapter is not None else (Path(str(settings.model)) if adapter_id else None)
     recipe = _adapter_recipe(recipe_dir, chat)
-    decoding = _decoding(recipe, settings.decoding)
-    specs = {e.name: spec_hash(e, adapter_id, reward_id, decoding=decoding if _uses_recipe_decoding(e) else None)
+    student_recipe = _adapter_recipe(student, chat) if student is not None else None
+    decodings = {e.name: _decoding(student_recipe if e.student else recipe, settings.decoding)
+                 for e in experiments if _uses_recipe_decoding(e)}
+    specs = {e.name: spec_hash(e, adapter_id, reward_id, student_id, decoding=decodings.get(e.name))
              for e in experiments}
     for row in done_rows:
         if row["experiment"] in specs and row.get("spec") != specs[row["experiment"]]:
@@ -394,28 +410,50 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
 
         scorer = RewardScorer.load(settings.reward, batch_size=settings.batch_size)
     if todo:
-        # adapters are switched off outside "finetuned"
-        model = load_model(settings.model, adapter=adapter, quantize=settings.quantize).to(device)
-        if adapter is not None:
-            echo(f"adapter: {adapter} (used by: {', '.join(e.name for e in experiments if e.adapter)})")
         from lmlab.precision import apply_precision
 
-        echo(f"precision: {apply_precision(model, settings.precision)}")  # as lmlab generate/summarize say it
-        max_prompt = settings.max_prompt_tokens
-        if max_prompt is None:
-            max_prompt = max(16, model.config.max_seq_len - settings.max_new_tokens)
-        if decoding and any(_uses_recipe_decoding(e) for e in experiments):
-            echo(f"decoding of {', '.join(e.name for e in experiments if _uses_recipe_decoding(e))}: "
-                 + ", ".join(f"{k}={v}" for k, v in sorted(decoding.items())))
-        builder = _PromptBuilder(pool, tokenizer, chat, settings.shots, settings.seed, max_prompt, recipe=recipe)
-        builder.specs = specs
+        # the lab's model serves every experiment but "student", which runs on the student bundle, loaded apart
+        runs = []  # (model, tokenizer, prompt builder, [(experiment, record, prompt)])
+        main_todo = [(e, r) for e, r in todo if not e.student]
+        if main_todo:
+            # adapters are switched off outside "finetuned"
+            model = load_model(settings.model, adapter=adapter, quantize=settings.quantize).to(device)
+            if adapter is not None:
+                echo(f"adapter: {adapter} (used by: {', '.join(e.name for e in experiments if e.adapter)})")
+            echo(f"precision: {apply_precision(model, settings.precision)}")  # as lmlab generate/summarize say it
+            runs.append((model, tokenizer, recipe, main_todo))
+        student_todo = [(e, r) for e, r in todo if e.student]
+        if student_todo:
+            student_model = load_model(student, quantize=settings.quantize).to(device)
+            echo(f"student: {student} ({student_model.config.n_layers} layers; used by: "
+                 f"{', '.join(e.name for e in experiments if e.student)}); precision: "
+                 f"{apply_precision(student_model, settings.precision)}")
+            student_tokenizer = load_tokenizer(student)
+            runs.append((student_model, student_tokenizer, student_recipe, student_todo))
+        for name, decoding in decodings.items():
+            if decoding and any(e.name == name for e, _ in todo):
+                echo(f"decoding of {name}: " + ", ".join(f"{k}={v}" for k, v in sorted(decoding.items())))
         # every prompt is built (shots chosen, budget fitted) before the first token is generated, so a
         # prompt that cannot be built is an error now, not halfway through the run
-        todo = [(e, r, builder(e, r)) for e, r in todo]
+        built = []
+        for run_model, run_tokenizer, recipe, items in runs:
+            max_prompt = settings.max_prompt_tokens
+            if max_prompt is None:
+                max_prompt = max(16, run_model.config.max_seq_len - settings.max_new_tokens)
+            builder = _PromptBuilder(pool, run_tokenizer, chat, settings.shots, settings.seed, max_prompt,
+                                     recipe=recipe)
+            builder.specs = specs
+            built.append((run_model, run_tokenizer, builder, [(e, r, builder(e, r)) for e, r in items]))
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(json.dumps(sig, indent=2, sort_keys=True) + "\n")
-        new_rows = _generate_rows(todo, model, tokenizer, builder, settings, chat, out, _sig_hash(sig), done,
-                                  progress, scorer)
+        for run_model, run_tokenizer, builder, items in built:
+            left = None if settings.max_rows is None else settings.max_rows - new_rows
+            run_settings_ = settings if left is None else dataclasses.replace(settings, max_rows=left)
+            try:
+                new_rows += _generate_rows(items, run_model, run_tokenizer, builder, run_settings_, chat, out,
+                                           _sig_hash(sig), done, progress, scorer)
+            except LabInterrupted as exc:  # rows written by the runs before this one count too
+                raise LabInterrupted(out, new_rows + exc.rows_written, exc.rows_total) from None
 
     # 3. report from all rows of the selected experiments and evaluated dialogues
     out.mkdir(parents=True, exist_ok=True)
@@ -433,10 +471,13 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
     }
     if adapter is not None:
         run_settings["adapter (finetuned)"] = f"{adapter} ({adapter_id})"
+    if student is not None:
+        run_settings["student"] = f"{student} ({student_id})"
     if settings.quantize:
         run_settings["quantize"] = settings.quantize
-    if decoding and any(_uses_recipe_decoding(e) for e in experiments):
-        run_settings["decoding (finetuned)"] = ", ".join(f"{k}={v}" for k, v in sorted(decoding.items()))
+    for name, decoding in decodings.items():
+        if decoding:
+            run_settings[f"decoding ({name})"] = ", ".join(f"{k}={v}" for k, v in sorted(decoding.items()))
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     _report.write_report_md(out / "report.md", summaries=summaries,
                             examples_md=_report.examples_text(evaluated, done, names, settings.examples, markdown=True),
@@ -568,7 +609,7 @@ def _generate_rows(todo, model, tokenizer, builder: _PromptBuilder, settings: La
                 for i in range(0, len(items), settings.batch_size):
                     batch = [r for r, _ in items[i:i + settings.batch_size]]
                     prompts = [p for _, p in items[i:i + settings.batch_size]]
-                    row_chat = builder.recipe.chat if experiment.adapter else chat
+                    row_chat = builder.recipe.chat if experiment.adapter or experiment.student else chat
                     config = generation_config(experiment, settings.max_new_tokens, settings.seed, row_chat,
                                                example_ids=[r.id for r in batch])  # sampled: a seed per row
                     if _uses_recipe_decoding(experiment):  # the recipe's beams, length penalty, ... (or --num-beams)
