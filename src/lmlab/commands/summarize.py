@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
         adapter = shipped_adapter(args.model)
     template, chat, instruction = args.template or "instruction", args.chat, None
+    recipe = None
     if adapter is not None:
         from lmlab.adapt.recipe import Recipe
 
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         recipe = Recipe.load(args.model) if Path(args.model).is_dir() else None
         if recipe is not None:  # a fully fine-tuned or distilled model: the prompt it was trained on
             template, chat, instruction = recipe.template, recipe.chat, recipe.instruction
+    config = recipe_decoding(config, recipe, args)
     model = lmlab.load_model(args.model, adapter=adapter, quantize=args.quantize)
     tokenizer = lmlab.load_tokenizer(args.model)
     print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
@@ -137,6 +139,7 @@ def _run_student(args: argparse.Namespace, dialogue: str, config, pool) -> int:
     template, chat, instruction = ((recipe.template, recipe.chat, recipe.instruction) if recipe is not None
                                    else ("instruction", None, None))
     print(f"distilled student: {student} ({len(bundle.keep_layers)} layers of {bundle.base_model})", file=sys.stderr)
+    config = recipe_decoding(config, recipe, args)
     model = lmlab.load_model(args.model, student=student, quantize=args.quantize) if args.model else \
         lmlab.load_model(student, quantize=args.quantize)
     tokenizer = lmlab.load_tokenizer(student)
@@ -150,6 +153,19 @@ def _run_student(args: argparse.Namespace, dialogue: str, config, pool) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(summary)
     return 0
+
+
+def recipe_decoding(config, recipe, args: argparse.Namespace):
+    """`config` with the recipe's decoding settings (beams, length penalty, ...) for every flag not given.
+
+    A sampled request keeps its own decoding: the recipe's settings were chosen for greedy or beam search."""
+    if recipe is None or not recipe.generation or config.do_sample:
+        return config
+    chosen = {k: v for k, v in recipe.generation.items() if getattr(args, k, None) is None}
+    if chosen:
+        print("decoding from the recipe: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in chosen.items()),
+              file=sys.stderr)
+    return config.replace(**chosen)
 
 
 def _check_best_of(args: argparse.Namespace, config) -> None:
