@@ -223,10 +223,13 @@ class _Names(dict):
 
 
 def _short(value) -> str:
+    """A setting's value as run ids and the results table write it: 0.002 -> 2e-3 style, lists joined by +."""
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (list, tuple)):
         return "+".join(_short(v) for v in value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 
@@ -248,11 +251,11 @@ def _run(cmd: list[str], log: Path) -> None:
 def train(cfg: RecipeSweep, run: RunSpec, run_dir: Path) -> tuple[dict, float]:
     """Run (or resume, or reuse) the run's training job -> (its summary.json, seconds spent now)."""
     out = run_dir / "train"
-    summary_path = out / "summary.json"
+    summary_path, seconds_path = out / "summary.json", run_dir / "train_seconds.txt"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        if summary.get("finished"):
-            return summary, 0.0
+        if summary.get("finished"):  # trained by an earlier invocation: its time, as recorded then
+            return summary, float(seconds_path.read_text()) if seconds_path.exists() else 0.0
     cmd = _lmlab(cfg.threads_per_run) + [run.job, "--config", str(run.config), "--no-progress"]
     for key, value in {**run.set, "out_dir": str(out), "train.device": cfg.device}.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
@@ -264,7 +267,9 @@ def train(cfg: RecipeSweep, run: RunSpec, run_dir: Path) -> tuple[dict, float]:
     summary = json.loads(summary_path.read_text())
     if not summary.get("finished"):
         raise RuntimeError(f"the {run.job} job stopped before its last step (see {run_dir / 'train.log'})")
-    return summary, time.time() - t0
+    seconds = time.time() - t0 + (float(seconds_path.read_text()) if seconds_path.exists() else 0.0)
+    seconds_path.write_text(f"{seconds:.1f}\n")
+    return summary, seconds
 
 
 def weights_args(cfg: RecipeSweep, run: RunSpec, run_dir: Path) -> list[str]:
@@ -404,14 +409,17 @@ def table(records: list[dict], baseline: str | None = None) -> str:
                     or (r.get("weights") or (r.get("job") or "")))
         for name, s in r["evals"].items():
             delta = ""
-            if base is not None:
+            if base is not None and r["id"] == baseline and name == next(iter(r["evals"])):
+                delta = "(baseline)"
+            elif base is not None:
                 pairs = [(x, base[i]) for i, x in zip(s["ids"], s["per_example_rouge1"]) if i in base]
                 if len(pairs) > 1:
                     m, se = paired([x for x, _ in pairs], [y for _, y in pairs])
                     mark = " **(≥ 2 SE)**" if abs(m) >= 2 * se and se > 0 else ""
                     delta = f"{m:+.2f} ± {se:.2f}{mark}"
             decoding = ", ".join(f"{k}={v}" for k, v in (r.get("decodings") or {}).get(name, {}).items()) or "greedy"
-            lines.append(f"| {r['id']} | {settings} | {name}: {decoding} | {s['rouge1']:.2f} | {s['rouge2']:.2f} | "
+            decoding = name if decoding == name else f"{name}: {decoding}"
+            lines.append(f"| {r['id']} | {settings} | {decoding} | {s['rouge1']:.2f} | {s['rouge2']:.2f} | "
                          f"{s['rougeL']:.2f} | {s['empty']} | {s['looping']} | {s['words']} | {delta} | "
                          f"{r.get('train_s', 0):.0f} |")
     return "\n".join(lines)
