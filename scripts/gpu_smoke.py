@@ -18,26 +18,22 @@ DEV = "../shared/data/dialogsum/dev.jsonl"
 
 
 def tiny_model(path: Path) -> Path:
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
+    """A random tiny decoder (lmlab format) with a BPE tokenizer trained by lmlab on the bundled dialogues."""
     from lmlab.checkpoints import save_model
     from lmlab.config import ModelConfig
     from lmlab.model import Transformer
     from lmlab.tasks.summarize.data import load_dialogues
     from lmlab.tokenizer import Tokenizer
+    from lmlab.tokenizer_train import DEFAULT_SPECIAL_TOKENS, special_token_ids, train_tokenizer
 
     texts = [d.dialogue + "\n" + d.references[0] for d in load_dialogues().records]
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(texts, trainer)
-    tokenizer = Tokenizer(backend, special_tokens={"pad": "<pad>", "eos": "<eos>"})
+    train_tokenizer(texts, kind="bpe", vocab_size=400, special_tokens=DEFAULT_SPECIAL_TOKENS,
+                    out_dir=path.parent / "tokenizer", show_progress=False)
+    tokenizer = Tokenizer.from_dir(path.parent / "tokenizer")
+    ids = special_token_ids(path.parent / "tokenizer")
     torch.manual_seed(0)
-    cfg = ModelConfig.from_name("tiny-decoder", vocab_size=backend.get_vocab_size(), max_seq_len=2048,
-                                pad_token_id=0, eos_token_id=1)
+    cfg = ModelConfig.from_name("tiny-decoder", vocab_size=tokenizer.vocab_size, max_seq_len=2048,
+                                pad_token_id=ids["pad"], eos_token_id=ids["eos"])
     save_model(Transformer(cfg).eval(), path, tokenizer)
     return path
 

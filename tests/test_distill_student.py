@@ -393,5 +393,5 @@ def test_the_shipped_student_config_is_valid():
     cfg = load_distill_config(Path(__file__).resolve().parents[1] / "configs" / "distill-smollm2-dialogsum-student.yaml")
     validate(cfg)
     assert cfg.method == "sequence" and cfg.data.label_field == "summary" and cfg.pseudo.label_labeled
-    assert student_lora(cfg.student).r == 32 and cfg.student.model is None
-    assert [s.get("records") for s in cfg.data.train] == [None, "0:400"]  # never 400:500
+    assert student_lora(cfg.student).r == 64 and cfg.student.model is None
+    assert [s.get("records") for s in cfg.data.train] == ["0:400", None]  # never 400:500

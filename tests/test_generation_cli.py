@@ -52,19 +52,27 @@ def test_generate_streams_the_same_text_as_the_library(native, smollm2_path, mon
     from lmlab.prompting import chat_prompt
 
     monkeypatch.setenv("LMLAB_NATIVE_BF16", native)
-    question = "What is the capital of France?"
-    assert main(["generate", "smollm2-135m-instruct", question, "--chat", "--system", "Answer briefly.",
-                 "--max-new-tokens", "12"]) == 0
-    out, err = capsys.readouterr()
     model, tok = lmlab.load_model("smollm2-135m-instruct"), lmlab.load_tokenizer("smollm2-135m-instruct")
-    prompt = chat_prompt(tok, question, "Answer briefly.")
     line = apply_precision(model, "auto")  # a fresh model: the module's fixture stays fp32
-    assert f"precision: {line}\n" in err and line.startswith("bf16" if native == "1" else "fp32")
+    assert line.startswith("bf16" if native == "1" else "fp32")
     assert model.dtype is (torch.bfloat16 if native == "1" else torch.float32)
-    assert out == generate(model, tok, prompt, max_new_tokens=12) + "\n" and out.strip()
-    # the precision shows in this text: the other one gives another, so a CLI that ignored it would fail
-    apply_precision(model, "fp32" if native == "1" else "bf16")
-    assert out != generate(model, tok, prompt, max_new_tokens=12) + "\n"
+    # the precision must show in the text, or a CLI that ignored it would pass: take the first question whose
+    # text differs between fp32 and bf16 on this CPU (which one does depends on the CPU's summation order)
+    other = lmlab.load_model("smollm2-135m-instruct")
+    apply_precision(other, "fp32" if native == "1" else "bf16")
+    for question in ("What is the capital of France?", "Name three colours of the rainbow.",
+                     "Write one sentence about the sea.", "Why is the sky blue?"):
+        prompt = chat_prompt(tok, question, "Answer briefly.")
+        expected = generate(model, tok, prompt, max_new_tokens=24)
+        if expected != generate(other, tok, prompt, max_new_tokens=24):
+            break
+    else:
+        pytest.fail("fp32 and bf16 give the same 24 tokens for every question: the test cannot tell them apart")
+    assert main(["generate", "smollm2-135m-instruct", question, "--chat", "--system", "Answer briefly.",
+                 "--max-new-tokens", "24"]) == 0
+    out, err = capsys.readouterr()
+    assert f"precision: {line}\n" in err
+    assert out == expected + "\n" and out.strip()
 
 
 def test_generate_sampling_flags_change_the_text(smollm2, monkeypatch, capsys):

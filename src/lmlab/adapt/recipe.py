@@ -73,12 +73,7 @@ class Recipe:
         """Refuse decoding settings that are not GenerationConfig fields (or are invalid), in one line."""
         from lmlab.generation.config import GenerationConfig  # lazy: reading a recipe does not import torch
 
-        fields = {f.name for f in dataclasses.fields(GenerationConfig)} - {"constraint", "seed"}
-        bad = sorted(set(self.generation) - fields)
-        if bad:
-            raise ConfigError(f"{where}: generation key(s) {', '.join(bad)} are not decoding settings; valid: "
-                              f"{', '.join(sorted(fields))}")
-        GenerationConfig(**self.generation)  # validates the values (a ConfigError naming the bad one)
+        GenerationConfig.check_settings(self.generation, f"{where}: generation")
 
     def generation_config(self, base, **overrides):
         """`base` (a GenerationConfig) with this recipe's decoding settings, then `overrides` (not None) on top."""

@@ -11,8 +11,6 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: in
     g = parser.add_argument_group("decoding")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
                    help=f"generate at most N tokens (default {max_new_tokens})")
-    g.add_argument("--min-new-tokens", type=int, default=None, metavar="N",
-                   help="suppress end-of-sequence until N tokens were generated (default 0)")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--do-sample", dest="do_sample", action="store_true", default=None,
                       help="draw each token at random from the filtered distribution (needed by the sampling flags)")
@@ -27,12 +25,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: in
                    help="with --do-sample: drop tokens less likely than P times the most likely one (default 0: off)")
     g.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
                    help="divide positive logits of tokens already in the text by R, multiply negative ones (default 1.0: off)")
-    g.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
-                   help="never repeat an n-gram of N tokens (default 0: off)")
-    g.add_argument("--num-beams", type=int, default=None, metavar="N",
-                   help="beam search with N beams (default 1: greedy or sampling)")
-    g.add_argument("--length-penalty", type=float, default=None, metavar="A",
-                   help="beam search: finished beams are scored sum(log p) / length ** A (default 1.0)")
+    add_search_arguments(g)
     g.add_argument("--seed", type=int, default=None, help="sampling seed: same seed, same text")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when the output contains TEXT (repeatable; TEXT is not printed)")
@@ -42,6 +35,19 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: in
     g.add_argument("--quantize", default=None, metavar="MODE",
                    help="run on quantized weights: int8, int4 (int4-g64, int4-g128), or native (a GGUF file at its "
                         "own precision); see docs/quantization.md")
+
+
+def add_search_arguments(g) -> None:
+    """--min-new-tokens, --no-repeat-ngram-size, --num-beams, --length-penalty: the decoding settings a
+    recipe can store (shared with `lmlab lab`)."""
+    g.add_argument("--min-new-tokens", type=int, default=None, metavar="N",
+                   help="suppress end-of-sequence until N tokens were generated (default 0)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                   help="never repeat an n-gram of N tokens (default 0: off)")
+    g.add_argument("--num-beams", type=int, default=None, metavar="N",
+                   help="beam search with N beams (default 1: greedy or sampling)")
+    g.add_argument("--length-penalty", type=float, default=None, metavar="A",
+                   help="beam search: finished beams are scored sum(log p) / length ** A (default 1.0)")
 
 
 # flags that only shape the distribution tokens are drawn from: without --do-sample they would change nothing

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from lmlab.cli import add_engine_argument
+from lmlab.commands.generate import add_search_arguments
 from lmlab.tasks.summarize.experiments import DEFAULT_EXPERIMENTS, EXPERIMENTS
 from lmlab.tasks.summarize.lab import DEFAULT_MODEL, DEFAULT_POOL_SIZE, LabInterrupted, LabSettings, run_lab
 
@@ -51,14 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default=None, metavar="MODE",
                         help="run on quantized weights: int8, int4 (int4-g64, int4-g128), or native (a GGUF file at "
                              "its own precision); see docs/quantization.md")
-    decoding = parser.add_argument_group("decoding of the fine-tuned experiments (default: the adapter recipe's)")
-    decoding.add_argument("--num-beams", type=int, default=None, metavar="N", help="beam search with N beams")
-    decoding.add_argument("--length-penalty", type=float, default=None, metavar="A",
-                          help="beam search: finished beams are scored sum(log p) / length ** A")
-    decoding.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
-                          help="never repeat an n-gram of N tokens")
-    decoding.add_argument("--min-new-tokens", type=int, default=None, metavar="N",
-                          help="suppress end-of-sequence until N tokens were generated")
+    decoding = parser.add_argument_group("decoding of the fine-tuned and student experiments (default: their recipe's)")
+    add_search_arguments(decoding)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the model runs (default auto: a CUDA GPU when torch sees one)")
     parser.add_argument("--turns", action=argparse.BooleanOptionalAction, default=True,

@@ -121,6 +121,24 @@ class GenerationConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def check_settings(cls, settings: Any, where: str) -> dict[str, Any]:
+        """Decoding settings stored apart from a config (a recipe's ``generation``, a sweep's decodings):
+        a mapping of GenerationConfig fields with valid values -> the mapping; else a ConfigError naming
+        `where` and the bad key or value. ``constraint`` and ``seed`` belong to a request, not to stored
+        settings, and are refused."""
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{where} must be a mapping of GenerationConfig fields, not {settings!r}")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"constraint", "seed"}
+        bad = sorted(set(settings) - fields)
+        if bad:
+            raise ConfigError(f"{where}: {', '.join(bad)} are not decoding settings; valid: {', '.join(sorted(fields))}")
+        try:
+            cls(**settings)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return settings
+
     # Hugging Face names that differ from ours, and keys that carry no decoding behaviour.
     _HF_RENAMES = {"eos_token_id": "eos_token_ids"}
     _HF_IGNORED = {"_from_model_config", "transformers_version", "bos_token_id", "decoder_start_token_id",

@@ -175,13 +175,7 @@ def check_decoding(settings: dict, where: str) -> None:
     """A decoding is GenerationConfig fields; a bad one is refused before anything runs."""
     from lmlab.generation.config import GenerationConfig
 
-    if not isinstance(settings, dict):
-        raise ConfigError(f"{where} must be a mapping of GenerationConfig fields, not {settings!r}")
-    fields = {f.name for f in dataclasses.fields(GenerationConfig)}
-    bad = sorted(set(settings) - fields)
-    if bad:
-        raise ConfigError(f"{where}: {', '.join(bad)} are not GenerationConfig fields")
-    GenerationConfig(**settings)
+    GenerationConfig.check_settings(settings, where)
 
 
 def expand_grid(spec: dict, where: str) -> list[RunSpec]:

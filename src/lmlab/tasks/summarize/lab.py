@@ -225,12 +225,7 @@ def _decoding(recipe, overrides: dict | None) -> dict:
 
     settings = {**(recipe.generation if recipe is not None else {}),
                 **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    fields = {f.name for f in dataclasses.fields(GenerationConfig)}
-    bad = sorted(set(settings) - fields)
-    if bad:
-        raise ConfigError(f"decoding setting(s) {', '.join(bad)} are not GenerationConfig fields")
-    GenerationConfig(**settings)  # a bad value is a ConfigError naming it, before any model loads
-    return settings
+    return GenerationConfig.check_settings(settings, "decoding of the fine-tuned experiments")
 
 
 # --- generation ----------------------------------------------------------------------------------
