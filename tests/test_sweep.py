@@ -243,3 +243,42 @@ def test_weights_args_for_each_kind_of_run(base, tmp_path):
     assert weights_args(cfg, RunSpec(id="a", model="m2"), run_dir) == ["--model", "m2"]
     assert weights_args(cfg, RunSpec(id="a", student="shipped"), run_dir) == ["--model", "tiny-base", "--student"]
     assert weights_args(cfg, RunSpec(id="a", student="st"), run_dir) == ["--model", "tiny-base", "--student", "st"]
+
+
+# --- end to end on the tiny model --------------------------------------------------------------------
+@pytest.mark.slow
+def test_sweep_trains_evaluates_each_decoding_and_never_repeats_a_run(tiny_model_dir, tmp_path, monkeypatch):
+    """One LoRA fine-tune (1 step) scored greedy and with 2 beams by `lmlab lab`, in subprocesses on the CPU."""
+    import yaml
+
+    from lmlab.tasks.summarize.data import load_dialogues
+
+    data = tmp_path / "dialogues.jsonl"
+    data.write_text("".join(json.dumps({"fname": d.id, "dialogue": d.dialogue, "summary": d.references[0]}) + "\n"
+                            for d in load_dialogues().records))
+    ft = {"base_model": str(tiny_model_dir), "method": "lora", "lora": {"r": 2},
+          "data": {"task": "dialogsum", "chat": False, "train": [{"path": str(data), "records": "0:4"}],
+                   "max_seq_len": 256},
+          "eval": {"rouge_examples": 0}, "train": {"steps": 1, "batch_size": 2, "eval_every": 0, "ckpt_every": 0}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(ft))
+    cfg = RecipeSweep.from_dict({
+        "out_dir": str(tmp_path / "sweep"), "device": "cpu", "model": str(tiny_model_dir),
+        "eval": {"data": str(data), "pool_size": 4, "limit": 2, "max_new_tokens": 4, "batch_size": 2,
+                 "decodings": {"greedy": {}, "beam2": {"num_beams": 2}}},
+        "runs": [{"id": "lora", "job": "finetune", "config": str(tmp_path / "ft.yaml"), "set": {"train.lr": 1e-3}}]})
+    lines = []
+    runs = recipes.sweep(cfg, echo=lines.append)
+    [rec] = read_records(runs)
+    assert rec["id"] == "lora" and rec["train"]["step"] == 1 and rec["set"] == {"train.lr": 1e-3}
+    assert set(rec["evals"]) == {"greedy", "beam2"} and rec["decodings"]["beam2"] == {"num_beams": 2}
+    for s in rec["evals"].values():
+        assert s["n"] == 2 and len(s["per_example_rouge1"]) == 2 and 0 <= s["rouge1"] <= 100
+    assert (tmp_path / "sweep" / "lora" / "train" / "final" / "adapter_config.json").exists()
+    assert "--num-beams 2" in (tmp_path / "sweep" / "lora" / "eval-beam2.log").read_text()
+    assert any(line.startswith("[1/1] lora: greedy R1") for line in lines)
+    # a second invocation starts no process and writes nothing
+    before = runs.read_text()
+    monkeypatch.setattr(recipes.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was started again"))
+    recipes.sweep(cfg, echo=lines.append)
+    assert runs.read_text() == before and "1 already done" in lines[-1]
+    assert "| lora |" in table(read_records(runs), baseline="lora")
