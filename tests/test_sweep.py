@@ -282,3 +282,19 @@ def test_sweep_trains_evaluates_each_decoding_and_never_repeats_a_run(tiny_model
     recipes.sweep(cfg, echo=lines.append)
     assert runs.read_text() == before and "1 already done" in lines[-1]
     assert "| lora |" in table(read_records(runs), baseline="lora")
+
+
+def test_cli_sweep_table_and_bad_input(tmp_path, capsys):
+    from lmlab.cli import main
+
+    runs = tmp_path / RUNS_FILE
+    append_record(runs, record("base", [30.0, 40.0, 50.0], job=None))
+    append_record(runs, record("tuned", [40.0, 49.0, 61.0], set_={"train.lr": 2e-3}))
+    assert main(["sweep", "table", str(runs), "--baseline", "base"]) == 0
+    out = capsys.readouterr().out
+    assert "Δ R-1 ± SE vs base" in out and "| tuned | train.lr=0.002 |" in out and "(≥ 2 SE)" in out
+    for argv, message in [(["sweep", "table", str(tmp_path / "none.jsonl")], "none.jsonl' does not exist"),
+                          (["sweep", "run", "--config", str(tmp_path / "none.yaml")], "none.yaml' does not exist")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
