@@ -294,3 +294,33 @@ def test_the_shipped_distillation_config_is_valid():
     assert cfg.method == "token" and cfg.student.keep_layers == "every-other"
     assert cfg.data.holdout == {"path": "dev.jsonl", "records": "400:500"}
     assert [s.get("records") for s in cfg.data.train] == [None, "0:400"]  # never 400:500
+
+
+def test_smoothing_and_neftune_reach_sequence_distillation_and_are_refused_for_token(tiny_model_dir, dialogues,
+                                                                                     tmp_path, capsys, monkeypatch):
+    from lmlab.objectives.sft import SupervisedFineTuning
+    from lmlab.training import distill as distill_mod
+
+    seen = []
+
+    class Spy(SupervisedFineTuning):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            seen.append((self.label_smoothing, self.neftune_alpha))
+
+    monkeypatch.setattr(distill_mod, "SupervisedFineTuning", Spy)
+    args = ["distill", "--teacher", str(tiny_model_dir), "--no-teacher-adapter", "--keep-layers", "1",
+            "--data", f"{dialogues}:0:2", "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "run"),
+            "--no-progress", "--device", "cpu", "--set", "pseudo.max_new_tokens=4", "--set", "data.max_seq_len=384",
+            "--set", "train.neftune_alpha=5", "--set", "train.label_smoothing=0.1"]
+    assert main(args + ["--method", "sequence"]) == 0, capsys.readouterr()
+    assert seen[-1] == (0.1, 5.0)  # the objective that trained the student
+    capsys.readouterr()
+    # token distillation learns the teacher's distribution: the settings would do nothing, so they are refused
+    assert main(args + ["--method", "token", "--out", str(tmp_path / "tok")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.label_smoothing=0.1" in err and "method=sequence only" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "tok").exists()
+    bad = [a if a != "train.label_smoothing=0.1" else "train.label_smoothing=1.0" for a in args]
+    assert main(bad + ["--method", "sequence", "--out", str(tmp_path / "bad")]) == 2
+    assert "label_smoothing=1.0 must be in [0, 1)" in capsys.readouterr().err

@@ -300,6 +300,8 @@ def test_a_prompt_longer_than_the_context_window_names_the_record(tiny_model_dir
     (["method=ppo"], ConfigError, "method='ppo'"),
     (["adapter=/no/such/adapter"], ConfigError, "/no/such/adapter"),
     (["data.holdout=-2"], ConfigError, "data.holdout=-2"),
+    (["train.neftune_alpha=5"], ConfigError, "train.neftune_alpha=5 apply to supervised fine-tuning, not to dpo"),
+    (["train.label_smoothing=0.1"], ConfigError, r"train.label_smoothing=0.1 / .* not to dpo"),
 ])
 def test_bad_config_is_one_clear_error(tiny_model_dir, prefs, tmp_path, sets, error, message):
     with pytest.raises(error, match=message):

@@ -366,3 +366,70 @@ def test_shipped_adapter_summarizes_real_dialogues(smollm2_path, dialogsum_dev):
     assert all(s.strip() and "#Person1#:" not in s for s in summaries)  # no empty or recited summaries
     rouge1 = corpus_score([score_example(s, r["summary"]) for s, r in zip(summaries, records)])["rouge1"]
     assert rouge1 > 0.3  # prompting alone scores about 0.2 on these dialogues; the adapter about 0.4
+
+
+# --- label smoothing and NEFTune -----------------------------------------------------------------
+def _sft_batch():
+    return [([5, 6, 7], [8, 9, 1]), ([5, 6], [9, 1])]
+
+
+def test_label_smoothing_is_cross_entropy_with_smoothed_targets_on_the_response():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-decoder")).eval()
+    plain = SupervisedFineTuning("decoder", pad_token_id=0)
+    smooth = SupervisedFineTuning("decoder", pad_token_id=0, label_smoothing=0.1)
+    batch = smooth.collate(_sft_batch())
+    loss, n = smooth.loss(model, batch)
+    logits = model(batch["input_ids"]).flatten(0, 1)  # (B*T, V)
+    ref = torch.nn.functional.cross_entropy(logits, batch["labels"].flatten(), ignore_index=IGNORE_INDEX,
+                                            label_smoothing=0.1)
+    assert int(n) == 5 and abs(loss.item() - ref.item()) < 1e-5
+    assert abs(loss.item() - plain.loss(model, batch)[0].item()) > 1e-3
+
+
+def test_neftune_noise_in_training_only_bounded_and_unhooked():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-decoder"))
+    assert model.config.dropout == 0 and model.config.attn_dropout == 0  # train mode differs by the noise only
+    plain = SupervisedFineTuning("decoder", pad_token_id=0)
+    noisy = SupervisedFineTuning("decoder", pad_token_id=0, neftune_alpha=5.0)
+    batch = noisy.collate(_sft_batch())
+    model.train()
+    assert abs(noisy.loss(model, batch)[0].item() - plain.loss(model, batch)[0].item()) > 1e-5
+    assert len(model.tok_embed._forward_hooks) == 0  # the hook is gone after the loss
+    model.eval()
+    assert noisy.loss(model, batch)[0].item() == plain.loss(model, batch)[0].item()  # no noise in evaluation
+    # the noise the hook adds: uniform in [-alpha / sqrt(T C), +alpha / sqrt(T C)]
+    emb = torch.zeros(2, 50, 64)
+    noise = noisy._neftune(None, None, emb)
+    bound = 5.0 / (50 * 64) ** 0.5
+    assert noise.abs().max() <= bound and noise.abs().max() > 0.9 * bound and noise.std() > 0.5 * bound
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"label_smoothing": -1}, "label_smoothing=-1 must be in"), ({"label_smoothing": 1.0}, "label_smoothing=1.0"),
+    ({"neftune_alpha": -1}, "neftune_alpha=-1 must be >= 0"),
+])
+def test_bad_smoothing_or_neftune_values(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        SupervisedFineTuning("decoder", pad_token_id=0, **kwargs)
+
+
+def test_finetune_config_passes_smoothing_and_neftune_to_the_objective(tiny_model_dir, dialogues, tmp_path,
+                                                                      monkeypatch):
+    import lmlab.training.finetune as finetune_mod
+
+    seen = []
+
+    class Spy(SupervisedFineTuning):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            seen.append((self.label_smoothing, self.neftune_alpha))
+
+    monkeypatch.setattr(finetune_mod, "SupervisedFineTuning", Spy)
+    s = finetune(_config(tiny_model_dir, dialogues, tmp_path / "n", "train.neftune_alpha=5",
+                         "train.label_smoothing=0.1", "train.steps=1", "train.eval_every=0", "eval.rouge_examples=0"),
+                 show_progress=False)
+    assert s["finished"] and seen and seen[0] == (0.1, 5.0)
+    with pytest.raises(ConfigError, match="label_smoothing=1.0"):
+        finetune(_config(tiny_model_dir, dialogues, tmp_path / "bad", "train.label_smoothing=1.0"), show_progress=False)

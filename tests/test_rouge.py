@@ -7,6 +7,7 @@ import json
 import pytest
 
 from lmlab.errors import DataError
+from lmlab.tasks.summarize.rouge import is_looping
 from lmlab.tasks.summarize.rouge import (
     METRICS, corpus_score, format_scores_table, read_predictions, read_references, score_example, score_files,
     split_sentences,
@@ -129,3 +130,12 @@ def test_rouge_cli(tmp_path, capsys):
 def test_format_table():
     text = format_scores_table([("exp", {m: 0.5 for m in METRICS})])
     assert "50.00" in text and "rougeLsum" in text
+
+
+def test_is_looping():
+    assert is_looping("#Person1# wants to buy a car. #Person1# wants to buy a car. #Person1# wants to buy a car.")
+    assert is_looping("the the the the the")
+    honest = ("#Person1# asks #Person2# about the new job. #Person2# says it pays well, and #Person1# "
+              "congratulates #Person2#, so #Person1# invites #Person2# to dinner.")
+    assert honest.count("#Person1#") == 3 and not is_looping(honest)
+    assert not is_looping("") and not is_looping("a car a car")

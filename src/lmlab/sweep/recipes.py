@@ -190,9 +190,10 @@ def expand_grid(spec: dict, where: str) -> list[RunSpec]:
     runs = []
     for values in itertools.product(*vary.values()):
         chosen = dict(zip(vary, values))
-        try:
-            run_id = template.format_map(_Names(chosen))
-        except (KeyError, ValueError) as exc:
+        names = _Names(chosen)
+        try:  # not str.format_map: it reads '{lora.r}' as attribute r of 'lora'
+            run_id = re.sub(r"\{([^{}]*)\}", lambda m: names[m.group(1)], template)
+        except KeyError as exc:
             raise ConfigError(f"{where}.id={template!r}: {exc}") from None
         base = dict(spec)
         base["set"] = {**(base.get("set") or {}), **{k: v for k, v in chosen.items() if not k.startswith("decoding.")}}

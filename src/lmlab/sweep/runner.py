@@ -46,11 +46,18 @@ class Job:
 
 
 def append_record(path: Path, record: dict) -> None:
-    """Append one JSON line under an exclusive lock, flushed to disk (workers finish concurrently)."""
+    """Append one JSON line under an exclusive lock, flushed to disk (workers finish concurrently).
+
+    A last line cut by a kill (no newline) is ended first, so the new record gets a line of its own."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
+    with path.open("a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(json.dumps(record) + "\n")
+        end = f.seek(0, os.SEEK_END)
+        cut = False
+        if end:
+            f.seek(end - 1)
+            cut = f.read(1) != b"\n"
+        f.write((("\n" if cut else "") + json.dumps(record) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
         fcntl.flock(f, fcntl.LOCK_UN)

@@ -162,6 +162,9 @@ def validate(cfg: AlignConfig) -> None:
         raise choices_error("data.task", cfg.data.task, sorted(TASKS))
     if cfg.data.max_seq_len < 16:
         raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} is too small (at least 16)")
+    if cfg.train.label_smoothing or cfg.train.neftune_alpha:
+        raise ConfigError(f"train.label_smoothing={cfg.train.label_smoothing!r} / train.neftune_alpha="
+                          f"{cfg.train.neftune_alpha!r} apply to supervised fine-tuning, not to {cfg.method}; set them to 0")
     resolve_adapter(cfg.adapter, cfg.base_model)
 
 

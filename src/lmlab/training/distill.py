@@ -210,6 +210,11 @@ def validate(cfg: DistillConfig) -> None:
             raise ConfigError(f"token.alpha={cfg.token.alpha!r} must be in [0, 1] (the weight of the hard-label loss)")
         if cfg.token.positions not in ("response", "all"):
             raise choices_error("token.positions", cfg.token.positions, ("response", "all"))
+    t = cfg.train
+    if cfg.method == "token" and (t.label_smoothing or t.neftune_alpha):
+        raise ConfigError(f"train.label_smoothing={t.label_smoothing!r} / train.neftune_alpha={t.neftune_alpha!r}: "
+                          "these apply to method=sequence only (token distillation learns the teacher's distribution)")
+    SupervisedFineTuning("decoder", 0, label_smoothing=t.label_smoothing, neftune_alpha=t.neftune_alpha)  # the values
     if not isinstance(cfg.pseudo.label_labeled, bool):
         raise ConfigError(f"pseudo.label_labeled={cfg.pseudo.label_labeled!r} must be true or false")
     teacher_adapter(cfg)
@@ -563,7 +568,8 @@ def build(cfg: DistillConfig, env: dist.DistEnv, show_progress: bool, pseudo_onl
             bundle = (kept, restricted)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     arch, start_id = student.config.arch, student.config.decoder_start_token_id
-    sft = SupervisedFineTuning(arch, pad, start_id)
+    smoothing = {"label_smoothing": t.label_smoothing, "neftune_alpha": t.neftune_alpha} if cfg.method == "sequence" else {}
+    sft = SupervisedFineTuning(arch, pad, start_id, **smoothing)  # token: refused in validate
     if cfg.method == "token":
         objective = TokenDistillation(teacher, arch, pad, cfg.token.temperature, cfg.token.alpha, start_id,
                                       positions=cfg.token.positions)
