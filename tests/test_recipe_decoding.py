@@ -40,7 +40,7 @@ def test_recipe_generation_round_trip_and_old_files(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"temperature_schedule": 1}, r"unknown recipe field\(s\) temperature_schedule"),
-    ({"generation": {"num_beam": 4}}, r"generation key\(s\) num_beam are not decoding settings"),
+    ({"generation": {"num_beam": 4}}, r"generation: num_beam are not decoding settings"),
     ({"generation": {"num_beams": 0}}, r"num_beams=0 must be an integer >= 1"),
 ])
 def test_bad_recipe_files_name_the_bad_field(tmp_path, change, message):

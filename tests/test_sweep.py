@@ -126,7 +126,7 @@ def test_a_valid_sweep_config_loads(base, tmp_path):
     ({"runs": [{"id": "a", "adapter": "shipped", "lr": 1}]}, ConfigError, r"unknown key\(s\) lr in runs\[0\]"),
     ({"runs": ["a"]}, ConfigError, r"runs\[0\] must be a mapping"),
     ({"runs": [{"id": "a", "adapter": "x", "model": "m"}]}, ConfigError, r"run a: give one of adapter, model"),
-    ({"eval": {"decodings": {"beam": {"num_beam": 4}}}}, ConfigError, r"decoding beam: num_beam are not Generation"),
+    ({"eval": {"decodings": {"beam": {"num_beam": 4}}}}, ConfigError, r"decoding beam: num_beam are not decoding settings"),
     ({"eval": {"decodings": {"beam": {"num_beams": 0}}}}, ConfigError, r"num_beams=0 must be an integer >= 1"),
     ({"baseline": "nobody"}, ConfigError, r"baseline='nobody' is not a run id; runs: shipped, lr-2e-3"),
     ({"eval": {"data": "gone.jsonl"}}, DataError, r"eval.data 'gone.jsonl' does not exist"),
