@@ -41,7 +41,11 @@ def candidate_seeds(seed: int, n: int) -> list[int]:
 
 def best_of_n(model, tokenizer, prompts: Sequence[str], inputs: Sequence[str], n: int, config, scorer,
               seeds: Sequence[int] | None = None, clean: Callable[[str], str] = str.strip) -> list[BestOfN]:
-    """For each prompt: sample `n` continuations, score (input, candidate) with `scorer`, keep the best.
+    """For each prompt: sample `n` continuations, score them with `scorer`, keep the best.
+
+    `scorer` either scores each (input, candidate) alone, ``score(inputs, texts)`` (a reward model,
+    ``lmlab.align.reward.RewardScorer``), or a prompt's candidates together,
+    ``score_candidates(input, candidates)`` (minimum Bayes risk, ``lmlab.align.mbr.MBRScorer``).
 
     `prompts` are the rendered model prompts; `inputs` the task inputs the reward model reads with each
     candidate (for summarization, the dialogues). `config` must sample (n greedy runs are one text);
@@ -65,7 +69,10 @@ def best_of_n(model, tokenizer, prompts: Sequence[str], inputs: Sequence[str], n
     new = generate_tokens(model, ids, mask, config, tokenizer=tokenizer)
     texts = [clean(trim_stop_strings(tokenizer.decode(row, skip_special_tokens=True), config.stop_strings))
              for row in new]
-    scores = scorer.score([x for x in inputs for _ in range(n)], texts)
+    if hasattr(scorer, "score_candidates"):  # a judge of the whole group (lmlab.align.mbr.MBRScorer)
+        scores = [s for i, x in enumerate(inputs) for s in scorer.score_candidates(x, texts[i * n:(i + 1) * n])]
+    else:  # a judge of each candidate alone (a reward model)
+        scores = scorer.score([x for x in inputs for _ in range(n)], texts)
     results = []
     for i in range(len(prompts)):
         group = slice(i * n, (i + 1) * n)

@@ -42,8 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-chat", dest="chat", action="store_false", help="plain-text prompt")
     parser.add_argument("--show-prompt", action="store_true", help="print the prompt (and budget notes) to stderr")
     parser.add_argument("--best-of", type=int, default=1, metavar="N",
-                        help="sample N summaries (needs --do-sample) and keep the one --reward scores highest")
+                        help="sample N summaries (needs --do-sample) and keep the one --reward scores highest, "
+                             "or with --mbr the consensus")
     parser.add_argument("--reward", default=None, metavar="DIR", help="the reward model of --best-of (lmlab reward train)")
+    parser.add_argument("--mbr", action="store_true",
+                        help="--best-of keeps the sample with the highest mean ROUGE against the other samples "
+                             "(minimum Bayes risk; no reward model)")
     add_generation_arguments(parser, max_new_tokens=96)
 
 
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from lmlab.precision import apply_precision
 
     config = generation_config(args)
-    if args.best_of != 1 or args.reward is not None:
+    if args.best_of != 1 or args.reward is not None or args.mbr:
         _check_best_of(args, config)
     if args.dialogue is not None and args.file is not None:
         raise DataError("give the dialogue as an argument or with --file, not both")
@@ -169,26 +173,38 @@ def recipe_decoding(config, recipe, args: argparse.Namespace):
 
 
 def _check_best_of(args: argparse.Namespace, config) -> None:
-    """--best-of N needs a reward model and sampling; both are checked before any model is loaded."""
+    """--best-of N needs a judge (--reward DIR or --mbr) and sampling; both are checked before any model loads."""
     from lmlab.errors import ConfigError
 
     if args.best_of < 1:
         raise ConfigError(f"--best-of {args.best_of} must be >= 1")
-    if args.best_of > 1 and args.reward is None:
-        raise ConfigError(f"--best-of {args.best_of} needs --reward DIR (a reward model from lmlab reward train)")
+    if args.mbr and args.reward is not None:
+        raise ConfigError("--best-of keeps either the reward model's pick (--reward DIR) or the consensus (--mbr); "
+                          "choose one")
+    if args.best_of > 1 and args.reward is None and not args.mbr:
+        raise ConfigError(f"--best-of {args.best_of} needs --reward DIR (a reward model from lmlab reward train) "
+                          f"or --mbr (keep the consensus)")
     if args.reward is not None and args.best_of == 1:
         raise ConfigError("--reward is used by --best-of N (N > 1); add --best-of")
+    if args.mbr and args.best_of < 2:
+        raise ConfigError(f"--mbr picks among --best-of N samples; N is {args.best_of}, give N >= 2")
     if not config.do_sample:
         raise ConfigError(f"--best-of {args.best_of} needs --do-sample: {args.best_of} greedy runs write the same text")
 
 
 def _summarize_best_of(args, dialogue, model, tokenizer, pool, template, chat, config, embedder, instruction):
-    """The prompt ``lmlab.prompting.summarize`` would build, then n samples and the reward model's pick."""
+    """The prompt ``lmlab.prompting.summarize`` would build, then n samples and the reward model's (or MBR's) pick."""
     from lmlab.align.best_of_n import best_of_n
-    from lmlab.align.reward import RewardScorer
     from lmlab.prompting import DIALOGUE_STOP_STRINGS, build_prompt, select_shots
 
-    scorer = RewardScorer.load(args.reward)
+    if args.mbr:
+        from lmlab.align.mbr import MBRScorer
+
+        scorer, label = MBRScorer(), "mbr"
+    else:
+        from lmlab.align.reward import RewardScorer
+
+        scorer, label = RewardScorer.load(args.reward), "reward"
     if chat is None:
         chat = getattr(tokenizer, "chat_template", None) is not None
     if not chat and not config.stop_strings:
@@ -206,5 +222,5 @@ def _summarize_best_of(args, dialogue, model, tokenizer, pool, template, chat, c
     picked = best_of_n(model, tokenizer, [prompt.text], [dialogue], args.best_of, config, scorer, clean=clean)[0]
     for k, (text, score) in enumerate(zip(picked.candidates, picked.scores)):
         mark = "*" if k == picked.index else " "
-        print(f"{mark} reward {score:8.4f}  {text}", file=sys.stderr)
+        print(f"{mark} {label} {score:8.4f}  {text}", file=sys.stderr)
     return picked.text, prompt

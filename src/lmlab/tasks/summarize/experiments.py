@@ -13,6 +13,8 @@ Each experiment is one row of the lab's report. Two families:
                                it was trained with (``lmlab_recipe.json`` beside the adapter)
     ``finetuned-best-of-4``    the same, sampling 4 summaries at T=0.7; the reward model given with
                                ``--reward DIR`` keeps the one it scores highest (``lmlab.align.best_of_n``)
+    ``finetuned-mbr-8``        the same, sampling 8 (``-16``: 16) summaries at T=0.7; minimum Bayes risk keeps the
+                               one with the highest mean ROUGE against the others (``lmlab.align.mbr``)
     ``student``                the distilled student (a bundle from ``lmlab distill`` with ``student.lora``:
                                the shipped one or ``--student DIR``), loaded beside the lab's model, with
                                the prompt recipe it was distilled with, greedy
@@ -59,7 +61,8 @@ class Experiment:
     shot_method: str = "random"  # lmlab.prompting.select_shots method: "random" | "nearest"
     generation: dict[str, Any] = field(default_factory=dict)  # GenerationConfig overrides
     adapter: bool = False  # run with the LoRA adapter on (its own prompt recipe); every other experiment runs without
-    best_of: int = 1  # >1: sample this many summaries and keep the one the reward model (--reward DIR) scores highest
+    best_of: int = 1  # >1: sample this many summaries and keep the one `select` picks
+    select: str = "reward"  # best-of-n's judge: "reward" (the reward model, --reward DIR) | "mbr" (consensus, lmlab.align.mbr)
     student: bool = False  # run on the distilled student bundle (its own model and prompt recipe), not the lab's model
 
     def n_shots(self, k: int) -> int:
@@ -87,6 +90,11 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                "prompt recipe, greedy", adapter=True),
     Experiment("finetuned-best-of-4", "the fine-tuned summarizer sampling 4 summaries at T=0.7; the reward model "
                "(--reward DIR) keeps the best", adapter=True, generation=dict(_SAMPLE, temperature=0.7), best_of=4),
+    Experiment("finetuned-mbr-8", "the fine-tuned summarizer sampling 8 summaries at T=0.7; minimum Bayes risk keeps "
+               "the one closest (mean ROUGE) to the other 7", adapter=True, generation=dict(_SAMPLE, temperature=0.7),
+               best_of=8, select="mbr"),
+    Experiment("finetuned-mbr-16", "the same with 16 samples", adapter=True, generation=dict(_SAMPLE, temperature=0.7),
+               best_of=16, select="mbr"),
     Experiment("student", "the distilled student (the shipped bundle or --student DIR), its own prompt recipe, greedy",
                student=True),
     Experiment("greedy", "zero-shot-instruction recipe, greedy (decoding baseline)"),
@@ -118,8 +126,10 @@ def spec_hash(experiment: Experiment, adapter: str | None = None, reward: str | 
                 stop_strings=STOP_STRINGS, chat_stop_strings=CHAT_STOP_STRINGS)
     if experiment.best_of == 1:  # the field came later: rows of experiments without it keep their hash
         del spec["best_of"]
-    else:  # which summary is kept depends on the reward model (`reward`: its identity)
+    elif experiment.select == "reward":  # which summary is kept depends on the reward model (`reward`: its identity)
         spec["reward"] = reward
+    if experiment.select == "reward":  # the field came later: rows of reward experiments keep their hash
+        del spec["select"]
     if experiment.adapter:
         spec["adapter"] = adapter
     if experiment.student:  # the student's weights (both adapters, the kept layers, the base) and recipe

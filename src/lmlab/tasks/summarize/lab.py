@@ -512,7 +512,7 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
 
 def _resolve_reward(settings: LabSettings, experiments: list[Experiment]) -> str | None:
     """A short hash of the reward model's head and config (None without --reward); best-of-n experiments need one."""
-    names = ", ".join(e.name for e in experiments if e.best_of > 1)
+    names = ", ".join(e.name for e in experiments if e.best_of > 1 and e.select == "reward")
     if settings.reward is None:
         if names:
             raise ConfigError(f"experiment(s) {names} need a reward model: pass --reward DIR (from lmlab reward train)")
@@ -615,13 +615,18 @@ def _generate_rows(todo, model, tokenizer, builder: _PromptBuilder, settings: La
                         if experiment.best_of > 1:
                             from lmlab.align.best_of_n import best_of_n
 
+                            judge = scorer
+                            if experiment.select == "mbr":
+                                from lmlab.align.mbr import MBRScorer
+
+                                judge = MBRScorer()
                             picked = best_of_n(model, tokenizer, [p.text for p in prompts],
-                                               [r.dialogue for r in batch], experiment.best_of, config, scorer,
+                                               [r.dialogue for r in batch], experiment.best_of, config, judge,
                                                seeds=config.seed, clean=clean_summary)
                             outputs = [(b.text, b.tokens[b.index]) for b in picked]
                         else:
                             outputs = _generate(model, tokenizer, [p.text for p in prompts], config)
-                    rewards = ([b.score for b in picked] if picked is not None else
+                    rewards = ([b.score for b in picked] if picked is not None and experiment.select == "reward" else
                                scorer.score([r.dialogue for r in batch], [clean_summary(o) for o, _ in outputs])
                                if scorer is not None else None)
                     seconds = time.perf_counter() - t0
@@ -647,8 +652,9 @@ def _generate_rows(todo, model, tokenizer, builder: _PromptBuilder, settings: La
                         }
                         if rewards is not None:
                             row["reward"] = rewards[i]
-                        if picked is not None:  # every candidate and its reward; `summary` is the kept one
-                            row["candidates"] = [{"summary": c, "reward": r}
+                        if picked is not None:  # every candidate and its score; `summary` is the kept one
+                            key = "reward" if experiment.select == "reward" else "mbr"  # mbr: mean ROUGE vs the rest
+                            row["candidates"] = [{"summary": c, key: r}
                                                  for c, r in zip(picked[i].candidates, picked[i].scores)]
                             row["generated_tokens"] = sum(picked[i].tokens)  # the cost of all n samples
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
