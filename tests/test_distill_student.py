@@ -395,3 +395,19 @@ def test_the_shipped_student_config_is_valid():
     assert cfg.method == "sequence" and cfg.data.label_field == "summary" and cfg.pseudo.label_labeled
     assert student_lora(cfg.student).r == 64 and cfg.student.model is None
     assert [s.get("records") for s in cfg.data.train] == ["0:400", None]  # never 400:500
+
+
+def test_the_student_keeps_the_teachers_prompt_but_not_its_mbr(tiny_model_dir, teacher_adapter, dialogues, tmp_path):
+    """A teacher recipe that decodes by minimum Bayes risk (the shipped adapter's) hands the student its prompt
+    only: the student's decoding is measured on its own."""
+    from lmlab.adapt.recipe import Recipe
+    from lmlab.tasks.summarize.experiments import INSTRUCTION
+
+    adapter = tmp_path / "teacher"
+    shutil.copytree(teacher_adapter, adapter)
+    Recipe(template="instruction", instruction=INSTRUCTION, chat=False, prompt_field="dialogue",
+           response_field="summary", mbr={"n": 8, "temperature": 0.7}).save(adapter)
+    distill(_config(tiny_model_dir, adapter, [{"path": str(dialogues), "records": "0:4"}], tmp_path / "run"),
+            show_progress=False)
+    student = Recipe.load(tmp_path / "run" / "final")
+    assert student.mbr == {} and student.instruction == INSTRUCTION and student.chat is False

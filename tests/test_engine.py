@@ -178,6 +178,31 @@ def test_padded_batch_beams_and_sampling_match_eager(ext):
     assert mine == eager
 
 
+@pytest.mark.parametrize("name", ["eager", "native"])
+def test_samples_of_a_prompt_share_its_prefill_and_match_prefilling_each(ext, monkeypatch, name):
+    """num_return_sequences=n (best-of-n, MBR): each prompt is prefilled once and its cache copied to its n rows;
+    the tokens are those of the n copies prefilled one by one (padded batch, per-row seeds)."""
+    from lmlab.generation import driver
+
+    monkeypatch.setenv(engine.ENV, name)
+    hf, model = tiny_llama(seed=2)
+    rows, n = [[5, 9, 22, 31, 7, 8, 100], [44, 3, 12]], 3
+    config = GenerationConfig(max_new_tokens=10, eos_token_ids=[7], pad_token_id=0, do_sample=True, temperature=0.9,
+                              seed=list(range(11, 11 + len(rows) * n)))
+    prefilled = []
+    real = driver.DecoderOnlyRun.prefill
+    monkeypatch.setattr(driver.DecoderOnlyRun, "prefill", lambda run: prefilled.append(run.input_ids.shape[0]) or real(run))
+    shared = generate_tokens(model, rows, None, config, num_return_sequences=n)
+    assert prefilled == [len(rows)]  # one prefill of the two prompts, not of six rows
+    each = generate_tokens(model, [r for r in rows for _ in range(n)], None, config)
+    assert prefilled[-1] == len(rows) * n
+    assert shared == each and len({tuple(t) for t in shared[:n]}) > 1  # the samples differ, as seeded
+    for bad, message in [(0, "num_return_sequences=0 must be an integer >= 1"),
+                         (2, "num_return_sequences=2 needs sampling")]:
+        with pytest.raises(Exception, match=message):
+            generate_tokens(model, rows, None, config.replace(do_sample=bad == 0, seed=None), num_return_sequences=bad)
+
+
 def test_native_step_matches_recomputing_the_whole_sequence(ext):
     """Cached (native steps over the eager prefill's cache) vs recomputed (one forward over everything)."""
     hf, model = tiny_llama(seed=2)

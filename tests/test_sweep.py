@@ -275,6 +275,8 @@ def test_sweep_trains_evaluates_each_decoding_and_never_repeats_a_run(tiny_model
         assert s["n"] == 2 and len(s["per_example_rouge1"]) == 2 and 0 <= s["rouge1"] <= 100
     assert (tmp_path / "sweep" / "lora" / "train" / "final" / "adapter_config.json").exists()
     assert "--num-beams 2" in (tmp_path / "sweep" / "lora" / "eval-beam2.log").read_text()
+    # a sweep decoding is one summary per dialogue: the lab's finetuned-greedy, never a recipe's MBR
+    assert "--experiments finetuned-greedy" in (tmp_path / "sweep" / "lora" / "eval-greedy.log").read_text()
     assert any(line.startswith("[1/1] lora: greedy R1") for line in lines)
     # a second invocation starts no process and writes nothing
     before = runs.read_text()

@@ -22,6 +22,7 @@ from lmlab.errors import ConfigError
 from lmlab.prompting import build_prompt
 
 RECIPE_FILE = "lmlab_recipe.json"
+MBR_SAMPLING = ("temperature", "top_k", "top_p", "min_p")  # the settings a recipe's `mbr` may give its samples
 ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "adapters"
 # registry model name -> the adapter directory shipped for it
 SHIPPED_ADAPTERS = {"smollm2-135m-instruct": "smollm2-135m-instruct-dialogsum-lora"}
@@ -45,6 +46,11 @@ class Recipe:
     # min_new_tokens, ...) that the lab's adapter experiments, `lmlab summarize` and `lmlab serve` apply by default;
     # empty: greedy. A decoding sweep (`lmlab sweep`) picks them on validation data.
     generation: dict = dataclasses.field(default_factory=dict)
+    # minimum Bayes risk decoding (lmlab.align.mbr), which replaces `generation` where set: {"n": 8, "temperature": 0.7}
+    # samples n summaries (with these sampling settings: temperature, top_k, top_p, min_p) and keeps the one the
+    # others agree with most. Empty: one summary. `--best-of 1` (summarize), `"best_of": 1` (serve) and the lab's
+    # `finetuned-greedy` experiment decode one summary as `generation` says instead.
+    mbr: dict = dataclasses.field(default_factory=dict)
 
     def prompt(self, text: str, tokenizer, max_prompt_tokens: int | None = None):
         """The lmlab.prompting Prompt for one input (cut in the middle to fit `max_prompt_tokens`)."""
@@ -74,6 +80,27 @@ class Recipe:
         from lmlab.generation.config import GenerationConfig  # lazy: reading a recipe does not import torch
 
         GenerationConfig.check_settings(self.generation, f"{where}: generation")
+        if not isinstance(self.mbr, dict):
+            raise ConfigError(f"{where}: mbr={self.mbr!r} must be a mapping like {{\"n\": 8, \"temperature\": 0.7}}")
+        if self.mbr:
+            n = self.mbr.get("n")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+                raise ConfigError(f"{where}: mbr.n={n!r} must be an integer >= 2 (the number of sampled summaries)")
+            bad = sorted(set(self.mbr) - {"n"} - set(MBR_SAMPLING))
+            if bad:
+                raise ConfigError(f"{where}: mbr: {', '.join(bad)} are not MBR settings; valid: n, "
+                                  f"{', '.join(MBR_SAMPLING)}")
+            GenerationConfig.check_settings(self.mbr_sampling, f"{where}: mbr")
+
+    @property
+    def mbr_samples(self) -> int:
+        """How many summaries the recipe samples per input: 1 unless it decodes by minimum Bayes risk."""
+        return int(self.mbr.get("n", 1))
+
+    @property
+    def mbr_sampling(self) -> dict:
+        """The GenerationConfig settings of the recipe's MBR samples (sampling on, then its settings)."""
+        return {"do_sample": True, **{k: v for k, v in self.mbr.items() if k != "n"}}
 
     def generation_config(self, base, **overrides):
         """`base` (a GenerationConfig) with this recipe's decoding settings, then `overrides` (not None) on top."""

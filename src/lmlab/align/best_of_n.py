@@ -1,9 +1,10 @@
 """Best-of-n sampling: draw n summaries, score each with a reward model, keep the highest-scoring one.
 
 The simplest use of a reward model, and the baseline preference training must beat: it changes no
-weight, it only spends n times the generation (plus n reward-model passes) per input. The n samples of a
-prompt run as n rows of one batch; each row draws from its own generator seeded from the prompt's seed
-and the row's index, so a prompt's candidates are the same whatever else shares its batch.
+weight, it only spends n times the decoding (plus n reward-model passes) per input. The n samples of a
+prompt run as n rows of one batch that share the prompt's prefill (its KV cache is computed once and
+copied); each row draws from its own generator seeded from the prompt's seed and the row's index, so a
+prompt's candidates are the same whatever else shares its batch.
 
 The reward model reads *text*: each candidate is decoded, cleaned and written into the reward model's
 own input format (``lmlab.align.reward.encode_example``) with the task input (the dialogue), so the
@@ -62,11 +63,10 @@ def best_of_n(model, tokenizer, prompts: Sequence[str], inputs: Sequence[str], n
     if seeds is None:
         base = config.seed if isinstance(config.seed, int) else 0
         seeds = [base] * len(prompts)
-    rows = [p for p in prompts for _ in range(n)]  # (B * n) prompts: each repeated n times, adjacent
-    row_seeds = [s for seed in seeds for s in candidate_seeds(seed, n)]
+    row_seeds = [s for seed in seeds for s in candidate_seeds(seed, n)]  # (B * n): a prompt's n rows are adjacent
     config = resolve_config(model, config.replace(seed=row_seeds), tokenizer)
-    ids, mask = encode_prompts(tokenizer, rows)  # (B * n, T), left-padded
-    new = generate_tokens(model, ids, mask, config, tokenizer=tokenizer)
+    ids, mask = encode_prompts(tokenizer, list(prompts))  # (B, T), left-padded: each prompt prefilled once
+    new = generate_tokens(model, ids, mask, config, tokenizer=tokenizer, num_return_sequences=n)
     texts = [clean(trim_stop_strings(tokenizer.decode(row, skip_special_tokens=True), config.stop_strings))
              for row in new]
     if hasattr(scorer, "score_candidates"):  # a judge of the whole group (lmlab.align.mbr.MBRScorer)

@@ -41,9 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use the chat template (default: when the tokenizer has one)")
     parser.add_argument("--no-chat", dest="chat", action="store_false", help="plain-text prompt")
     parser.add_argument("--show-prompt", action="store_true", help="print the prompt (and budget notes) to stderr")
-    parser.add_argument("--best-of", type=int, default=1, metavar="N",
+    parser.add_argument("--best-of", type=int, default=None, metavar="N",
                         help="sample N summaries (needs --do-sample) and keep the one --reward scores highest, "
-                             "or with --mbr the consensus")
+                             "or with --mbr the consensus. Default: the recipe's decoding (the shipped adapter's: "
+                             "--best-of 8 --mbr at T=0.7); --best-of 1 or --greedy: one greedy summary")
     parser.add_argument("--reward", default=None, metavar="DIR", help="the reward model of --best-of (lmlab reward train)")
     parser.add_argument("--mbr", action="store_true",
                         help="--best-of keeps the sample with the highest mean ROUGE against the other samples "
@@ -58,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from lmlab.precision import apply_precision
 
     config = generation_config(args)
-    if args.best_of != 1 or args.reward is not None or args.mbr:
-        _check_best_of(args, config)
+    _check_best_of_flags(args)
     if args.dialogue is not None and args.file is not None:
         raise DataError("give the dialogue as an argument or with --file, not both")
     if args.file is not None:
@@ -101,12 +101,15 @@ def run(args: argparse.Namespace) -> int:
         recipe = Recipe.load(args.model) if Path(args.model).is_dir() else None
         if recipe is not None:  # a fully fine-tuned or distilled model: the prompt it was trained on
             template, chat, instruction = recipe.template, recipe.chat, recipe.instruction
+    config = recipe_mbr(config, recipe, args)
+    if args.best_of is not None or args.reward is not None or args.mbr:
+        _check_best_of(args, config)
     config = recipe_decoding(config, recipe, args)
     model = lmlab.load_model(args.model, adapter=adapter, quantize=args.quantize)
     tokenizer = lmlab.load_tokenizer(args.model)
     print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
     embedder = SentenceEmbedder() if args.shots and args.select == "nearest" else None
-    if args.best_of > 1:
+    if (args.best_of or 1) > 1:
         summary, prompt = _summarize_best_of(args, dialogue.strip(), model, tokenizer, pool, template, chat, config,
                                              embedder, instruction)
     else:
@@ -134,9 +137,9 @@ def _run_student(args: argparse.Namespace, dialogue: str, config, pool) -> int:
     from lmlab.precision import apply_precision
     from lmlab.prompting import summarize
 
-    if args.shots or args.template is not None or args.chat is not None or args.best_of != 1:
+    if args.shots or args.template is not None or args.chat is not None or args.best_of not in (None, 1) or args.mbr:
         raise ConfigError("--student uses the prompt recipe the student was distilled with; drop --shots, "
-                          "--template, --chat/--no-chat and --best-of")
+                          "--template, --chat/--no-chat, --best-of and --mbr")
     student = resolve_student(args.student, args.model or DEFAULT_MODEL)
     bundle = read_bundle(student)  # a clear error before any weights load
     recipe = Recipe.load(student)
@@ -159,6 +162,29 @@ def _run_student(args: argparse.Namespace, dialogue: str, config, pool) -> int:
     return 0
 
 
+def recipe_mbr(config, recipe, args: argparse.Namespace):
+    """The recipe's minimum Bayes risk decoding (its ``mbr``) where the command line chose no other.
+
+    No --best-of, --reward, --do-sample/--greedy or --num-beams given: sample the recipe's n summaries with its
+    sampling settings and keep the consensus (sets ``args.best_of`` and ``args.mbr``). --best-of N alone: N
+    samples, the recipe's sampling settings, the consensus. Returns `config` with those sampling settings.
+    """
+    mbr = getattr(recipe, "mbr", None) if recipe is not None else None
+    if not mbr or args.reward is not None or args.best_of == 1:
+        return config
+    if args.best_of is None and (args.do_sample is not None or args.num_beams is not None or args.mbr):
+        return config  # the command line chose the decoding (--mbr without --best-of is refused later)
+    n = args.best_of or recipe.mbr_samples
+    args.best_of, args.mbr = n, True
+    if args.do_sample is False:
+        return config  # --best-of N --greedy: refused by _check_best_of (greedy samples are one text)
+    sampling = {} if args.do_sample else recipe.mbr_sampling  # --do-sample: the flags' own sampling settings
+    print(f"decoding from the recipe: minimum Bayes risk over {n} samples "
+          f"({', '.join(f'{k}={v}' for k, v in sampling.items() if k != 'do_sample') or 'as the flags say'}); "
+          f"--best-of 1 decodes one summary", file=sys.stderr)
+    return config.replace(**sampling)
+
+
 def recipe_decoding(config, recipe, args: argparse.Namespace):
     """`config` with the recipe's decoding settings (beams, length penalty, ...) for every flag not given.
 
@@ -172,24 +198,33 @@ def recipe_decoding(config, recipe, args: argparse.Namespace):
     return config.replace(**chosen)
 
 
-def _check_best_of(args: argparse.Namespace, config) -> None:
-    """--best-of N needs a judge (--reward DIR or --mbr) and sampling; both are checked before any model loads."""
+def _check_best_of_flags(args: argparse.Namespace) -> None:
+    """The --best-of mistakes any recipe leaves wrong, refused before the dialogue is read."""
     from lmlab.errors import ConfigError
 
-    if args.best_of < 1:
+    if args.best_of is not None and args.best_of < 1:
         raise ConfigError(f"--best-of {args.best_of} must be >= 1")
     if args.mbr and args.reward is not None:
         raise ConfigError("--best-of keeps either the reward model's pick (--reward DIR) or the consensus (--mbr); "
                           "choose one")
-    if args.best_of > 1 and args.reward is None and not args.mbr:
-        raise ConfigError(f"--best-of {args.best_of} needs --reward DIR (a reward model from lmlab reward train) "
-                          f"or --mbr (keep the consensus)")
-    if args.reward is not None and args.best_of == 1:
+    if args.reward is not None and (args.best_of or 1) == 1:
         raise ConfigError("--reward is used by --best-of N (N > 1); add --best-of")
-    if args.mbr and args.best_of < 2:
-        raise ConfigError(f"--mbr picks among --best-of N samples; N is {args.best_of}, give N >= 2")
-    if not config.do_sample:
-        raise ConfigError(f"--best-of {args.best_of} needs --do-sample: {args.best_of} greedy runs write the same text")
+
+
+def _check_best_of(args: argparse.Namespace, config) -> None:
+    """--best-of N needs a judge (--reward DIR or --mbr, or a recipe's mbr) and sampling; checked after the recipe
+    is read (it may supply both) and before any model loads."""
+    from lmlab.errors import ConfigError
+
+    _check_best_of_flags(args)
+    n = args.best_of or 1
+    if n > 1 and args.reward is None and not args.mbr:
+        raise ConfigError(f"--best-of {n} needs --reward DIR (a reward model from lmlab reward train) "
+                          f"or --mbr (keep the consensus)")
+    if args.mbr and n < 2:
+        raise ConfigError(f"--mbr picks among --best-of N samples; N is {n}, give N >= 2")
+    if n > 1 and not config.do_sample:
+        raise ConfigError(f"--best-of {n} needs --do-sample: {n} greedy runs write the same text")
 
 
 def _summarize_best_of(args, dialogue, model, tokenizer, pool, template, chat, config, embedder, instruction):

@@ -248,8 +248,11 @@ class NativeEngine:
         self._native.set_lora_enabled(bool(lora) if lora is not None else True)
         return self._native
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int) -> "NativeRun":
-        return NativeRun(self, input_ids, attention_mask, max_new_tokens)
+    shares_prefill = True  # start(..., expand): each prompt prefilled once for its `expand` rows
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+              expand: int = 1) -> "NativeRun":
+        return NativeRun(self, input_ids, attention_mask, max_new_tokens, expand)
 
     @torch.inference_mode()
     def step_slots(self, tokens: torch.Tensor, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
@@ -270,8 +273,8 @@ class NativeEngine:
 class NativeRun(DecoderOnlyRun):
     """``DecoderOnlyRun`` whose steps run in C++: the eager prefill fills the cache, the native step continues it."""
 
-    def __init__(self, engine: NativeEngine, input_ids, attention_mask, max_new_tokens: int):
-        super().__init__(engine.model, input_ids, attention_mask, max_new_tokens)
+    def __init__(self, engine: NativeEngine, input_ids, attention_mask, max_new_tokens: int, expand: int = 1):
+        super().__init__(engine.model, input_ids, attention_mask, max_new_tokens, expand)
         self.native = engine.native_model()
         T = input_ids.shape[1]
         # left padding of each row: its first keys are hidden and its positions start after them

@@ -66,16 +66,19 @@ def resolve_config(model, config: GenerationConfig | None = None, tokenizer=None
     return config.replace(**changes) if changes else config
 
 
-def sample_steps(model, input_ids, attention_mask, config: GenerationConfig, tokenizer=None
+def sample_steps(model, input_ids, attention_mask, config: GenerationConfig, tokenizer=None, expand: int = 1
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Greedy or sampled decoding, one step at a time: yields (tokens (B,), finished (B,)) per step.
+
+    `expand` > 1: each prompt decodes as that many adjacent rows (B = prompts x expand) that share its prefill,
+    e.g. best-of-n samples, each row with its own seed.
 
     A row's token at the step it finishes is its eos (or the token completing a stop string);
     after that it gets pad_token_id. Finished rows leave the batch (``cache.reorder``) once at least a
     quarter of the rows still decoded have finished, so they stop costing compute; the yielded
     tensors keep the full batch.
     """
-    run, history = start_run(model, input_ids, attention_mask, config)
+    run, history = start_run(model, input_ids, attention_mask, config, expand=expand)
     B, L0 = history.shape
     device = history.device
     # token history preallocated for prompt + new tokens (the processors read a prefix of it)
@@ -144,8 +147,11 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tenso
 
 @torch.inference_mode()
 def generate_tokens(model, input_ids, attention_mask=None, config: GenerationConfig | None = None,
-                    tokenizer=None, **overrides: Any) -> list[list[int]]:
+                    tokenizer=None, num_return_sequences: int = 1, **overrides: Any) -> list[list[int]]:
     """Generate new tokens for each row of `input_ids` -> their ids (new tokens only, unpadded).
+
+    `num_return_sequences` n > 1 (sampling): n continuations of each prompt, prompt-major (B * n lists), which
+    share the prompt's prefill; a list ``config.seed`` then gives one seed per continuation.
 
     `input_ids` is a (B, T) tensor (left-padded, with `attention_mask`) or a list of token lists (padded
     here). A row that stopped on an eos id ends with that id; one stopped by a stop string ends with the
@@ -156,14 +162,20 @@ def generate_tokens(model, input_ids, attention_mask=None, config: GenerationCon
     input_ids, attention_mask = prepare_inputs(model, input_ids, attention_mask, config)
     was_training = model.training
     model.eval()
-    rows = input_ids.shape[0] * config.num_beams  # rows of each decode step (fewer once rows finish)
+    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+        raise ConfigError(f"num_return_sequences={num_return_sequences!r} must be an integer >= 1")
+    if num_return_sequences > 1 and (config.num_beams > 1 or not config.sampling):
+        raise ConfigError(f"num_return_sequences={num_return_sequences} needs sampling without beams: greedy "
+                          "continuations of one prompt are one text")
+    rows = input_ids.shape[0] * config.num_beams * num_return_sequences  # rows of each step (fewer once rows finish)
     try:
         # batched CPU fp32 steps: weights pre-packed for `rows` where that measured faster (lmlab.nn.packed)
         with maybe_packed_linears(model, rows):
             if config.num_beams > 1:
                 return beam_search(model, input_ids, attention_mask, config, tokenizer)
             steps, lengths = [], None
-            for tokens, done in sample_steps(model, input_ids, attention_mask, config, tokenizer):
+            for tokens, done in sample_steps(model, input_ids, attention_mask, config, tokenizer,
+                                             expand=num_return_sequences):
                 steps.append(tokens)
                 if lengths is None:
                     lengths = torch.full_like(tokens, config.max_new_tokens)

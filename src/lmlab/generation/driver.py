@@ -15,6 +15,9 @@ batch, beams being re-ranked); the decoding loops (``decode.sample_steps``, ``be
 A decoder-only model's run may come from a decode engine instead (``lmlab.engine.select``: the native
 C++ step where it is built and supports the model), which follows the same protocol.
 
+Several rows per prompt (beams, best-of-n samples: ``expand``) share one prefill: a decoder-only run
+prefills each prompt once and copies its cache to the prompt's rows (``reorder`` with repeated indices).
+
 Shapes: B batch (prompts), N beams, T prompt length, C d_model, V vocabulary.
 """
 
@@ -31,8 +34,9 @@ PAD_MARK = -1  # marks left padding in the token history the processors see
 class DecoderOnlyRun:
     """Drives a decoder-only model over one generation's cache."""
 
-    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int):
-        self.model, self.input_ids = model, input_ids
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                 expand: int = 1):
+        self.model, self.input_ids, self.expand = model, input_ids, expand
         B, T = input_ids.shape
         # decided once per generation: the steps then never read the mask back to the host
         self.padded = attention_mask is not None and not bool(attention_mask.all())
@@ -51,7 +55,12 @@ class DecoderOnlyRun:
             self.positions = self.positions[:, -1:] + 1  # (B, 1) position of the next token
         else:
             logits = self.model(self.input_ids, cache=self.cache, logits_to_keep=1)
-        return logits[:, -1]  # (B, V)
+        logits = logits[:, -1]  # (B, V)
+        if self.expand > 1:  # each prompt prefilled once, its cache then copied to its `expand` rows (B*N, ...)
+            index = torch.arange(logits.shape[0], device=logits.device).repeat_interleave(self.expand)
+            self.reorder(index)
+            logits = logits.index_select(0, index)
+        return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,) -> next-token logits (B, V)."""
@@ -153,13 +162,16 @@ def start_run(model, input_ids, attention_mask, config: GenerationConfig, expand
         run = EncoderDecoderRun(model, input_ids, attention_mask, config.max_new_tokens, start, expand)
         history = torch.full((run.batch, 1), start, dtype=torch.long, device=input_ids.device)
         return run, history
-    if expand > 1:
-        input_ids = input_ids.repeat_interleave(expand, 0)  # (B*N, T)
-        attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(expand, 0)
     history = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, PAD_MARK)
+    history = history.repeat_interleave(expand, 0) if expand > 1 else history  # (B*N, T)
     from lmlab.engine import select  # the one place that knows decode engines exist
 
     chosen = select(model, engine)
-    if chosen is not None:
-        return chosen.start(input_ids, attention_mask, config.max_new_tokens), history
-    return DecoderOnlyRun(model, input_ids, attention_mask, config.max_new_tokens), history
+    if chosen is None:
+        return DecoderOnlyRun(model, input_ids, attention_mask, config.max_new_tokens, expand), history
+    if getattr(chosen, "shares_prefill", False):  # its run prefills each prompt once, then copies the cache
+        return chosen.start(input_ids, attention_mask, config.max_new_tokens, expand), history
+    if expand > 1:  # an engine that cannot grow its batch after prefill: each copy is prefilled
+        input_ids = input_ids.repeat_interleave(expand, 0)  # (B*N, T)
+        attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(expand, 0)
+    return chosen.start(input_ids, attention_mask, config.max_new_tokens), history

@@ -7,7 +7,9 @@ Routes (``create_app(settings, loader)`` builds a Starlette app; uvicorn runs it
     GET  /v1/models              the one model served
     POST /v1/completions         prompt (str or list of str) -> text; ``stream: true`` sends SSE chunks
     POST /v1/chat/completions    messages through the checkpoint's chat template -> an assistant message
-    POST /v1/summarize           a dialogue -> a summary with the lab's recipes (fine-tuned, zero/one/few-shot)
+    POST /v1/summarize           a dialogue -> a summary with the lab's recipes (fine-tuned, zero/one/few-shot);
+                                 the fine-tuned recipe decodes as it says (the shipped one: minimum Bayes risk
+                                 over 8 samples), ``best_of`` chooses how many summaries to sample (1: one)
     GET  /v1/summarize/dialogues the bundled dialogues and the recipes available (for the playground)
     POST /v1/preferences         {prompt, chosen, rejected, source?}: a person's choice, appended to --prefs-out FILE
     POST /v1/inspect             inside the model on one text (lmlab.inspect.inspect_request; the Inside tab)
@@ -66,6 +68,7 @@ from lmlab.tasks.summarize.experiments import CHAT_STOP_STRINGS, INSTRUCTION, ST
 STATIC = Path(__file__).parent / "static"
 INSPECT_STATIC = Path(__file__).parent.parent / "inspect" / "static"  # inspect.{js,css}, shared with lmlab inspect --html
 MAX_N = 8  # choices per request
+MAX_BEST_OF = 16  # summaries sampled for one /v1/summarize (minimum Bayes risk)
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
 SUMMARY_RECIPES = {"fine-tuned": 0, "zero-shot": 0, "one-shot": 1, "few-shot": 3}  # recipe -> shots
 MAX_EMBED_INPUTS = 2048  # texts per /v1/embeddings request, as OpenAI allows
@@ -712,9 +715,11 @@ async def summarize(request: Request, state: ServerState) -> Response:
                             "adapter, --adapter DIR (a LoRA summarizer from lmlab finetune), or a fine-tuned model",
                        "recipe")
     stream = _bool(body, "stream")
-    if "temperature" not in body:
-        body = dict(body, temperature=0)  # the lab's recipes are greedy unless asked otherwise
+    body, best_of = _summary_decoding(body, recipe, settings)
     config = _configs_or_400(body, 64, 1)[0]
+    if best_of > 1 and not config.do_sample:
+        raise ApiError(400, f"best_of={best_of} needs temperature > 0: {best_of} greedy summaries are one text",
+                       "temperature")
     try:
         prompt, chat = await asyncio.to_thread(state.summarize_prompt, dialogue.strip(), recipe, config.max_new_tokens)
     except LmlabError as exc:
@@ -723,11 +728,13 @@ async def summarize(request: Request, state: ServerState) -> Response:
         CHAT_STOP_STRINGS if chat else STOP_STRINGS)))
     ids = state.encode(prompt.text)
     state.check_window(ids, config.max_new_tokens)
+    if best_of > 1:  # minimum Bayes risk: best_of samples, the consensus kept (lmlab.align.mbr)
+        return await _summarize_mbr(request, state, dialogue, recipe, prompt, ids, config, best_of, stream)
     run = ChoiceRun(state, [ids], [config])
 
     def final(text: str, reason: str | None) -> dict:
         return {"object": "summary", "model": settings.model_name, "recipe": recipe, "shots": len(prompt.shots),
-                "notes": prompt.notes, "summary": clean_summary(text), "finish_reason": reason,
+                "notes": prompt.notes, "summary": clean_summary(text), "finish_reason": reason, "best_of": 1,
                 "usage": _usage(len(ids), run.completion_tokens)}
 
     if stream:
@@ -747,11 +754,75 @@ async def summarize(request: Request, state: ServerState) -> Response:
     return JSONResponse(final(result[0][0], result[1][0]))
 
 
+def _summary_decoding(body: dict, recipe: str, settings: ServeSettings) -> tuple[dict, int]:
+    """/v1/summarize's decoding -> (the body with sampling settings filled in, summaries to sample).
+
+    ``best_of`` given: that many (1 to MAX_BEST_OF). Not given: the fine-tuned recipe's minimum Bayes risk
+    (its ``mbr``: n samples with its temperature) when the request sets no ``temperature``, else one. With
+    no ``temperature``, one summary is greedy (the lab's recipes), several take the recipe's sampling settings.
+    """
+    tuned = settings.finetuned if recipe == "fine-tuned" else None
+    mbr = getattr(tuned, "mbr", None) or {}
+    default = tuned.mbr_samples if mbr and "temperature" not in body else 1
+    best_of = _number(body, "best_of", default, 1, MAX_BEST_OF, integer=True)
+    if "temperature" not in body:
+        sampling = {k: v for k, v in tuned.mbr_sampling.items() if k != "do_sample"} if mbr and best_of > 1 else {}
+        body = {**sampling, **body, "temperature": sampling.get("temperature", 0)}
+    return {k: v for k, v in body.items() if k != "best_of"}, best_of  # OpenAI's best_of means another thing
+
+
+async def _summarize_mbr(request: Request, state: ServerState, dialogue: str, recipe: str, prompt, ids: list[int],
+                         config, best_of: int, stream: bool) -> Response:
+    """`best_of` samples of one summary prompt run as choices of one call; the one with the highest mean ROUGE
+    against the others is the summary. A stream sends it as one delta once every sample has ended."""
+    from lmlab.align.best_of_n import candidate_seeds
+    from lmlab.align.mbr import MBRScorer
+
+    base = config.seed if isinstance(config.seed, int) else 0  # seeded as `lmlab summarize --best-of N --mbr`
+    run = ChoiceRun(state, [ids] * best_of, [config.replace(seed=s) for s in candidate_seeds(base, best_of)])
+
+    async def pick(texts: list[str], reasons: list[str | None]) -> dict:
+        candidates = [clean_summary(t) for t in texts]
+        scores = await asyncio.to_thread(MBRScorer().score_candidates, dialogue, candidates)
+        best = max(range(best_of), key=lambda k: (scores[k], -k))  # ties: the earliest, as best_of_n keeps
+        return {"object": "summary", "model": state.settings.model_name, "recipe": recipe,
+                "shots": len(prompt.shots), "notes": prompt.notes, "summary": candidates[best],
+                "finish_reason": reasons[best], "best_of": best_of,
+                "candidates": [{"summary": c, "mbr": round(v, 6), "finish_reason": r}
+                               for c, v, r in zip(candidates, scores, reasons)],
+                "usage": _usage(len(ids), run.completion_tokens)}
+
+    if stream:
+        async def events() -> AsyncIterator[str]:
+            texts, reasons = [""] * best_of, [None] * best_of
+            async for i, event in run.events():
+                if event.kind == "error":
+                    yield _sse(_error_event(event.error))
+                elif event.kind == "text":
+                    texts[i] += event.text
+                else:
+                    reasons[i] = event.finish_reason
+            final = await pick(texts, reasons)
+            yield _sse({"delta": final["summary"]})
+            yield _sse(final)
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    result = await collect_or_499(run, request)
+    if isinstance(result, Response):
+        return result
+    return JSONResponse(await pick(*result))
+
+
 @route
 async def dialogues(request: Request, state: ServerState) -> Response:
     settings = state.settings
     records = [{"id": d.id, "topic": d.topic, "dialogue": d.dialogue} for d in load_sample().records]
+    tuned = settings.finetuned
+    mbr = dict(getattr(tuned, "mbr", None) or {})  # the fine-tuned recipe's default decoding (the playground shows it)
     return JSONResponse({"recipes": settings.recipes, "default_recipe": settings.default_recipe, "dialogues": records,
+                         "finetuned_mbr": mbr or None,
                          "preferences": settings.prefs_out is not None, "index": settings.index is not None})
 
 

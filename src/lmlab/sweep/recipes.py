@@ -289,8 +289,10 @@ def evaluate(cfg: RecipeSweep, run: RunSpec, run_dir: Path, name: str, decoding:
     """One `lmlab lab` evaluation (resumed if it was cut) -> the decoding's scores."""
     e = cfg.eval
     out = run_dir / f"eval-{name}"
+    # a decoding here is one summary per dialogue: the adapter's, never its recipe's minimum Bayes risk
+    experiment = "finetuned-greedy" if e.experiment == "finetuned" else e.experiment
     cmd = _lmlab(cfg.threads_per_run) + ["lab", "--data", e.data, "--pool-size", str(e.pool_size),
-                                         "--experiments", e.experiment, "--max-new-tokens", str(e.max_new_tokens),
+                                         "--experiments", experiment, "--max-new-tokens", str(e.max_new_tokens),
                                          "--batch-size", str(e.batch_size), "--precision", e.precision,
                                          "--device", cfg.device, "--no-turns", "--examples", "0", "--out", str(out),
                                          "--engine", "auto"]
@@ -309,7 +311,7 @@ def evaluate(cfg: RecipeSweep, run: RunSpec, run_dir: Path, name: str, decoding:
     t0 = time.time()
     _run(cmd, run_dir / f"eval-{name}.log")
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["experiment"] == e.experiment]
+    rows = [r for r in rows if r["experiment"] == experiment]
     return {**score_rows(rows), "eval_s": round(time.time() - t0, 1)}
 
 

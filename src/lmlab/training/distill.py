@@ -585,7 +585,8 @@ def build(cfg: DistillConfig, env: dist.DistEnv, show_progress: bool, pseudo_onl
                               cfg.data.max_seq_len, cfg.eval.max_new_tokens)
     torch.manual_seed(t.seed)
 
-    saved_recipe = dataclasses.replace(recipe, prompt_field=cfg.data.field)
+    # the teacher's prompt, not its minimum Bayes risk: the student's decoding is measured on its own
+    saved_recipe = dataclasses.replace(recipe, prompt_field=cfg.data.field, mbr={})
 
     def save(directory: Path, metrics: dict | None = None) -> None:
         """A student bundle (LoRA on layers of the teacher), an adapter (LoRA on another model), or the whole

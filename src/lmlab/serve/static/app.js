@@ -108,6 +108,12 @@ async function init() {
     for (const option of $("dialogue-pick").options) {
       if (option.value) $("cmp-pick").appendChild(option.cloneNode(true));
     }
+    if (listing.finetuned_mbr) {   // the fine-tuned recipe decodes by minimum Bayes risk unless unticked
+      const m = listing.finetuned_mbr;
+      $("sum-mbr-what").textContent = "the consensus of " + m.n + " samples" +
+        (m.temperature !== undefined ? " at T=" + m.temperature : "") + " (minimum Bayes risk)";
+      $("sum-mbr-row").hidden = false;
+    }
     if (!listing.index) {
       $("ask").disabled = true;
       $("ask-stats").textContent = "this server has no index (start it with lmlab serve MODEL --index INDEX)";
@@ -132,7 +138,12 @@ $("summarize").addEventListener("click", async () => {
   stats.textContent = "";
   let body;
   try {
-    body = Object.assign({ dialogue: $("dialogue").value, recipe: $("recipe").value, stream: true }, knobs("sum"));
+    body = { dialogue: $("dialogue").value, recipe: $("recipe").value, stream: true };
+    if (body.recipe === "fine-tuned" && !$("sum-mbr-row").hidden && $("sum-mbr").checked) {
+      body.max_tokens = numberField("sum-max-tokens", true);   // the recipe's decoding: the server fills it in
+    } else {
+      Object.assign(body, knobs("sum"), { best_of: 1 });
+    }
   } catch (err) { stats.innerHTML = '<span class="error">' + err.message + "</span>"; return; }
   button.disabled = true;
   out.classList.add("streaming");
@@ -152,7 +163,7 @@ $("summarize").addEventListener("click", async () => {
         stats.innerHTML = "prompt <b>" + u.prompt_tokens + "</b> tokens · generated <b>" + u.completion_tokens +
           "</b> tokens · <b>" + rate(u.completion_tokens, firstAt ?? now, now, started) + "</b> tokens/s · first token " +
           ((firstAt ?? now) - started).toFixed(0) + " ms · " + event.recipe + " (" + event.shots + " shots) · " +
-          event.finish_reason;
+          event.finish_reason + (event.best_of > 1 ? " · consensus of " + event.best_of + " samples" : "");
       }
     });
   } catch (err) {

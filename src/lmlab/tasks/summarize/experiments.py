@@ -10,7 +10,11 @@ Each experiment is one row of the lab's report. Two families:
     ``few-shot``               instruction + K examples (``--shots K``, default 2), drawn at random
     ``few-shot-nn``            instruction + the K pool dialogues nearest to the query (all-MiniLM-L6-v2)
     ``finetuned``              no shots, the fine-tuned LoRA adapter switched on, and the prompt recipe
-                               it was trained with (``lmlab_recipe.json`` beside the adapter)
+                               it was trained with (``lmlab_recipe.json`` beside the adapter), decoded as the
+                               recipe says: the shipped recipe samples 8 summaries at T=0.7 and keeps the
+                               consensus (its ``mbr``); a recipe without ``mbr``: one greedy (or beam) summary
+    ``finetuned-greedy``       the same adapter and prompt, one summary as the recipe's ``generation`` says
+                               (greedy for the shipped adapter), never its ``mbr``
     ``finetuned-best-of-4``    the same, sampling 4 summaries at T=0.7; the reward model given with
                                ``--reward DIR`` keeps the one it scores highest (``lmlab.align.best_of_n``)
     ``finetuned-mbr-8``        the same, sampling 8 (``-16``: 16) summaries at T=0.7; minimum Bayes risk keeps the
@@ -64,6 +68,7 @@ class Experiment:
     best_of: int = 1  # >1: sample this many summaries and keep the one `select` picks
     select: str = "reward"  # best-of-n's judge: "reward" (the reward model, --reward DIR) | "mbr" (consensus, lmlab.align.mbr)
     student: bool = False  # run on the distilled student bundle (its own model and prompt recipe), not the lab's model
+    single: bool = False  # one summary decoded as the recipe's `generation` says, even where its `mbr` samples several
 
     def n_shots(self, k: int) -> int:
         return k if self.shots is None else self.shots
@@ -87,7 +92,9 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("few-shot-nn", "instruction + K nearest pool examples (MiniLM embeddings)", shots=None,
                shot_method="nearest"),
     Experiment("finetuned", "the fine-tuned summarizer: LoRA adapter (the shipped one or --adapter), its own "
-               "prompt recipe, greedy", adapter=True),
+               "prompt recipe and decoding (the shipped one: minimum Bayes risk over 8 samples at T=0.7)", adapter=True),
+    Experiment("finetuned-greedy", "the fine-tuned summarizer, one summary decoded as its recipe's `generation` says "
+               "(greedy for the shipped adapter), without the recipe's MBR", adapter=True, single=True),
     Experiment("finetuned-best-of-4", "the fine-tuned summarizer sampling 4 summaries at T=0.7; the reward model "
                "(--reward DIR) keeps the best", adapter=True, generation=dict(_SAMPLE, temperature=0.7), best_of=4),
     Experiment("finetuned-mbr-8", "the fine-tuned summarizer sampling 8 summaries at T=0.7; minimum Bayes risk keeps "
@@ -132,6 +139,8 @@ def spec_hash(experiment: Experiment, adapter: str | None = None, reward: str | 
         del spec["select"]
     if experiment.adapter:
         spec["adapter"] = adapter
+    if not experiment.single:  # the field came later: rows of the other experiments keep their hash
+        del spec["single"]
     if experiment.student:  # the student's weights (both adapters, the kept layers, the base) and recipe
         spec["student_weights"] = student
     else:  # the field came later: rows of the other experiments keep their hash

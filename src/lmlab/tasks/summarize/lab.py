@@ -219,6 +219,16 @@ def _uses_recipe_decoding(experiment: Experiment) -> bool:
     return (experiment.adapter or experiment.student) and experiment.best_of == 1 and not experiment.samples
 
 
+def _with_recipe_mbr(experiment: Experiment, recipe, overrides: dict | None) -> Experiment:
+    """An adapter or student experiment whose recipe decodes by minimum Bayes risk (its ``mbr``) becomes a
+    best-of-n experiment of that many samples with the recipe's sampling settings; unchanged when the
+    experiment asks for one summary (``finetuned-greedy``) or ``--num-beams`` & co. choose the decoding."""
+    if (recipe is None or not getattr(recipe, "mbr", None) or experiment.single or not _uses_recipe_decoding(experiment)
+            or any(v is not None for v in (overrides or {}).values())):
+        return experiment
+    return dataclasses.replace(experiment, generation=recipe.mbr_sampling, best_of=recipe.mbr_samples, select="mbr")
+
+
 def _decoding(recipe, overrides: dict | None) -> dict:
     """The recipe's decoding settings with ``--num-beams`` & co. on top (validated: a one-line error)."""
     from lmlab.generation import GenerationConfig
@@ -384,6 +394,8 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
     recipe_dir = adapter if adapter is not None else (Path(str(settings.model)) if adapter_id else None)
     recipe = _adapter_recipe(recipe_dir, chat)
     student_recipe = _adapter_recipe(student, chat) if student is not None else None
+    experiments = [_with_recipe_mbr(e, student_recipe if e.student else recipe, settings.decoding)
+                   for e in experiments]
     decodings = {e.name: _decoding(student_recipe if e.student else recipe, settings.decoding)
                  for e in experiments if _uses_recipe_decoding(e)}
     specs = {e.name: spec_hash(e, adapter_id, reward_id, student_id, decoding=decodings.get(e.name))
