@@ -205,6 +205,90 @@ def test_a_cancelled_chunked_prompt_frees_its_place(model):
     assert after.tokens == alone(model, prompt(5, 4), 3) and scheduler.pending() == (0, 0)
 
 
+def sampled(n: int, seed: int) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=n, eos_token_ids=[], pad_token_id=0, do_sample=True, temperature=1.0,
+                            seed=seed)
+
+
+def sampled_alone(model, prompt_ids: list[int], n: int, seed: int) -> list[int]:
+    return generate_tokens(model, torch.tensor([prompt_ids]), None, sampled(n, seed))[0]
+
+
+def test_choices_of_one_prompt_share_its_prefill(model):
+    """Four seeded samples of one prompt and one other prompt, waiting together: one padded forward of the
+    two distinct prompts (not five), three rows copied, and every sequence's tokens are its alone tokens."""
+    scheduler = start(model, max_batch=8)
+    gate = Gate(model)
+    try:
+        first, q0 = submit(scheduler, prompt(6, 0), 4)
+        assert gate.entered.wait(30)
+        same = prompt(9, 1)
+        queues, choices = [], []
+        for seed in range(4):
+            q = queue.Queue()
+            choices.append(scheduler.submit(same, sampled(6, seed), q.put))
+            queues.append(q)
+        other, q_other = submit(scheduler, prompt(5, 2), 4)
+        gate.open()
+        wait_all([q0, q_other] + queues)
+    finally:
+        scheduler.close()
+    assert [e for e in scheduler.log if e[0] == "prefill"] == [("prefill", 6), ("prefill", 2 * 9)]
+    assert scheduler.metrics.shared_prefills == 3 and scheduler.metrics.prompt_tokens == 6 + 4 * 9 + 5
+    for seed, seq in enumerate(choices):
+        assert seq.tokens == sampled_alone(model, same, 6, seed)
+    assert len({tuple(c.tokens) for c in choices}) > 1  # they are different samples
+    assert other.tokens == alone(model, prompt(5, 2), 4) and first.tokens == alone(model, prompt(6, 0), 4)
+
+
+def test_choices_of_a_long_prompt_share_its_chunked_prefill(model):
+    """A 30-token prompt asked for three times with prefill_tokens=8: one chunked prefill (8, 8, 8, 6) whose
+    cache goes to three rows; a choice cancelled meanwhile (the one carrying the prefill) leaves the others."""
+    scheduler = start(model, max_batch=4, prefill_tokens=8)
+    gate = Gate(model)
+    long_prompt = prompt(30, 5)
+    queues, choices, carried = [], [], []
+
+    def cancel_the_carrier(req):  # the loop thread: the short request's last token, after the first chunk
+        if choices and req is not choices[0] and not carried and scheduler._chunked is not None:
+            carried.append(scheduler._chunked.seq)
+            scheduler.cancel(choices[0])
+
+    scheduler.after_token = cancel_the_carrier
+    try:
+        first, q0 = submit(scheduler, prompt(6, 0), 3)
+        assert gate.entered.wait(30)
+        for seed in range(3):
+            q = queue.Queue()
+            choices.append(scheduler.submit(long_prompt, sampled(5, seed), q.put))
+            queues.append(q)
+        gate.open()
+        wait_all([q0] + queues[1:])
+        event = queues[0].get(timeout=60)
+        while event.kind == "text":
+            event = queues[0].get(timeout=60)
+        assert event.finish_reason == "cancelled"
+    finally:
+        scheduler.close()
+    assert [e for e in scheduler.log if e[0] == "prefill"] == [("prefill", 6), ("prefill", 8), ("prefill", 8),
+                                                               ("prefill", 8), ("prefill", 6)]
+    for seed, seq in list(enumerate(choices))[1:]:
+        assert seq.tokens == sampled_alone(model, long_prompt, 5, seed)
+    assert carried == [choices[0]] and scheduler.metrics.shared_prefills == 1
+    assert scheduler.cache.active == 0 and scheduler.pending() == (0, 0)
+
+
+def test_slot_cache_copy_row():
+    cache = SlotCache(n_layers=1, slots=3, n_kv_heads=1, head_dim=2, max_capacity=8)
+    a, b = cache.add(), cache.add()
+    cache.layers[0].k[a, :, :3] = torch.arange(6.0).view(1, 3, 2)
+    cache.lengths[a] = 3
+    cache.copy_row(a, b)
+    assert cache.lengths[b] == 3 and torch.equal(cache.layers[0].k[b, :, :3], cache.layers[0].k[a, :, :3])
+    with pytest.raises(DataError, match="row 2 is not active"):
+        cache.copy_row(a, 2)
+
+
 def test_prefill_tokens_must_be_positive(model):
     with pytest.raises(ConfigError, match="prefill_tokens=0"):
         Scheduler(model, None, prefill_tokens=0)

@@ -183,6 +183,18 @@ class SlotCache:
             mine.v[row, :, :n] = theirs.v[0, :, :n]
         self.lengths[row] = n
 
+    def copy_row(self, src: int, dst: int) -> None:
+        """Copy row `src`'s entries into row `dst`: a second sequence with the same prompt (n choices of one
+        request, best-of-n samples) starts from the first one's prefill instead of its own."""
+        for row in (src, dst):
+            if not 0 <= row < self.active:
+                raise DataError(f"row {row} is not active (active rows: 0..{self.active - 1})")
+        n = self.lengths[src]
+        for layer in self.layers:
+            layer.k[dst, :, :n] = layer.k[src, :, :n]
+            layer.v[dst, :, :n] = layer.v[src, :, :n]
+        self.lengths[dst] = n
+
     # --- the view of one forward -----------------------------------------------------------------
     def prefill(self, row: int, lengths: int | list[int]) -> tuple[PrefillView, torch.Tensor | None]:
         """Prompts of `lengths` into rows row, row+1, ... from position 0 -> (the forward's cache view,

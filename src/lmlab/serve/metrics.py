@@ -46,6 +46,7 @@ class Metrics:
         self.requests: dict[str, int] = {}  # finish reason -> count (stop, length, cancelled, timeout, error)
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self.shared_prefills = 0  # sequences that started from a copy of another's prefill (the same prompt)
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
         self.engine: str | None = None  # the decode step that runs ("eager", "native"), once the model is loaded
@@ -66,12 +67,16 @@ class Metrics:
                 "# HELP lmlab_requests_total Finished requests by how they ended.",
                 "# TYPE lmlab_requests_total counter",
                 *(f'lmlab_requests_total{{finish_reason="{r}"}} {n}' for r, n in sorted(self.requests.items())),
-                "# HELP lmlab_prompt_tokens_total Prompt tokens prefilled.",
+                "# HELP lmlab_prompt_tokens_total Prompt tokens of the sequences admitted (a shared prefill counts for each).",
                 "# TYPE lmlab_prompt_tokens_total counter",
                 f"lmlab_prompt_tokens_total {self.prompt_tokens}",
                 "# HELP lmlab_generated_tokens_total Tokens generated.",
                 "# TYPE lmlab_generated_tokens_total counter",
                 f"lmlab_generated_tokens_total {self.generated_tokens}",
+                "# HELP lmlab_shared_prefills_total Sequences that started from a copy of another's prefill "
+                "(the same prompt: n choices, best-of-n samples).",
+                "# TYPE lmlab_shared_prefills_total counter",
+                f"lmlab_shared_prefills_total {self.shared_prefills}",
                 "# HELP lmlab_time_to_first_token_seconds From arrival (queue included) to the first generated token.",
                 "# TYPE lmlab_time_to_first_token_seconds histogram",
                 *self.ttft.lines("lmlab_time_to_first_token_seconds"),

@@ -5,8 +5,9 @@ It owns the slot KV cache (``lmlab.nn.slot_cache.SlotCache``): row i belongs to 
 running sequence, rows are claimed at the end and freed by moving the last row into the hole, as the
 scheduler mirrors in its own list. Three kinds of forward, each returning next-token logits:
 
-* ``prefill(prompts)``: one or more prompts into new rows (a lone prompt unpadded, exactly a lone
-  prefill; several as one right-padded batch).
+* ``prefill(prompts, copies)``: one or more prompts into new rows (a lone prompt unpadded, exactly a lone
+  prefill; several as one right-padded batch); a prompt asked for again (``copies``) gets a copy of its
+  row instead of a prefill of its own.
 * ``prefill_chunk(cache, ids)``: the next chunk of a long prompt into a one-row ``Cache`` of its own;
   ``admit(cache)`` then moves it into a new row.
 * ``decode(tokens)``: one token for every active row, at each row's own position.
@@ -105,19 +106,25 @@ class ModelRunner:
         with torch.inference_mode(), packed:
             yield
 
-    def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
-        """Prompts (each (T_i,)) into new rows active..active+B-1 -> next-token logits (B, V).
-        If the forward fails, the rows are freed again and the error propagates."""
+    def prefill(self, prompts: list[torch.Tensor], copies: list[int] = ()) -> torch.Tensor:
+        """Prompts (each (T_i,)) into new rows active..active+B-1, then one more row per entry of `copies`
+        holding a copy of prompt copies[j]'s row (the same prompt again: its prefill is shared) -> next-token
+        logits (B + len(copies), V). If the forward fails, the rows are freed again and the error propagates."""
         first = self.cache.active
         for _ in prompts:
             self.cache.add()
         try:
             self.prefills += 1
-            return self._prefill_logits(first, prompts)
+            logits = self._prefill_logits(first, prompts)
         except BaseException:
             for row in range(first + len(prompts) - 1, first - 1, -1):
                 self.cache.remove(row)
             raise
+        if not copies:
+            return logits
+        for src in copies:
+            self.cache.copy_row(first + src, self.cache.add())
+        return torch.cat([logits, logits[list(copies)]])
 
     def _prefill_logits(self, first: int, prompts: list[torch.Tensor]) -> torch.Tensor:
         lengths = [len(p) for p in prompts]

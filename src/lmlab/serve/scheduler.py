@@ -101,10 +101,17 @@ class Sequence:
 
 
 class _Chunked:
-    """A long prompt being prefilled chunk by chunk into a one-row cache of its own."""
+    """A long prompt being prefilled chunk by chunk into a one-row cache of its own; `followers`: sequences
+    with the same prompt (more choices of the request) that take a copy of the cache when it is full."""
 
-    def __init__(self, seq: Sequence, out: SequenceOutput, cache: Cache):
+    def __init__(self, seq: Sequence, out: SequenceOutput, cache: Cache,
+                 followers: list[tuple[Sequence, SequenceOutput]] | None = None):
         self.seq, self.out, self.cache = seq, out, cache
+        self.followers = followers or []
+
+    @property
+    def members(self) -> list[tuple[Sequence, SequenceOutput]]:
+        return [(self.seq, self.out)] + self.followers
 
     @property
     def remaining(self) -> int:
@@ -234,11 +241,11 @@ class Scheduler:
             return self._occupied(), len(self._waiting)
 
     def _occupied(self) -> int:
-        """Slots taken: running sequences, and the chunked prompt that will need one."""
-        return len(self.running) + (self._chunked is not None)
+        """Slots taken: running sequences, and the chunked prompt's sequences that will need them."""
+        return len(self.running) + (len(self._chunked.members) if self._chunked is not None else 0)
 
     def _all(self) -> list[Sequence]:
-        return list(self._waiting) + self.running + ([self._chunked.seq] if self._chunked else [])
+        return list(self._waiting) + self.running + ([s for s, _ in self._chunked.members] if self._chunked else [])
 
     # --- the loop (model thread) -----------------------------------------------------------------
     def _run(self) -> None:
@@ -269,7 +276,7 @@ class Scheduler:
                 return False
             jobs, self._jobs = list(self._jobs), deque()
             self._expire_waiting()
-            chunk, admitted, start_chunked = self._plan_prefill()
+            chunk, admitted, start_chunked = self._plan_prefill()  # start_chunked: a prompt's sequences
             with self.metrics.lock:
                 self.metrics.queued = len(self._waiting)
         for future, fn in jobs:
@@ -279,7 +286,7 @@ class Scheduler:
                 except Exception as exc:  # the caller's error, not the loop's
                     future.set_exception(exc)
         self._expire_running()
-        if start_chunked is not None:
+        if start_chunked:
             self._start_chunked(start_chunked)
         if self._chunked is not None:
             self._prefill_chunk(chunk)
@@ -292,16 +299,18 @@ class Scheduler:
             self.metrics.running = self._occupied()
         return True
 
-    def _plan_prefill(self) -> tuple[int, list[Sequence], Sequence | None]:
+    def _plan_prefill(self) -> tuple[int, list[Sequence], list[Sequence]]:
         """This iteration's prefill work, within ``prefill_tokens`` prompt tokens (called holding the lock)
-        -> (tokens of the chunked prompt to prefill now, sequences to prefill whole, a long sequence that
-        starts chunked prefill now).
+        -> (tokens of the chunked prompt to prefill now, sequences to prefill whole, the sequences of a
+        long prompt that starts chunked prefill now).
 
         First come, first served: the chunked prompt in progress takes its next chunk first; then waiting
         sequences are taken in arrival order while a slot and the budget last. A prompt longer than the
         whole budget starts chunked prefill when no other is in progress; one that does not fit the
         budget left waits for the next iteration, where it comes first. So the queue's head is always
-        served within one iteration of a slot being free.
+        served within one iteration of a slot being free. A prompt already taken this iteration costs
+        nothing again (the sequences share its prefill: a request's n choices), and the sequences right
+        behind a long prompt with the same prompt join its chunked prefill.
         """
         budget = self.prefill_tokens
         chunk = 0
@@ -309,33 +318,45 @@ class Scheduler:
             chunk = min(budget, self._chunked.remaining)
             budget -= chunk
         admitted: list[Sequence] = []
-        start_chunked = None
-        while self._waiting and budget > 0 and self._occupied() + len(admitted) < self.max_batch:
-            n = len(self._waiting[0].prompt_ids)
-            if n <= budget:
+        taken: set[tuple[int, ...]] = set()  # prompts prefilled this iteration
+        start_chunked: list[Sequence] = []
+        while self._waiting and self._occupied() + len(admitted) < self.max_batch:
+            head = self._waiting[0]
+            key = tuple(head.prompt_ids)
+            n = 0 if key in taken else len(key)
+            if n <= budget and (n == 0 or budget > 0):
                 admitted.append(self._waiting.popleft())
+                taken.add(key)
                 budget -= n
-            elif n > self.prefill_tokens and self._chunked is None and start_chunked is None:
-                start_chunked = self._waiting.popleft()
+            elif n > self.prefill_tokens and self._chunked is None and not start_chunked:
+                start_chunked.append(self._waiting.popleft())
+                while (self._waiting and self._waiting[0].prompt_ids == head.prompt_ids
+                       and self._occupied() + len(admitted) + len(start_chunked) < self.max_batch):
+                    start_chunked.append(self._waiting.popleft())
                 chunk, budget = budget, 0
+                break
             else:
                 break
         return chunk, admitted, start_chunked
 
     def _prefill_groups(self, admitted: list[Sequence]) -> list[list[Sequence]]:
         """Sequences admitted in one iteration, shortest prompt first, cut into prefill batches of at most
-        ``prefill_tokens`` padded tokens (a batch's cost is its size times its longest prompt; sorting keeps
-        the lengths in a batch close, so little of it is padding)."""
+        ``prefill_tokens`` padded tokens (a batch's cost is its number of distinct prompts times its longest
+        prompt; sorting keeps the lengths in a batch close, so little of it is padding). The sequences of one
+        prompt go in one batch, which prefills it once."""
+        by_prompt: dict[tuple[int, ...], list[Sequence]] = {}
+        for seq in admitted:
+            by_prompt.setdefault(tuple(seq.prompt_ids), []).append(seq)
         groups: list[list[Sequence]] = []
-        longest = 0
-        for seq in sorted(admitted, key=lambda r: len(r.prompt_ids)):
-            n = len(seq.prompt_ids)
-            if groups and max(longest, n) * (len(groups[-1]) + 1) <= self.prefill_tokens:
-                groups[-1].append(seq)
-                longest = max(longest, n)
+        longest = prompts = 0
+        for members in sorted(by_prompt.values(), key=lambda m: len(m[0].prompt_ids)):
+            n = len(members[0].prompt_ids)
+            if groups and max(longest, n) * (prompts + 1) <= self.prefill_tokens:
+                groups[-1].extend(members)
+                longest, prompts = max(longest, n), prompts + 1
             else:
-                groups.append([seq])
-                longest = n
+                groups.append(list(members))
+                longest, prompts = n, 1
         return groups
 
     def _expired(self, seq: Sequence, now: float) -> str | None:
@@ -354,9 +375,17 @@ class Scheduler:
     def _expire_running(self) -> None:
         now = time.monotonic()
         part = self._chunked
-        if part is not None and (reason := self._expired(part.seq, now)):
-            self._chunked = None
-            self._end(part.seq, reason)
+        if part is not None:
+            for seq, out in list(part.followers):
+                if reason := self._expired(seq, now):
+                    part.followers.remove((seq, out))
+                    self._end(seq, reason)
+            if reason := self._expired(part.seq, now):
+                self._end(part.seq, reason)
+                if part.followers:  # the next sequence of the same prompt carries the chunked prefill on
+                    part.seq, part.out = part.followers.pop(0)
+                else:
+                    self._chunked = None
         for row in range(len(self.running) - 1, -1, -1):  # descending: see _release
             seq = self.running[row]
             if reason := self._expired(seq, now):
@@ -378,12 +407,24 @@ class Scheduler:
         ready = [(seq, out) for seq in seqs if (out := self._new_output(seq)) is not None]
         if not ready:
             return
+        # a prompt asked for again (a request's n choices) is prefilled once: its later sequences get copies
+        unique: dict[tuple[int, ...], int] = {}
+        firsts, copies, sources = [], [], []
+        for seq, out in ready:
+            key = tuple(seq.prompt_ids)
+            if key in unique:
+                copies.append((seq, out))
+                sources.append(unique[key])
+            else:
+                unique[key] = len(firsts)
+                firsts.append((seq, out))
+        ready = firsts + copies  # the order of their rows
         first = len(self.running)
         for seq, out in ready:  # running while prefilled (pending() counts them)
             self.running.append(seq)
             self._outputs[seq.id] = out
         try:
-            logits = self.runner.prefill([out.prompt for _, out in ready])  # (B, V)
+            logits = self.runner.prefill([out.prompt for _, out in firsts], sources)  # (B, V)
         except Exception as exc:
             for seq, _ in reversed(ready):  # the runner freed their rows
                 self.running.pop()
@@ -396,6 +437,7 @@ class Scheduler:
             return
         with self.metrics.lock:
             self.metrics.prompt_tokens += sum(out.prompt_length for _, out in ready)
+            self.metrics.shared_prefills += len(copies)
         finished = []
         for i, (seq, out) in enumerate(ready):
             token: int | Exception
@@ -408,17 +450,19 @@ class Scheduler:
         for row in reversed(finished):
             self._release(row)
 
-    def _start_chunked(self, seq: Sequence) -> None:
-        """Begin prefilling a prompt longer than ``prefill_tokens``: its own one-row cache, filled chunk by chunk."""
-        out = self._new_output(seq)
-        if out is None:
+    def _start_chunked(self, seqs: list[Sequence]) -> None:
+        """Begin prefilling a prompt longer than ``prefill_tokens`` (for each of `seqs`, which share it): its own
+        one-row cache, filled chunk by chunk."""
+        ready = [(seq, out) for seq in seqs if (out := self._new_output(seq)) is not None]
+        if not ready:
             return
         try:
-            cache = self.runner.chunk_cache(out.prompt_length)
+            cache = self.runner.chunk_cache(ready[0][1].prompt_length)
         except Exception as exc:
-            self._end(seq, "error", f"{type(exc).__name__}: {exc}")
+            for seq, _ in ready:
+                self._end(seq, "error", f"{type(exc).__name__}: {exc}")
             return
-        self._chunked = _Chunked(seq, out, cache)
+        self._chunked = _Chunked(*ready[0], cache, followers=ready[1:])
 
     def _prefill_chunk(self, n: int) -> None:
         """The next `n` prompt tokens of the chunked prompt; after its last chunk it takes a slot (its cache
@@ -427,24 +471,37 @@ class Scheduler:
         done = part.cache.length
         try:
             logits = self.runner.prefill_chunk(part.cache, part.out.history[:, done:done + n])  # (V,)
-            if part.cache.length < part.out.prompt_length:
-                return
-            row = self.runner.admit(part.cache)
         except Exception as exc:
             self._chunked = None
-            self._end(part.seq, "error", f"{type(exc).__name__}: {exc}")
+            for seq, _ in part.members:
+                self._end(seq, "error", f"{type(exc).__name__}: {exc}")
+            return
+        if part.cache.length < part.out.prompt_length:
             return
         self._chunked = None
-        self.running.append(part.seq)
-        self._outputs[part.seq.id] = part.out
+        admitted = []
+        for seq, out in part.members:  # each takes a row holding a copy of the prompt's cache
+            try:
+                row = self.runner.admit(part.cache)
+            except Exception as exc:
+                self._end(seq, "error", f"{type(exc).__name__}: {exc}")
+                continue
+            self.running.append(seq)
+            self._outputs[seq.id] = out
+            admitted.append((row, seq, out))
         with self.metrics.lock:
-            self.metrics.prompt_tokens += part.out.prompt_length
-        token: int | Exception
-        try:
-            token = part.out.choose(logits)
-        except Exception as exc:
-            token = exc
-        if self._accept(part.seq, part.out, token):
+            self.metrics.prompt_tokens += sum(out.prompt_length for _, _, out in admitted)
+            self.metrics.shared_prefills += max(0, len(admitted) - 1)
+        finished = []
+        for row, seq, out in admitted:
+            token: int | Exception
+            try:
+                token = out.choose(logits)
+            except Exception as exc:
+                token = exc
+            if self._accept(seq, out, token):
+                finished.append(row)
+        for row in sorted(finished, reverse=True):  # descending: see _release
             self._release(row)
 
     def _decode_step(self) -> None:
