@@ -184,3 +184,52 @@ def test_serve_summarize_mbr_streams_the_pick_once_every_sample_ended(mbr_server
     final = events[-1]
     assert len(deltas) == 1 and deltas[0]["delta"] == final["summary"] and final["best_of"] == 3
     assert final == post(mbr_server).json() | {"usage": final["usage"]}
+
+
+# --- lmlab summarize --data: a whole file, as the lab summarizes it -------------------------------
+@pytest.fixture
+def dialogues_file(tmp_path):
+    path = tmp_path / "dialogues.jsonl"
+    path.write_text("".join(json.dumps({"fname": d.id, "dialogue": d.dialogue, "summary": d.references[0]}) + "\n"
+                            for d in load_sample().records[:7]))
+    return path
+
+
+def test_summarize_data_writes_the_labs_summaries_and_resumes(mbr_model, dialogues_file, tmp_path, capsys):
+    out = tmp_path / "labels.jsonl"
+    argv = ["summarize", "--model", str(mbr_model), "--data", str(dialogues_file), "--records", "4:7",
+            "--out", str(out), "--max-new-tokens", "6", "--batch-size", "2", "--precision", "fp32"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["fname"] for r in rows) == [d.id for d in load_sample().records[4:7]]
+    assert all(len(r["candidates"]) == 3 and r["settings"]["best_of"] == 3 for r in rows)
+    # the lab's `finetuned` rows of the same dialogues, same seeds: the same summaries
+    run_lab(LabSettings(model=str(mbr_model), data=str(dialogues_file), pool_size=4, experiments="finetuned",
+                        batch_size=3, max_new_tokens=6, precision="fp32", out=tmp_path / "lab", examples=0,
+                        turns=False, device="cpu"), **QUIET)
+    lab = {json.loads(line)["id"]: json.loads(line) for line in (tmp_path / "lab" / "results.jsonl").read_text().splitlines()}
+    assert {r["fname"]: r["summary"] for r in rows} == {i: r["summary"] for i, r in lab.items()}
+    # resumed: nothing new; a torn last line is redone; other settings are refused in one line
+    capsys.readouterr()
+    assert main(argv) == 0 and "0 summaries written" in capsys.readouterr().err
+    text = out.read_text()
+    out.write_text(text[:-20])
+    assert main(argv) == 0 and "1 summaries written" in capsys.readouterr().err
+    assert out.read_text() == text
+    assert main(argv + ["--best-of", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds summaries written with other settings" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "x.jsonl"], "--data FILE and --out OUT.jsonl go together"),
+    (["--out", "o.jsonl"], "--data FILE and --out OUT.jsonl go together"),
+    (["--data", "{data}", "--out", "o.jsonl", "--shots", "2"], "drop --shots"),
+    (["--data", "{data}", "--out", "o.jsonl", "--records", "x"], "--records 'x' must be START:STOP"),
+    (["--data", "{data}", "--out", "o.jsonl", "--records", "50:60"], "selects no dialogue"),
+])
+def test_summarize_data_bad_flags_are_one_line_errors(mbr_model, dialogues_file, tmp_path, capsys, flags, message):
+    flags = [f.replace("{data}", str(dialogues_file)) for f in flags]
+    assert main(["summarize", "--model", str(mbr_model)] + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -18,6 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dialogue", nargs="?", default=None,
                         help="the dialogue text (#Person1#: ... one turn per line); else --file, else stdin")
     parser.add_argument("--file", default=None, help="read the dialogue from this text file")
+    parser.add_argument("--data", default=None, metavar="FILE",
+                        help="summarize every dialogue of a file (DialogSum JSONL or CSV; --records START:STOP) into "
+                             "--out OUT.jsonl (fname, dialogue, summary: lmlab finetune --data reads it back), "
+                             "batched, resumable")
+    parser.add_argument("--records", default=None, metavar="START:STOP", help="with --data: a slice of its records")
+    parser.add_argument("--out", default=None, metavar="OUT.jsonl", help="with --data: where the summaries go")
+    parser.add_argument("--batch-size", type=int, default=8, help="with --data: dialogues per batch (default 8)")
     parser.add_argument("--model", default=None,
                         help="default: smollm2-135m-instruct (with --student DIR: the bundle's own base model)")
     adapter = parser.add_mutually_exclusive_group()
@@ -60,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = generation_config(args)
     _check_best_of_flags(args)
+    if args.data is not None or args.out is not None or args.records is not None:
+        return _run_file(args, config)
     if args.dialogue is not None and args.file is not None:
         raise DataError("give the dialogue as an argument or with --file, not both")
     if args.file is not None:
@@ -125,6 +134,69 @@ def run(args: argparse.Namespace) -> int:
         print("note: the model produced no summary text (it stopped at a stop string at once); "
               "try --chat or --template instruction", file=sys.stderr)
     print(summary)
+    return 0
+
+
+def _run_file(args: argparse.Namespace, config) -> int:
+    """--data FILE --out OUT.jsonl: every dialogue of FILE summarized as the lab's fine-tuned experiment does it
+    (the adapter's recipe and its decoding), into a resumable JSONL (``lmlab.tasks.summarize.batch``)."""
+    import hashlib
+
+    import lmlab
+    from lmlab.adapt.peft import WEIGHTS_FILE
+    from lmlab.adapt.recipe import Recipe, shipped_adapter
+    from lmlab.errors import ConfigError, DataError
+    from lmlab.precision import apply_precision
+    from lmlab.tasks.summarize.batch import read_done, summarize_file
+    from lmlab.tasks.summarize.data import load_dialogues
+    from lmlab.tasks.summarize.experiments import INSTRUCTION
+
+    if args.data is None or args.out is None:
+        raise ConfigError("--data FILE and --out OUT.jsonl go together (and --records with them)")
+    given = [flag for flag, value in (("a dialogue", args.dialogue), ("--file", args.file), ("--student", args.student),
+                                      ("--shots", args.shots or None), ("--reward", args.reward),
+                                      ("--template", args.template), ("--chat/--no-chat", args.chat)) if value is not None]
+    if given:
+        raise ConfigError(f"--data summarizes with the fine-tuned recipe (or --no-adapter's instruction prompt); drop "
+                          f"{', '.join(given)}")
+    records = load_dialogues(args.data).records
+    if args.records is not None:
+        start, _, stop = args.records.partition(":")
+        try:
+            records = records[int(start or 0):int(stop) if stop else None]
+        except ValueError:
+            raise ConfigError(f"--records {args.records!r} must be START:STOP, e.g. 0:400") from None
+        if not records:
+            raise DataError(f"--records {args.records!r} selects no dialogue of {args.data!r}")
+    args.model = args.model or DEFAULT_MODEL
+    adapter = args.adapter if args.adapter is not None or args.no_adapter else shipped_adapter(args.model)
+    recipe = Recipe.load(adapter) if adapter is not None else None
+    if recipe is None and adapter is None and Path(args.model).is_dir():
+        recipe = Recipe.load(args.model)  # a fully fine-tuned model carries its recipe
+    config = recipe_mbr(config, recipe, args)
+    if args.best_of is not None or args.mbr:
+        _check_best_of(args, config)
+    config = recipe_decoding(config, recipe, args)
+    weights = Path(adapter) / WEIGHTS_FILE if adapter is not None else None
+    settings = {"model": str(args.model),
+                "adapter": hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights is not None else None,
+                "best_of": args.best_of or 1, "seed": args.seed or 0,
+                "decoding": {k: v for k, v in config.to_dict().items() if k in (
+                    "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "num_beams",
+                    "length_penalty", "no_repeat_ngram_size", "min_new_tokens", "repetition_penalty")}}
+    read_done(Path(args.out), settings)  # a file written with other settings is refused before the model loads
+    model = lmlab.load_model(args.model, adapter=adapter, quantize=args.quantize)
+    tokenizer = lmlab.load_tokenizer(args.model)
+    print(f"precision: {apply_precision(model, args.precision)}", file=sys.stderr)
+    chat = recipe.chat if recipe is not None else getattr(tokenizer, "chat_template", None) is not None
+    budget = max(16, model.config.max_seq_len - config.max_new_tokens)  # as the lab fits its prompts
+    if recipe is None:
+        recipe = Recipe(template="instruction", instruction=INSTRUCTION, chat=chat, prompt_field="dialogue",
+                        response_field="summary")
+    written = summarize_file(model, tokenizer, lambda text: recipe.prompt(text, tokenizer, budget).text, records,
+                             config, Path(args.out), settings, chat, best_of=args.best_of or 1, seed=args.seed or 0,
+                             batch_size=args.batch_size, echo=lambda line: print(line, file=sys.stderr))
+    print(f"{written} summaries written to {args.out}", file=sys.stderr)
     return 0
 
 
