@@ -140,6 +140,11 @@ def mbr_server():
         yield url
 
 
+def shared_prefills(url: str) -> int:
+    metrics = httpx.get(f"{url}/metrics").text
+    return int(next(line.split()[1] for line in metrics.splitlines() if line.startswith("lmlab_shared_prefills_total")))
+
+
 def post(url: str, **body) -> httpx.Response:
     return httpx.post(f"{url}/v1/summarize", json={"dialogue": load_sample().records[3].dialogue,
                                                     "max_tokens": 6, **body}, timeout=120)
@@ -148,7 +153,9 @@ def post(url: str, **body) -> httpx.Response:
 def test_serve_summarize_defaults_to_the_recipes_mbr(mbr_server):
     listing = httpx.get(f"{mbr_server}/v1/summarize/dialogues").json()
     assert listing["finetuned_mbr"] == MBR
+    shared = shared_prefills(mbr_server)
     r = post(mbr_server).json()
+    assert shared_prefills(mbr_server) == shared + 2  # queued at once, the 3 samples share one prefill
     assert r["best_of"] == 3 and len(r["candidates"]) == 3
     texts = [c["summary"] for c in r["candidates"]]
     scores = MBRScorer().score_candidates("", texts)

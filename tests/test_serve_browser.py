@@ -152,6 +152,48 @@ def test_playground_picks_the_fine_tuned_summarizer_by_default(browser):
         assert picker.first_selected_option.text == "fine-tuned"
 
 
+def test_playground_summarizes_with_the_recipes_mbr_unless_unticked(browser):
+    """A fine-tuned recipe that decodes by minimum Bayes risk: the summarize tab says so, ticked by default; the
+    summary is the consensus of its samples (the API's answer), and unticked the knobs decide (one summary)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from lmlab.adapt.recipe import Recipe
+    from lmlab.tasks.summarize.experiments import INSTRUCTION
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size, max_seq_len=2048)
+    recipe = Recipe(template="instruction", instruction=INSTRUCTION, chat=False, prompt_field="dialogue",
+                    response_field="summary", mbr={"n": 3, "temperature": 0.9})
+    with running_server(lambda: (model, tok), shot_method="random", finetuned=recipe) as (url, _):
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 60, poll_frequency=0.01)
+        wait.until(lambda d: d.find_element(By.ID, "sum-mbr-row").is_displayed())
+        assert "consensus of 3 samples at T=0.9" in browser.find_element(By.ID, "sum-mbr-row").text
+        assert browser.find_element(By.ID, "sum-mbr").is_selected()
+        assert Select(browser.find_element(By.ID, "recipe")).first_selected_option.text == "fine-tuned"
+        box = browser.find_element(By.ID, "dialogue")
+        box.clear()
+        box.send_keys(DIALOGUE)
+        max_tokens = browser.find_element(By.ID, "sum-max-tokens")
+        max_tokens.clear()
+        max_tokens.send_keys("8")
+        summary, stats = browser.find_element(By.ID, "summary"), browser.find_element(By.ID, "sum-stats")
+
+        def run() -> str:
+            browser.find_element(By.ID, "summarize").click()
+            wait.until(lambda d: "prompt" in stats.text and "streaming" not in summary.get_attribute("class"))
+            return stats.text
+
+        text = run()
+        api = httpx.post(f"{url}/v1/summarize", json={"dialogue": DIALOGUE, "max_tokens": 8}, timeout=60).json()
+        assert api["best_of"] == 3 and "consensus of 3 samples" in text
+        assert summary.text.split() == api["summary"].split()
+        browser.find_element(By.ID, "sum-mbr").click()  # untick: the knobs (temperature 0: greedy), one summary
+        text = run()
+        assert "consensus" not in text
+
+
 def test_compare_tab_records_the_choice(browser, tmp_path):
     """Compare: two summaries of one dialogue, shown in a random order; clicking one appends the choice."""
     from selenium.webdriver.common.by import By

@@ -385,10 +385,10 @@ class ChoiceRun:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.handles: list[Sequence] = []
-        try:
-            for i, (ids, config) in enumerate(zip(prompts, configs)):
-                emit = (lambda event, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, event)))
-                self.handles.append(self.scheduler.submit(ids, config, emit))
+        emits = [(lambda event, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, event)))
+                 for i in range(len(prompts))]
+        try:  # queued at once: the choices of one prompt share its prefill
+            self.handles = self.scheduler.submit_many(prompts, configs, emits)
         except QueueFull as exc:
             self.cancel()
             raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full",

@@ -182,26 +182,35 @@ class Scheduler:
         Raises ``DataError`` for an empty prompt or one that cannot fit the context window,
         ``QueueFull`` when ``max_queue`` sequences are waiting, ``Closing`` while draining.
         """
-        if not prompt_ids:
-            raise DataError("the prompt is empty: it needs at least one token")
-        need = len(prompt_ids) + config.max_new_tokens
-        if need > self.context_window:
-            raise DataError(f"prompt of {len(prompt_ids)} tokens + max_tokens={config.max_new_tokens} = {need} "
-                            f"exceeds the context window of {self.context_window} tokens")
+        return self.submit_many([prompt_ids], [config], [emit], timeout)[0]
+
+    def submit_many(self, prompts: list[list[int]], configs: list[GenerationConfig],
+                    emits: list[Callable[[Event], None]], timeout: float | None = None) -> list[Sequence]:
+        """Queue the sequences of one request at once -> their handles: all of them or none (the same errors as
+        ``submit``). Queued together, the ones with the same prompt (n choices) share its prefill."""
         timeout = self.timeout if timeout is None else timeout
         now = time.monotonic()
-        seq = Sequence(list(prompt_ids), config, emit, now + timeout if timeout else None, arrived=now)
+        seqs = []
+        for prompt_ids, config, emit in zip(prompts, configs, emits):
+            if not prompt_ids:
+                raise DataError("the prompt is empty: it needs at least one token")
+            need = len(prompt_ids) + config.max_new_tokens
+            if need > self.context_window:
+                raise DataError(f"prompt of {len(prompt_ids)} tokens + max_tokens={config.max_new_tokens} = {need} "
+                                f"exceeds the context window of {self.context_window} tokens")
+            seqs.append(Sequence(list(prompt_ids), config, emit, now + timeout if timeout else None, arrived=now))
         with self._cv:
             if self._closing:
                 raise Closing("the server is shutting down and takes no new requests")
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) + len(seqs) > self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
-            seq.id = next(self._ids)
-            self._waiting.append(seq)
+            for seq in seqs:
+                seq.id = next(self._ids)
+                self._waiting.append(seq)
             with self.metrics.lock:
                 self.metrics.queued = len(self._waiting)
             self._cv.notify()
-        return seq
+        return seqs
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run `fn()` on the model thread between two iterations -> a Future of its result. For work that
