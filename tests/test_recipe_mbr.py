@@ -240,3 +240,38 @@ def test_summarize_data_bad_flags_are_one_line_errors(mbr_model, dialogues_file,
     assert main(["summarize", "--model", str(mbr_model)] + flags) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+# --- lmlab lab --best-of N / --temperature T ------------------------------------------------------
+@pytest.fixture
+def plain_model(tiny_model_dir, tmp_path):
+    """The tiny model as a fully fine-tuned model whose recipe has no mbr (one greedy summary)."""
+    path = tmp_path / "plain"
+    shutil.copytree(tiny_model_dir, path)
+    recipe().save(path)
+    return path
+
+
+def test_lab_best_of_asks_for_mbr_or_one_summary(plain_model, mbr_model, tmp_path):
+    rows = lab_rows(plain_model, tmp_path / "a", best_of=3)["finetuned"]
+    assert all(len(r["candidates"]) == 3 and r["generation"]["temperature"] == 0.7 for r in rows)
+    rows = lab_rows(plain_model, tmp_path / "b", best_of=2, temperature=0.5)["finetuned"]
+    assert all(len(r["candidates"]) == 2 and r["generation"]["temperature"] == 0.5 for r in rows)
+    rows = lab_rows(mbr_model, tmp_path / "c", best_of=1)["finetuned"]  # the recipe's MBR, turned off
+    assert all("candidates" not in r and not r["generation"]["do_sample"] for r in rows)
+    rows = lab_rows(mbr_model, tmp_path / "d", best_of=2)["finetuned"]  # the recipe's temperature, 2 samples
+    assert all(len(r["candidates"]) == 2 and r["generation"]["temperature"] == 0.9 for r in rows)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--best-of", "0"], "--best-of 0 must be an integer >= 1"),
+    (["--best-of", "2", "--num-beams", "2"], "--num-beams & co. decode one: choose one"),
+    (["--best-of", "1", "--temperature", "0.5"], "--best-of 1 writes one greedy summary"),
+    (["--best-of", "2", "--temperature", "0"], "--temperature 0.0 must be > 0"),
+    (["--temperature", "0.5"], "none of these experiments samples: add --best-of N"),
+])
+def test_lab_bad_best_of_is_a_one_line_error(plain_model, tmp_path, capsys, flags, message):
+    rc = main(["lab", "--model", str(plain_model), "--experiments", "finetuned", "--limit", "1",
+               "--max-new-tokens", "3", "--no-turns", "--out", str(tmp_path / "o")] + flags)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err

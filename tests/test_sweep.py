@@ -132,6 +132,9 @@ def test_a_valid_sweep_config_loads(base, tmp_path):
     ({"eval": {"data": "gone.jsonl"}}, DataError, r"eval.data 'gone.jsonl' does not exist"),
     ({"workers": 0}, ConfigError, r"workers=0 must be a positive integer"),
     ({"eval": {"experiment": "few-shot"}}, ConfigError, r"eval.experiment='few-shot'"),
+    ({"eval": {"decodings": {"m": {"best_of": 0}}}}, ConfigError, r"decoding m: best_of=0 must be an integer >= 1"),
+    ({"eval": {"decodings": {"m": {"best_of": 2, "num_beams": 2}}}}, ConfigError, r"takes only temperature beside it"),
+    ({"eval": {"decodings": {"m": {"temperature": 0.5}}}}, ConfigError, r"temperature sets the samples of best_of N"),
     ({"runs": [], "grid": []}, ConfigError, r"no runs"),
 ])
 def test_bad_sweep_configs_name_the_bad_value(base, change, error, message):
@@ -264,19 +267,21 @@ def test_sweep_trains_evaluates_each_decoding_and_never_repeats_a_run(tiny_model
     cfg = RecipeSweep.from_dict({
         "out_dir": str(tmp_path / "sweep"), "device": "cpu", "model": str(tiny_model_dir),
         "eval": {"data": str(data), "pool_size": 4, "limit": 2, "max_new_tokens": 4, "batch_size": 2,
-                 "decodings": {"greedy": {}, "beam2": {"num_beams": 2}}},
+                 "decodings": {"greedy": {}, "beam2": {"num_beams": 2}, "mbr2": {"best_of": 2}}},
         "runs": [{"id": "lora", "job": "finetune", "config": str(tmp_path / "ft.yaml"), "set": {"train.lr": 1e-3}}]})
     lines = []
     runs = recipes.sweep(cfg, echo=lines.append)
     [rec] = read_records(runs)
     assert rec["id"] == "lora" and rec["train"]["step"] == 1 and rec["set"] == {"train.lr": 1e-3}
-    assert set(rec["evals"]) == {"greedy", "beam2"} and rec["decodings"]["beam2"] == {"num_beams": 2}
+    assert set(rec["evals"]) == {"greedy", "beam2", "mbr2"} and rec["decodings"]["beam2"] == {"num_beams": 2}
     for s in rec["evals"].values():
         assert s["n"] == 2 and len(s["per_example_rouge1"]) == 2 and 0 <= s["rouge1"] <= 100
     assert (tmp_path / "sweep" / "lora" / "train" / "final" / "adapter_config.json").exists()
     assert "--num-beams 2" in (tmp_path / "sweep" / "lora" / "eval-beam2.log").read_text()
     # a sweep decoding is one summary per dialogue: the lab's finetuned-greedy, never a recipe's MBR
     assert "--experiments finetuned-greedy" in (tmp_path / "sweep" / "lora" / "eval-greedy.log").read_text()
+    mbr_log = (tmp_path / "sweep" / "lora" / "eval-mbr2.log").read_text()  # best_of: the MBR of the lab's finetuned
+    assert "--experiments finetuned " in mbr_log and "--best-of 2" in mbr_log
     assert any(line.startswith("[1/1] lora: greedy R1") for line in lines)
     # a second invocation starts no process and writes nothing
     before = runs.read_text()

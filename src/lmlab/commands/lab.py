@@ -54,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "its own precision); see docs/quantization.md")
     decoding = parser.add_argument_group("decoding of the fine-tuned and student experiments (default: their recipe's)")
     add_search_arguments(decoding)
+    decoding.add_argument("--best-of", type=int, default=None, metavar="N",
+                          help="N > 1: sample N summaries and keep the consensus (minimum Bayes risk); 1: one summary "
+                               "(the shipped recipe's default is 8 samples)")
+    decoding.add_argument("--temperature", type=float, default=None, metavar="T",
+                          help="the temperature of --best-of N's samples (default: the recipe's, else 0.7)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the model runs (default auto: a CUDA GPU when torch sees one)")
     parser.add_argument("--turns", action=argparse.BooleanOptionalAction, default=True,
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         quantize=args.quantize, turns=args.turns, student=args.student, device=args.device,
         decoding={k: getattr(args, k) for k in ("num_beams", "length_penalty", "no_repeat_ngram_size",
                                                   "min_new_tokens") if getattr(args, k) is not None} or None,
+        best_of=args.best_of, temperature=args.temperature,
     )
     try:
         run_lab(settings)

@@ -15,9 +15,10 @@ exist, and is then summarized and scored by ``lmlab lab`` once per decoding sett
       batch_size: 16
       precision: fp32
       experiment: finetuned     # finetuned (an adapter or a fine-tuned model) | student
-      decodings:                # every run is scored with each (GenerationConfig fields)
+      decodings:                # every run is scored with each (GenerationConfig fields; best_of N: MBR)
         greedy: {}
         beam4: {num_beams: 4, length_penalty: 1.0}
+        mbr8: {best_of: 8}      # the consensus of 8 samples (at the recipe's temperature, else 0.7)
     baseline: shipped           # the run (and its first decoding) the table's paired differences are taken against
     runs:
       - {id: shipped, adapter: shipped}                  # no training: the adapter lmlab ships
@@ -172,10 +173,21 @@ def _make(cls, data, where: str):
 
 
 def check_decoding(settings: dict, where: str) -> None:
-    """A decoding is GenerationConfig fields; a bad one is refused before anything runs."""
+    """A decoding is GenerationConfig fields, or ``best_of`` N (> 1: minimum Bayes risk over N samples, at
+    ``temperature``); a bad one is refused before anything runs."""
     from lmlab.generation.config import GenerationConfig
 
-    GenerationConfig.check_settings(settings, where)
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where} must be a mapping of decoding settings, not {settings!r}")
+    n = settings.get("best_of", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"{where}: best_of={n!r} must be an integer >= 1")
+    if n > 1 and set(settings) - {"best_of", "temperature"}:
+        raise ConfigError(f"{where}: best_of={n} (minimum Bayes risk) takes only temperature beside it, not "
+                          f"{', '.join(sorted(set(settings) - {'best_of', 'temperature'}))}")
+    if n == 1 and "temperature" in settings:
+        raise ConfigError(f"{where}: temperature sets the samples of best_of N (N > 1); one summary is greedy or beams")
+    GenerationConfig.check_settings({k: v for k, v in settings.items() if k != "best_of"}, where)
 
 
 def expand_grid(spec: dict, where: str) -> list[RunSpec]:
@@ -289,8 +301,10 @@ def evaluate(cfg: RecipeSweep, run: RunSpec, run_dir: Path, name: str, decoding:
     """One `lmlab lab` evaluation (resumed if it was cut) -> the decoding's scores."""
     e = cfg.eval
     out = run_dir / f"eval-{name}"
-    # a decoding here is one summary per dialogue: the adapter's, never its recipe's minimum Bayes risk
-    experiment = "finetuned-greedy" if e.experiment == "finetuned" else e.experiment
+    # a decoding here is what it says: one summary per dialogue (never the recipe's minimum Bayes risk) unless it
+    # asks for best_of N
+    mbr = decoding.get("best_of", 1) > 1
+    experiment = "finetuned-greedy" if e.experiment == "finetuned" and not mbr else e.experiment
     cmd = _lmlab(cfg.threads_per_run) + ["lab", "--data", e.data, "--pool-size", str(e.pool_size),
                                          "--experiments", experiment, "--max-new-tokens", str(e.max_new_tokens),
                                          "--batch-size", str(e.batch_size), "--precision", e.precision,
@@ -300,7 +314,8 @@ def evaluate(cfg: RecipeSweep, run: RunSpec, run_dir: Path, name: str, decoding:
     if e.limit is not None:
         cmd += ["--limit", str(e.limit)]
     flags = {"num_beams": "--num-beams", "length_penalty": "--length-penalty",
-             "no_repeat_ngram_size": "--no-repeat-ngram-size", "min_new_tokens": "--min-new-tokens"}
+             "no_repeat_ngram_size": "--no-repeat-ngram-size", "min_new_tokens": "--min-new-tokens",
+             "best_of": "--best-of", "temperature": "--temperature"}
     unsupported = sorted(set(decoding) - set(flags))
     if unsupported:
         raise ConfigError(f"decoding {name}: lmlab lab cannot set {', '.join(unsupported)} (it sets "

@@ -82,6 +82,11 @@ class LabSettings:
     # decoding settings (GenerationConfig fields: num_beams, length_penalty, no_repeat_ngram_size, min_new_tokens)
     # for the greedy adapter and student experiments, on top of their recipe's own; None: the recipe's
     decoding: dict | None = None
+    # the same experiments' number of summaries: N > 1 samples N and keeps the consensus (minimum Bayes risk), 1
+    # writes one (the recipe's `generation`); None: as the recipe says. `temperature`: of those samples (None:
+    # the recipe's `mbr` temperature, else 0.7)
+    best_of: int | None = None
+    temperature: float | None = None
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
 
 
@@ -219,14 +224,37 @@ def _uses_recipe_decoding(experiment: Experiment) -> bool:
     return (experiment.adapter or experiment.student) and experiment.best_of == 1 and not experiment.samples
 
 
-def _with_recipe_mbr(experiment: Experiment, recipe, overrides: dict | None) -> Experiment:
-    """An adapter or student experiment whose recipe decodes by minimum Bayes risk (its ``mbr``) becomes a
-    best-of-n experiment of that many samples with the recipe's sampling settings; unchanged when the
-    experiment asks for one summary (``finetuned-greedy``) or ``--num-beams`` & co. choose the decoding."""
-    if (recipe is None or not getattr(recipe, "mbr", None) or experiment.single or not _uses_recipe_decoding(experiment)
-            or any(v is not None for v in (overrides or {}).values())):
+MBR_TEMPERATURE = 0.7  # the samples' temperature of --best-of N when the recipe has no `mbr` of its own
+
+
+def _with_recipe_mbr(experiment: Experiment, recipe, overrides: dict | None, best_of: int | None = None,
+                     temperature: float | None = None) -> Experiment:
+    """An adapter or student experiment that decodes by minimum Bayes risk becomes a best-of-n experiment of
+    that many samples: where its recipe says so (``mbr``) and neither ``--best-of 1`` nor ``--num-beams`` & co.
+    choose otherwise, or where ``--best-of N`` asks for it (the recipe's sampling settings, else T=0.7;
+    ``--temperature`` on top). Unchanged when the experiment asks for one summary (``finetuned-greedy``)."""
+    if experiment.single or not _uses_recipe_decoding(experiment) or best_of == 1:
         return experiment
-    return dataclasses.replace(experiment, generation=recipe.mbr_sampling, best_of=recipe.mbr_samples, select="mbr")
+    mbr = getattr(recipe, "mbr", None) if recipe is not None else None
+    if best_of is None and (not mbr or any(v is not None for v in (overrides or {}).values())):
+        return experiment
+    sampling = recipe.mbr_sampling if mbr else {"do_sample": True, "temperature": MBR_TEMPERATURE}
+    if temperature is not None:
+        sampling = {**sampling, "temperature": temperature}
+    return dataclasses.replace(experiment, generation=sampling, best_of=best_of or recipe.mbr_samples, select="mbr")
+
+
+def _check_best_of(settings: LabSettings) -> None:
+    """--best-of N / --temperature T of the fine-tuned experiments: one-line errors before anything loads."""
+    n, t = settings.best_of, settings.temperature
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"--best-of {n!r} must be an integer >= 1 (1: one summary; N > 1: the consensus of N)")
+    if n is not None and n > 1 and any(v is not None for v in (settings.decoding or {}).values()):
+        raise ConfigError(f"--best-of {n} samples its summaries; --num-beams & co. decode one: choose one")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
+        raise ConfigError(f"--temperature {t!r} must be > 0 (the temperature of --best-of N's samples)")
+    if t is not None and n is not None and n == 1:
+        raise ConfigError("--temperature sets the samples of --best-of N (N > 1); --best-of 1 writes one greedy summary")
 
 
 def _decoding(recipe, overrides: dict | None) -> dict:
@@ -359,6 +387,7 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
     """Run (or resume) the lab and write results.jsonl, report.md and rouge.png under settings.out."""
     t_start = time.perf_counter()
     experiments = parse_experiments(settings.experiments)
+    _check_best_of(settings)
     for name in ("batch_size", "max_new_tokens"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(settings, name)} must be >= 1")
@@ -394,8 +423,12 @@ def run_lab(settings: LabSettings, echo: Callable[[str], None] = print, progress
     recipe_dir = adapter if adapter is not None else (Path(str(settings.model)) if adapter_id else None)
     recipe = _adapter_recipe(recipe_dir, chat)
     student_recipe = _adapter_recipe(student, chat) if student is not None else None
-    experiments = [_with_recipe_mbr(e, student_recipe if e.student else recipe, settings.decoding)
-                   for e in experiments]
+    chosen = [_with_recipe_mbr(e, student_recipe if e.student else recipe, settings.decoding, settings.best_of,
+                               settings.temperature) for e in experiments]
+    if settings.temperature is not None and all(c is e for c, e in zip(chosen, experiments)):
+        raise ConfigError(f"--temperature {settings.temperature} sets the samples of the fine-tuned experiments' "
+                          "minimum Bayes risk, and none of these experiments samples: add --best-of N")
+    experiments = chosen
     decodings = {e.name: _decoding(student_recipe if e.student else recipe, settings.decoding)
                  for e in experiments if _uses_recipe_decoding(e)}
     specs = {e.name: spec_hash(e, adapter_id, reward_id, student_id, decoding=decodings.get(e.name))
