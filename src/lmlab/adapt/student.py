@@ -11,10 +11,13 @@ base model with only some decoder layers (``keep_layers``), the teacher's own ad
                                   (teacher layer keep_layers[j] -> student layer j), its tensors' dtype kept
     DIR/adapter_config.json, DIR/adapter_model.safetensors   the student's adapter (PEFT format)
     DIR/lmlab_recipe.json         the prompt recipe (lmlab lab/summarize/serve build the teacher's prompt)
+    DIR/output_ids.json           (optional, "output_ids" in lmlab_student.json) the token ids the student's output
+                                  head keeps (lmlab.nn.subset_head): the head reads only those rows when it decodes
 
 ``load_student(DIR)`` (``lmlab.load_model(base, student=DIR)`` or ``lmlab.load_model(DIR)``) rebuilds
 the student: load the base, keep the layers, load and merge the teacher's adapter, load and merge the
-student's: a plain Transformer whose weights are the trained student's (merged), in eval mode.
+student's: a plain Transformer whose weights are the trained student's (merged), in eval mode; with
+``output_ids``, its head trimmed to those tokens (``trim=False`` keeps the whole vocabulary).
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from lmlab.adapt.peft import CONFIG_FILE, PREFIX, WEIGHTS_FILE, hf_module_names,
 from lmlab.adapt.peft import save_adapter
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.model import Transformer
+from lmlab.nn.subset_head import trim_output
 
 STUDENT_FILE = "lmlab_student.json"
+OUTPUT_IDS_FILE = "output_ids.json"
 TEACHER_ADAPTER_DIR = "teacher_adapter"
 FORMAT = 1
 _LAYERS = "decoder.layers."
@@ -72,10 +77,14 @@ class StudentBundle:
     teacher_adapter: str | None = TEACHER_ADAPTER_DIR  # a subdirectory, or None: the teacher had no adapter
     student_adapter: str = "."
     format: int = FORMAT
+    output_ids: str | None = None  # a JSON list of the token ids the output head keeps (None: all of them)
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "base_model": self.base_model, "keep_layers": list(self.keep_layers),
+        data = {"format": self.format, "base_model": self.base_model, "keep_layers": list(self.keep_layers),
                 "teacher_adapter": self.teacher_adapter, "student_adapter": self.student_adapter}
+        if self.output_ids is not None:
+            data["output_ids"] = self.output_ids
+        return data
 
 
 def is_student_dir(path: str | Path) -> bool:
@@ -115,7 +124,42 @@ def read_bundle(directory: str | Path) -> StudentBundle:
             continue
         if not isinstance(value, str) or not (directory / value).is_dir():
             raise CheckpointError(f"{str(path)!r}: {key}={value!r} is not a directory inside {str(directory)!r}")
-    return StudentBundle(base, layers, data.get("teacher_adapter"), data.get("student_adapter", "."))
+    output_ids = data.get("output_ids")
+    if output_ids is not None and (not isinstance(output_ids, str) or not (directory / output_ids).is_file()):
+        raise CheckpointError(f"{str(path)!r}: output_ids={output_ids!r} is not a file inside {str(directory)!r}")
+    return StudentBundle(base, layers, data.get("teacher_adapter"), data.get("student_adapter", "."),
+                         output_ids=output_ids)
+
+
+def read_output_ids(directory: str | Path, bundle: StudentBundle) -> list[int] | None:
+    """The bundle's kept output token ids (None: it keeps the whole vocabulary); one-line error if malformed."""
+    if bundle.output_ids is None:
+        return None
+    path = Path(directory) / bundle.output_ids
+    try:
+        ids = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if (not isinstance(ids, list) or not ids
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+        raise CheckpointError(f"{str(path)!r} must hold a non-empty list of token ids >= 0")
+    return ids
+
+
+def output_vocabulary(texts, tokenizer, first: int) -> list[int]:
+    """The token ids a task model's trimmed head keeps: the tokenizer's first `first` ids (byte-level BPE gives
+    its bytes and most frequent merges the lowest ids, so any text can still be spelled), every special token,
+    and every token of `texts` (its training prompts and responses: the words it copies and writes)."""
+    vocab = tokenizer.vocab_size
+    if not isinstance(first, int) or isinstance(first, bool) or not 0 <= first <= vocab:
+        raise ConfigError(f"output vocabulary first={first!r} must be an integer in [0, {vocab}]")
+    kept = set(range(first))
+    kept.update(i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None)
+    kept.update(getattr(tokenizer, "special_ids", None) or ())
+    for text in texts:
+        kept.update(tokenizer.encode(text))
+        kept.update(tokenizer.encode(" " + text))  # a word's other spelling: with its leading space
+    return sorted(i for i in kept if 0 <= i < vocab)
 
 
 def bundle_id(directory: str | Path) -> str:
@@ -165,15 +209,17 @@ def restrict_adapter(adapter: str | Path, indices: list[int], teacher) -> tuple[
 
 def write_bundle(directory: str | Path, student, lora: LoraConfig, *, base_model: str, keep: list[int],
                  teacher_adapter: tuple[dict, dict[str, torch.Tensor]] | None,
-                 extra: Callable[[Path], None] | None = None) -> Path:
+                 extra: Callable[[Path], None] | None = None, output_ids: list[int] | None = None) -> Path:
     """Write the student bundle (see the module docstring) atomically, replacing an earlier lmlab output.
 
     `student` holds its LoRA layers (unmerged); `teacher_adapter` is ``restrict_adapter``'s result (None:
-    the teacher had none); ``extra(tmp)`` adds files (the prompt recipe).
+    the teacher had none); ``extra(tmp)`` adds files (the prompt recipe); `output_ids`: the tokens its
+    head keeps when it is loaded (``output_vocabulary``; None: every token).
     """
     from lmlab.checkpoints.save import atomic_dir  # lazy: lmlab.checkpoints.load imports this module lazily too
 
-    bundle = StudentBundle(base_model, list(keep), TEACHER_ADAPTER_DIR if teacher_adapter is not None else None)
+    bundle = StudentBundle(base_model, list(keep), TEACHER_ADAPTER_DIR if teacher_adapter is not None else None,
+                           output_ids=OUTPUT_IDS_FILE if output_ids is not None else None)
 
     def write(tmp: Path) -> None:
         save_adapter(student, tmp, lora, base_model=base_model)
@@ -183,6 +229,8 @@ def write_bundle(directory: str | Path, student, lora: LoraConfig, *, base_model
             sub.mkdir()
             save_file(tensors, str(sub / WEIGHTS_FILE), metadata={"format": "pt"})
             (sub / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if output_ids is not None:
+            (tmp / OUTPUT_IDS_FILE).write_text(json.dumps(sorted(int(i) for i in output_ids)) + "\n")
         (tmp / STUDENT_FILE).write_text(json.dumps(bundle.to_dict(), indent=2) + "\n")
         if extra is not None:
             extra(tmp)
@@ -207,11 +255,13 @@ def _same_source(a: str, b: str) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
-def load_student(directory: str | Path, base: str | Path | None = None, dtype: torch.dtype = torch.float32):
+def load_student(directory: str | Path, base: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                 trim: bool = True):
     """The student of bundle `directory` with every adapter merged (a plain Transformer, eval mode).
 
     `base`: the base model source the caller expects (None: the bundle's ``base_model``); another base
-    than the bundle's is refused. The merging happens in fp32; the result is then cast to `dtype`.
+    than the bundle's is refused. The merging happens in fp32; the result is then cast to `dtype`. A
+    bundle with ``output_ids`` gets a trimmed output head (``trim=False``: the whole vocabulary's).
     """
     from lmlab.checkpoints.load import load_model  # lazy: load.py imports this module
 
@@ -232,4 +282,10 @@ def load_student(directory: str | Path, base: str | Path | None = None, dtype: t
         merge_lora(model)  # the teacher's update first: the student's adapter was trained on the merged weights
     load_adapter(model, directory / bundle.student_adapter)
     merge_lora(model)
+    ids = read_output_ids(directory, bundle) if trim else None
+    if ids is not None:
+        try:
+            trim_output(model, ids)
+        except ConfigError as exc:
+            raise CheckpointError(f"student {str(directory)!r}: {exc}") from None
     return model.to(dtype).eval()

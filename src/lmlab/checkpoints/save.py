@@ -141,6 +141,17 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
     tokenizer.save(directory)
 
 
+def refuse_trimmed_head(model, what: str) -> None:
+    """A model whose output head was trimmed (a student bundle's, ``lmlab.nn.subset_head``) is not a checkpoint any
+    format describes: one line instead of a file that would load wrong."""
+    from lmlab.nn.subset_head import SubsetHead
+
+    if isinstance(getattr(model, "lm_head", None), SubsetHead):
+        raise CheckpointError(f"{what}: this model's output head is trimmed to {model.lm_head.ids.numel()} tokens "
+                              f"(a student bundle with output_ids); load it with trim=False "
+                              f"(lmlab.adapt.student.load_student) to save the whole model")
+
+
 def save_model(model, directory: str | Path, tokenizer=None, *, force: bool = True, what: str = "save_model",
                sources: Iterable[str | Path] = (), extra: Callable[[Path], None] | None = None) -> Path:
     """Save in lmlab's format (config.json with ``lmlab_format`` + model.safetensors), atomically.
@@ -150,6 +161,8 @@ def save_model(model, directory: str | Path, tokenizer=None, *, force: bool = Tr
     lmlab did not write, or one of `sources`, is refused whatever ``force`` says. ``extra(tmp)`` writes
     more files (a prompt recipe) into the directory before it is moved into place.
     """
+    refuse_trimmed_head(model, what)
+
     def write(tmp: Path) -> None:
         native.write(model, tmp)
         save_tokenizer(tokenizer, tmp)
@@ -165,6 +178,7 @@ def export_hf(model, directory: str | Path, tokenizer=None, *, force: bool = Tru
 
     ``force``, ``sources`` and ``extra`` as in ``save_model``.
     """
+    refuse_trimmed_head(model, what)
     cfg = model.config
     family = family_for_config(cfg)
     hf_config = {**family.config_to_hf(cfg), "torch_dtype": str(model.dtype).removeprefix("torch.")}

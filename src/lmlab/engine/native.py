@@ -33,6 +33,7 @@ from torch import nn
 from lmlab.engine import build
 from lmlab.errors import DataError
 from lmlab.generation.driver import DecoderOnlyRun
+from lmlab.nn.subset_head import SubsetHead
 
 KIND = {"f32": 0, "bf16": 1, "q8": 2, "q4": 3}
 
@@ -88,8 +89,20 @@ def _linears(model) -> list[tuple[str, nn.Module]]:
         for part, attr in (("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "o"),
                            ("ffn", "gate"), ("ffn", "up"), ("ffn", "down")):
             out.append((f"decoder.layers.{i}.{part}.{attr}", getattr(getattr(block, part), attr)))
-    out.append(("lm_head", model.lm_head))
+    out.append(("lm_head", _head_projection(model)))
     return out
+
+
+def _head_projection(model) -> nn.Module:
+    """The linear that computes the logits: a trimmed head's projection (K outputs), else lm_head itself."""
+    head = model.lm_head
+    return head.proj if isinstance(head, SubsetHead) else head
+
+
+def _expand(model, logits: torch.Tensor) -> torch.Tensor:
+    """(B, K) logits of a trimmed head -> (B, V) with -inf outside its ids; any other head's unchanged."""
+    head = model.lm_head
+    return head.expand(logits) if isinstance(head, SubsetHead) else logits
 
 
 def model_reason(model) -> str | None:
@@ -230,9 +243,10 @@ class NativeEngine:
         model, ext, cfg = self.model, self.ext, self.model.config
         stack = model.decoder
         scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
-        native = ext.NativeModel(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size,
+        head = _head_projection(model)  # a trimmed head computes K logits; _expand widens them to V
+        native = ext.NativeModel(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, head.out_features,
                                  cfg.norm_eps, scale, stack.rotary.inv_freq.float(), stack.final_norm.weight.detach().float(),
-                                 native_linear(ext, model.lm_head))
+                                 native_linear(ext, head))
         for block in stack.layers:
             attn, ffn = block.attn, block.ffn
             native.add_layer(block.attn_norm.weight.detach().float(), block.ffn_norm.weight.detach().float(),
@@ -267,7 +281,7 @@ class NativeEngine:
         cache calls: rows at different lengths decode together.
         """
         x = self.model.embed(tokens[:, None])[:, 0]  # (B, C); rope models add no position here
-        return self.native_model().step(x, k_caches, v_caches, 0, starts, lengths, rows)
+        return _expand(self.model, self.native_model().step(x, k_caches, v_caches, 0, starts, lengths, rows))
 
 
 class NativeRun(DecoderOnlyRun):
@@ -289,7 +303,7 @@ class NativeRun(DecoderOnlyRun):
         logits = self.native.step(x, [layer.k for layer in cache.layers], [layer.v for layer in cache.layers],
                                   cache.length, self.pads)
         cache.length += 1
-        return logits
+        return _expand(self.model, logits)
 
     def reorder(self, index: torch.Tensor) -> None:
         super().reorder(index)

@@ -186,6 +186,9 @@ def set_quantized(model: nn.Module, name: str, layer: QuantizedLinear) -> None:
 # --- saving and loading ---------------------------------------------------------------------------
 def save_quantized(model: nn.Module, directory: Path) -> None:
     """Write config.json, quantization.json and model.safetensors into an existing (temporary) directory."""
+    from lmlab.checkpoints.save import refuse_trimmed_head
+
+    refuse_trimmed_head(model, "save_quantized")
     record = getattr(model, "quantization", None)
     if not record:
         raise CheckpointError("this model holds no quantized layers; save it with lmlab.save_model")

@@ -49,6 +49,7 @@ Config (YAML or JSON; every field can be overridden with ``--set section.key=val
     student: {keep_layers: every-other, model: null, lora: null}
                                       # keep_layers null: every-other of the teacher, all of a model;
                                       # lora: {r: 16, alpha: 32, dropout: 0.05, targets: [q, k, ...], rslora: false}
+                                      # output_vocab: {first: 16384} trims a bundle's head (null: whole vocabulary)
     data:
       train: [{path: ../shared/data/dialogsum/hiddentest.jsonl}, {path: ../shared/data/dialogsum/dev.jsonl, records: "0:400"}]
       field: dialogue                 # the input field
@@ -80,7 +81,7 @@ import torch
 import lmlab
 from lmlab.adapt.lora import apply_lora, merge_lora
 from lmlab.adapt.peft import WEIGHTS_FILE, check_savable, save_adapter
-from lmlab.adapt.student import base_model_name, keep_layers, restrict_adapter, write_bundle
+from lmlab.adapt.student import base_model_name, keep_layers, output_vocabulary, restrict_adapter, write_bundle
 from lmlab.adapt.recipe import Recipe, shipped_adapter
 from lmlab.checkpoints import load_config, save_model
 from lmlab.config import PRESETS, ModelConfig
@@ -111,6 +112,9 @@ class StudentSection:
     lora: dict | None = None  # {r, alpha, dropout, targets, rslora} (lmlab.training.config.LoraSection): train
     # LoRA adapters on the frozen student instead of every weight; a student cut from the teacher is then saved
     # as a bundle (lmlab.adapt.student): the kept layers' teacher adapter + the student's adapter
+    output_vocab: dict | None = None  # {first: 16384}: the bundle's output head keeps only the tokenizer's first
+    # ids, its specials and every token of the training dialogues and summaries (lmlab.nn.subset_head; the
+    # student trains with the whole head, and decodes reading a third of it); null: the whole vocabulary
 
 
 @dataclass
@@ -219,6 +223,7 @@ def validate(cfg: DistillConfig) -> None:
         raise ConfigError(f"pseudo.label_labeled={cfg.pseudo.label_labeled!r} must be true or false")
     teacher_adapter(cfg)
     student_lora(cfg.student)
+    output_vocab_first(cfg.student)
     check_student(cfg.student, cfg.teacher)
 
 
@@ -274,6 +279,23 @@ def student_lora(section: StudentSection) -> LoraSection | None:
         raise ConfigError(f"student.lora trains adapters on a frozen student, but student.model={section.model!r} "
                           f"is initialised at random; give a model with weights, or set student.lora to null")
     return lora
+
+
+def output_vocab_first(section: StudentSection) -> int | None:
+    """``student.output_vocab``'s ``first`` (None: no trimming), checked; only a student bundle carries it."""
+    spec = section.output_vocab
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or set(spec) != {"first"}:
+        raise ConfigError(f"student.output_vocab={spec!r} must be a mapping like {{first: 16384}} (or null)")
+    first = spec["first"]
+    if not isinstance(first, int) or isinstance(first, bool) or first < 0:
+        raise ConfigError(f"student.output_vocab.first={first!r} must be an integer >= 0 (the tokenizer's first ids "
+                          f"to keep)")
+    if section.lora is None or section.model is not None:
+        raise ConfigError("student.output_vocab trims the head of a student bundle: it needs student.lora and a "
+                          "student cut from the teacher (student.model: null)")
+    return first
 
 
 def student_layers(section: StudentSection, n_layers: int) -> list[int] | None:
@@ -528,6 +550,7 @@ def build(cfg: DistillConfig, env: dist.DistEnv, show_progress: bool, pseudo_onl
 
     # 3. (input, response) pairs: the human label, the teacher's summary, or (sequence, label_labeled) both
     train_sources, n_train, n_empty, n_hard, n_hard_rows, n_truncated = [], 0, 0, 0, 0, 0
+    texts: list[str] = []  # every dialogue and summary the student trains on (its output vocabulary's words)
     for inputs, weight in sources:
         pairs, human = [], []
         for x in inputs:
@@ -542,6 +565,7 @@ def build(cfg: DistillConfig, env: dist.DistEnv, show_progress: bool, pseudo_onl
                 pairs.append((x.id, x.text, response))
                 human.append(False)
         hard = [h or cfg.token.hard_pseudo_labels for h in human]  # rows the cross-entropy term covers
+        texts.extend(text for pair in pairs for text in pair[1:])
         examples = tokenize_pairs(pairs, recipe, tokenizer, cfg.data.max_seq_len)
         examples = [DistillExample(**vars(e), hard=h) for e, h in zip(examples, hard)]
         n_train += len(examples)
@@ -565,7 +589,12 @@ def build(cfg: DistillConfig, env: dist.DistEnv, show_progress: bool, pseudo_onl
         if cfg.student.model is None:  # cut from the teacher: saved as a bundle over the teacher's own base
             kept = student_layers(cfg.student, teacher.config.n_layers) or list(range(teacher.config.n_layers))
             restricted = restrict_adapter(adapter, kept, teacher) if adapter is not None else None
-            bundle = (kept, restricted)
+            first = output_vocab_first(cfg.student)
+            output_ids = output_vocabulary(texts, tokenizer, first) if first is not None else None
+            if output_ids is not None:
+                echo(f"output vocabulary: the student's bundle keeps {len(output_ids):,} of "
+                     f"{student.config.vocab_size:,} tokens in its head (student.output_vocab.first={first})")
+            bundle = (kept, restricted, output_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     arch, start_id = student.config.arch, student.config.decoder_start_token_id
     smoothing = {"label_smoothing": t.label_smoothing, "neftune_alpha": t.neftune_alpha} if cfg.method == "sequence" else {}
@@ -593,7 +622,7 @@ def build(cfg: DistillConfig, env: dist.DistEnv, show_progress: bool, pseudo_onl
         model (lmlab format); each with the prompt recipe."""
         if bundle is not None:
             write_bundle(directory, student, lora, base_model=base_model_name(cfg.teacher), keep=bundle[0],
-                         teacher_adapter=bundle[1], extra=saved_recipe.save)
+                         teacher_adapter=bundle[1], extra=saved_recipe.save, output_ids=bundle[2])
             return
         if lora is not None:
             save_adapter(student, directory, lora, base_model=cfg.student.model)
