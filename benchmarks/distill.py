@@ -4,9 +4,10 @@ Both models are lmlab checkpoint directories holding their prompt recipe (``lmla
 teacher with its adapter folded in; ``lmlab distill`` writes the student), so both load the same way
 and are prompted exactly as the lab's ``finetuned`` experiment prompts them.
 
-* ROUGE-1/2/L and empty summaries: ``lmlab lab --experiments finetuned`` on DialogSum dev records
-  400-499 (``--pool-size 400 --limit 100``: the first 400 records are the unused shot pool), greedy,
-  64 new tokens; each model's rows go to ``OUT/lab-<name>/`` (resumable).
+* ROUGE-1/2/L and empty summaries: ``lmlab lab --experiments finetuned-greedy`` on DialogSum dev records
+  400-499 (``--pool-size 400 --limit 100``: the first 400 records are the unused shot pool), one greedy
+  summary (not a recipe's minimum Bayes risk: both models decode alike), 64 new tokens; each model's rows
+  go to ``OUT/lab-<name>/`` (resumable).
 * decode tokens/s, batch 1: (N - 1) new tokens / (time of N new tokens - time of 1), greedy after one
   dev dialogue's prompt, end-of-sequence suppressed so both generate exactly N; best of ``--repeats``
   with the two models alternating (the machine is shared: both see the same background load).
@@ -75,8 +76,10 @@ def main() -> None:
     parser.add_argument("--record", type=int, default=400, help="the dev record whose prompt the speed test uses")
     parser.add_argument("--skip-rouge", action="store_true")
     parser.add_argument("--rouge-from", action="append", default=[], metavar="NAME=RESULTS.jsonl",
-                        help="score NAME from the 'finetuned' rows of an earlier lab run on the same records instead "
+                        help="score NAME from the --rouge-experiment rows of an earlier lab run on the same records instead "
                              "of generating them again (e.g. the teacher: runs/dev-eval/results.jsonl)")
+    parser.add_argument("--rouge-experiment", default="finetuned-greedy",
+                        help="the lab experiment whose rows --rouge-from reads (finetuned for runs before 0.6.0)")
     parser.add_argument("--no-rouge", action="append", default=[], metavar="NAME",
                         help="leave NAME's ROUGE out (speed and memory only)")
     parser.add_argument("--out", default="runs/distill-eval")
@@ -110,11 +113,11 @@ def main() -> None:
                 continue
             if name in reused:
                 lab_rows = [json.loads(line) for line in Path(reused[name]).read_text().splitlines() if line.strip()]
-                lab_rows = [r for r in lab_rows if r["experiment"] == "finetuned"]
+                lab_rows = [r for r in lab_rows if r["experiment"] == args.rouge_experiment]
                 rows[name].update(_rouge(lab_rows), rouge_source=reused[name])
                 print(f"{name}: ROUGE from {len(lab_rows)} rows of {reused[name]}", flush=True)
                 continue
-            result = run_lab(LabSettings(model=path, data=args.data, experiments=["finetuned"], pool_size=400, limit=100,
+            result = run_lab(LabSettings(model=path, data=args.data, experiments=["finetuned-greedy"], pool_size=400, limit=100,
                                          max_new_tokens=64, batch_size=8, out=Path(args.out) / f"lab-{name}",
                                          examples=0), echo=lambda *_: None, progress=False)
             rows[name].update(_rouge(result.rows))
