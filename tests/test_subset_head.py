@@ -231,3 +231,16 @@ def test_output_vocab_needs_a_bundle_and_a_first(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="needs student.lora"):
         validate(_config(tiny_model_dir, None, data, tmp_path, student__output_vocab={"first": 8},
                          student__lora=None))
+
+
+def test_the_18_layer_student_config_is_valid():
+    from pathlib import Path
+
+    from lmlab.training.distill import load_distill_config, output_vocab_first, parse_keep_layers, validate
+
+    cfg = load_distill_config(Path(__file__).resolve().parents[1] / "configs" / "distill-smollm2-dialogsum-student18.yaml")
+    validate(cfg)
+    layers = parse_keep_layers(cfg.student.keep_layers, 30)
+    assert len(layers) == 18 and layers[0] == 0 and layers[-1] == 29
+    assert output_vocab_first(cfg.student) == 8192
+    assert [s.get("records") for s in cfg.data.train] == ["0:400", None]  # never 400:500

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 # the single source of the version: pyproject.toml reads it (dynamic = ["version"]); CHANGELOG.md says what each added
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 # public name -> module that defines it
 _EXPORTS = {
